@@ -1,0 +1,28 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,models,plot]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check gradbalance reference_models benchmarks tests examples
+	$(PY) -m pytest -n 2 --doctest-modules gradbalance tests
+	GB_BENCH_ROUNDS=1 $(PY) -m pytest benchmarks --benchmark-disable -q
+
+demo: venv
+	$(PY) examples/plain_loop_demo.py
+
+bench: venv
+	$(PY) -m pytest benchmarks -s --benchmark-json=benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,31 @@
+"""gradbalance: gradient-level modality balancing for multimodal PyTorch models.
+
+Attach a balancer to your model, use its ``loss()`` in your own training loop, and call an
+ordinary ``backward()``::
+
+    bal = gb.MLB(model, encoders=[model.audio, model.video], num_classes=6)
+    loss = bal.loss(model(audio, video), y)
+    loss.backward()
+"""
+
+from gradbalance import coefficients, testing
+from gradbalance.balancer import Balancer
+from gradbalance.heads import MMCosineHead
+from gradbalance.history import History, plot_history
+from gradbalance.methods.joint import Joint
+from gradbalance.methods.multiloss import MLB, MultiLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLB",
+    "Balancer",
+    "History",
+    "Joint",
+    "MMCosineHead",
+    "MultiLoss",
+    "coefficients",
+    "plot_history",
+    "testing",
+    "__version__",
+]

@@ -1,0 +1,140 @@
+"""Per-step coefficient and score history, kept on the device and flushed every N steps.
+
+Recording a step is one in-place copy into a preallocated device tensor: no host
+synchronisation. Every ``flush_every`` steps (and whenever the history is read) the block is
+copied to the CPU in one transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+QUANTITIES = ("coefficients", "scores")
+
+
+class History:
+    """Device-side ring buffer of per-step coefficients and scores for M modalities.
+
+    Args:
+        names: modality names, in encoder order.
+        flush_every: steps kept on the device before one bulk copy to the CPU.
+        device: where the per-step block lives (the device of the coefficients).
+
+    Example:
+        >>> h = History(["audio", "video"], flush_every=2)
+        >>> h.record(torch.tensor([0.5, 1.5]), torch.tensor([0.9, 0.3]))
+        >>> h.as_dict()["audio"]["coefficients"]
+        tensor([0.5000])
+    """
+
+    def __init__(
+        self, names: Sequence[str], flush_every: int = 256, device: torch.device | None = None
+    ) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.names = list(names)
+        self.flush_every = flush_every
+        self._block = torch.zeros(
+            flush_every, len(QUANTITIES), len(self.names), device=device, dtype=torch.float32
+        )
+        self._filled = 0
+        self._flushed: list[torch.Tensor] = []
+
+    def record(self, coefficients: torch.Tensor, scores: torch.Tensor) -> None:
+        """Store one step's coefficients and scores (1-D tensors of length M)."""
+        if self._block.device != coefficients.device:
+            self.flush()
+            self._block = self._block.to(coefficients.device)
+        self._block[self._filled, 0].copy_(coefficients)
+        self._block[self._filled, 1].copy_(scores)
+        self._filled += 1
+        if self._filled == self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy the steps recorded on the device to the CPU (one transfer)."""
+        if self._filled:
+            self._flushed.append(self._block[: self._filled].to("cpu", copy=True))
+            self._filled = 0
+
+    def __len__(self) -> int:
+        return sum(len(block) for block in self._flushed) + self._filled
+
+    def clear(self) -> None:
+        """Forget every recorded step."""
+        self._flushed, self._filled = [], 0
+
+    def tensor(self) -> torch.Tensor:
+        """All recorded steps as one CPU tensor of shape ``(steps, 2, M)``."""
+        self.flush()
+        if not self._flushed:
+            return torch.zeros(0, len(QUANTITIES), len(self.names))
+        return torch.cat(self._flushed)
+
+    def as_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU."""
+        table = self.tensor()
+        return {
+            name: {q: table[:, qi, mi] for qi, q in enumerate(QUANTITIES)}
+            for mi, name in enumerate(self.names)
+        }
+
+
+def plot_history(
+    history: dict[str, dict[str, torch.Tensor]] | History,
+    path: str | Path,
+    title: str = "MLB coefficients",
+) -> Path:
+    """Draw each modality's coefficient (and score) over training steps to a PNG.
+
+    The layout follows Figure 7 of the paper's appendix: one curve per modality, coefficient
+    on the top axis, score (mean true-class probability of the unimodal head) below.
+    Needs matplotlib (``pip install gradbalance[plot]``).
+
+    Args:
+        history: ``bal.history`` (or a :class:`History`).
+        path: where to write the PNG.
+        title: figure title.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, os
+        >>> h = History(["audio", "video"])
+        >>> for s in range(5):
+        ...     h.record(torch.tensor([0.5, 1.5]), torch.tensor([0.9, 0.3]))
+        >>> out = plot_history(h, os.path.join(tempfile.mkdtemp(), "k.png"))
+        >>> out.exists()
+        True
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "plot_history needs matplotlib: pip install 'gradbalance[plot]'"
+        ) from error
+    table = history.as_dict() if isinstance(history, History) else history
+    fig, (ax_k, ax_s) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for name, series in table.items():
+        steps = range(len(series["coefficients"]))
+        ax_k.plot(steps, series["coefficients"].numpy(), label=name)
+        ax_s.plot(steps, series["scores"].numpy(), label=name)
+    ax_k.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax_k.set_ylabel("coefficient k")
+    ax_s.set_ylabel("score (true-class prob.)")
+    ax_s.set_xlabel("training step")
+    ax_k.set_title(title)
+    ax_k.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

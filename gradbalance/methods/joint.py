@@ -1,0 +1,73 @@
+"""Joint training: the plain fused cross-entropy, optionally with detached linear probes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradbalance.balancer import Balancer
+
+
+class Joint(Balancer):
+    """Joint training baseline: ``loss = CE(fused logits)``, nothing modulated.
+
+    With ``probes=True`` each encoder also gets a stop-gradient linear probe: a linear head
+    trained on the *detached* feature, so it reports how well that modality's encoder
+    separates the classes without sending any gradient into the encoder. The probes'
+    cross-entropy is added to the returned loss (it only reaches the probes' own
+    parameters); their accuracy comes from :meth:`unimodal_logits` after a forward.
+
+    Args:
+        model: the multimodal model (unchanged by the balancer).
+        encoders: one submodule per modality (list or dict ``name -> module``).
+        num_classes: number of classes.
+        probes: attach detached linear probes.
+        **common: the options of :class:`~gradbalance.balancer.Balancer`.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> model = gb.testing.TwoTowerNet()
+        >>> bal = gb.Joint(model, encoders=[model.audio, model.video], num_classes=3, probes=True)
+        >>> y = torch.tensor([0, 1, 2, 0])
+        >>> bal.loss(model(torch.randn(4, 8), torch.randn(4, 6)), y).backward()
+        >>> bal.unimodal_logits()["video"].shape
+        torch.Size([4, 3])
+    """
+
+    scales_gradients = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        probes: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(
+            model, encoders, num_classes, head_mode="probe" if probes else "none", **common
+        )
+
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        unimodal: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        total = F.cross_entropy(logits, target)
+        if not unimodal:
+            return total
+        scores = self._head_scores(unimodal, target)
+        if self._updating(logits):
+            self._store(torch.ones_like(scores), scores)
+        for name, probe_logits in unimodal.items():
+            total = total + self._scaled_head_loss(probe_logits, target, name, False).to(
+                total.device
+            )
+        return total

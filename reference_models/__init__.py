@@ -1,0 +1,1 @@
+"""What the paper trained: reference encoders, fusion heads, datasets and training scripts."""
