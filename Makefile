@@ -22,7 +22,9 @@ demo: venv
 	$(PY) examples/plain_loop_demo.py
 
 bench: venv
-	$(PY) -m pytest benchmarks -s --benchmark-json=benchmarks/results/latest.json
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -s --benchmark-json=benchmarks/results/pytest_benchmark.json
+	$(PY) -m benchmarks.summarize
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
-"""Training-step time of MLB vs Multi-Loss vs Joint on a mid-size two-CNN model.
+"""Training-step time of MLB vs Multi-Loss vs Joint, interleaved, as median ratios.
 
-``make bench`` runs this with timing on (interleaved rounds, median ratio with min-max);
-``make test`` runs it as a smoke run (GB_BENCH_ROUNDS=1).
+Two models: the CREMA-D ResNet-18 reference model at the paper's shapes (batch 4 on the CPU)
+and a mid-size two-CNN model. ``make bench`` runs this with timing on; ``make test`` runs it
+as a smoke run (GB_BENCH_ROUNDS=1).
 """
 
 from __future__ import annotations
@@ -13,40 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
-import gradbalance as gb
 from benchmarks.interleave import interleaved_times, ratios
-from benchmarks.models import TwoCNN, two_cnn_batch
+from benchmarks.steps import METHODS, method_steps
 
-ROUNDS = int(os.environ.get("GB_BENCH_ROUNDS", "21"))
+ROUNDS = int(os.environ.get("GB_BENCH_ROUNDS", "15"))
 RESULTS = Path(__file__).parent / "results"
-METHODS = {"Joint": gb.Joint, "MultiLoss": gb.MultiLoss, "MLB": gb.MLB}
-
-
-def make_step(method: str):
-    torch.manual_seed(0)
-    model = TwoCNN()
-    bal = METHODS[method](model, encoders=[model.audio, model.video], num_classes=6)
-    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=1e-3)
-    audio, video, y = two_cnn_batch()
-
-    def step() -> None:
-        loss = bal.loss(model(audio, video), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return step
+CALLS = {"reference": 1, "two_cnn": 3}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_step(benchmark, method):
-    benchmark(make_step(method))
+def test_step_two_cnn(benchmark, method):
+    benchmark(method_steps("two_cnn", methods=(method,))[method])
 
 
-def test_interleaved_ratios():
-    steps = {name: make_step(name) for name in METHODS}
+@pytest.mark.parametrize("model_name", ["two_cnn", "reference"])
+def test_interleaved_step_ratios(model_name):
     times = interleaved_times(
-        steps, rounds=ROUNDS, calls_per_round=3, warmup=2 if ROUNDS > 1 else 0
+        method_steps(model_name),
+        rounds=ROUNDS,
+        calls_per_round=CALLS[model_name],
+        warmup=2 if ROUNDS > 1 else 0,
     )
     table = {
         "MLB / MultiLoss": ratios(times, "MultiLoss")["MLB"],
@@ -54,15 +41,17 @@ def test_interleaved_ratios():
         "MultiLoss / Joint": ratios(times, "Joint")["MultiLoss"],
     }
     for name, ratio in table.items():
-        print(f"{name}: {ratio}")
+        print(f"{model_name}: {name} = {ratio}")
         assert ratio.median > 0
     if ROUNDS > 1:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "step_overhead_two_cnn.json").write_text(
+        seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        (RESULTS / f"step_overhead_{model_name}.json").write_text(
             json.dumps(
                 {
                     "rounds": ROUNDS,
                     "torch": torch.__version__,
+                    "median_seconds": seconds,
                     "ratios": {k: vars(v) for k, v in table.items()},
                 },
                 indent=2,

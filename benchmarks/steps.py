@@ -1,0 +1,66 @@
+"""Training steps of each method on the benchmark models, built the same way for every method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import gradbalance as gb
+from benchmarks.models import TwoCNN, two_cnn_batch
+
+METHODS: dict[str, Callable[..., gb.Balancer]] = {
+    "Joint": gb.Joint,
+    "MultiLoss": gb.MultiLoss,
+    "MLB": gb.MLB,
+}
+
+
+def reference_model_and_batch(batch: int = 4, device: str = "cpu", seed: int = 0):
+    """The CREMA-D ResNet-18 Late-Linear model at the paper's shapes (257x188, 3x224x224)."""
+    from reference_models.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("cremad", "resnet18", "linear").to(device)
+    g = torch.Generator().manual_seed(seed)
+    inputs = (
+        torch.randn(batch, 257, 188, generator=g),
+        torch.randn(batch, 3, 3, 224, 224, generator=g),
+    )
+    target = torch.randint(0, 6, (batch,), generator=g)
+    return model, tuple(x.to(device) for x in inputs), target.to(device)
+
+
+def two_cnn_model_and_batch(batch: int = 16, device: str = "cpu", seed: int = 0):
+    """The mid-size two-CNN model (64x64 inputs)."""
+    torch.manual_seed(seed)
+    audio, video, target = two_cnn_batch(batch=batch, seed=seed)
+    return TwoCNN().to(device), (audio.to(device), video.to(device)), target.to(device)
+
+
+MODELS = {"reference": reference_model_and_batch, "two_cnn": two_cnn_model_and_batch}
+
+
+def make_step(method: str, model: nn.Module, inputs, target) -> Callable[[], None]:
+    """One full training step (forward, loss, backward, Adam step) with ``method``."""
+    bal = METHODS[method](model, encoders=[model.audio, model.video], num_classes=6)
+    bal.loss(model(*inputs), target)  # materialise lazy heads before building the optimizer
+    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=1e-3)
+
+    def step() -> None:
+        loss = bal.loss(model(*inputs), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def method_steps(model_name: str, methods=tuple(METHODS), device: str = "cpu", **batch_options):
+    """A step per method, each on its own copy of the same initial model and batch."""
+    steps = {}
+    for method in methods:
+        model, inputs, target = MODELS[model_name](device=device, **batch_options)
+        steps[method] = make_step(method, model, inputs, target)
+    return steps
