@@ -1,0 +1,237 @@
+"""CREMA-D: 6 emotions, 91 actors, speaker-independent folds (METHODS.md §4.1).
+
+Clips are named ``<actor>_<sentence>_<emotion>_<level>`` (``1001_DFA_ANG_XX``); the label is the
+emotion code: NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, ANG 5. Audio: 22,050 Hz, tiled and cut to 3 s,
+clipped to [-1, 1], :func:`~reference_models.data.audio.log_spectrogram` with n_fft 512 and hop
+353 → 257×188. Video: the first 3 frames (1 fps), 224×224, ImageNet normalisation.
+
+Splits are speaker independent: either the official VAVL split file (JSON
+``{"1": {"train": [wav names], "val": [...], "test": [...]}, ...}``, 63/14/14 actors per fold,
+covering 5,820 of the 7,442 clips) or folds generated here from a seed with the same actor
+counts over all clips (:func:`speaker_independent_folds`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from reference_models.data.audio import log_spectrogram
+from reference_models.data.clips import Clip, PreparedClips, check_prepared_root
+
+__all__ = [
+    "EMOTIONS",
+    "SPLITS",
+    "CremaD",
+    "actor_of",
+    "emotion_label",
+    "read_split_file",
+    "speaker_independent_folds",
+]
+
+EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+"""Emotion codes in label order."""
+
+SPLITS = ("train", "val", "test")
+
+
+def emotion_label(name: str) -> int:
+    """The label of a clip from its name, e.g. ``1001_DFA_ANG_XX`` → 5 (ANG).
+
+    Raises:
+        ValueError: the name has no known emotion code in third position.
+    """
+    parts = Path(name).stem.split("_")
+    if len(parts) < 3 or parts[2] not in EMOTIONS:
+        raise ValueError(
+            f"CREMA-D clip name {name!r} does not look like ACTOR_SENTENCE_EMOTION_LEVEL with "
+            f"an emotion in {EMOTIONS}"
+        )
+    return EMOTIONS.index(parts[2])
+
+
+def actor_of(name: str) -> int:
+    """The actor id of a clip, e.g. ``1001_DFA_ANG_XX`` → 1001."""
+    head = Path(name).stem.split("_")[0]
+    if not head.isdigit():
+        raise ValueError(f"CREMA-D clip name {name!r} does not start with a numeric actor id")
+    return int(head)
+
+
+def speaker_independent_folds(
+    actors: Sequence[int],
+    num_folds: int = 3,
+    *,
+    val_actors: int = 14,
+    test_actors: int = 14,
+    seed: int = 0,
+) -> list[dict[str, list[int]]]:
+    """Seeded speaker-independent folds: disjoint train/val/test actor sets.
+
+    The actors are shuffled once with ``seed``; fold ``k`` tests on the ``k``-th block of
+    ``test_actors`` actors, validates on the ``val_actors`` actors that follow it, and trains on
+    all others. So within a fold no actor is in two sets, the test sets of different folds are
+    disjoint (cross-validation), and fold ``k`` does not depend on ``num_folds``. With the 91
+    CREMA-D actors the defaults give 63/14/14 actors per fold, as the official splits.
+
+    Args:
+        actors: the actor ids (duplicates are ignored).
+        num_folds: number of folds.
+        val_actors: validation actors per fold.
+        test_actors: test actors per fold.
+        seed: the shuffle seed; the same seed always gives the same folds.
+
+    Returns:
+        One dict per fold with sorted actor lists under ``"train"``, ``"val"``, ``"test"``.
+
+    Raises:
+        ValueError: too few actors for the requested folds.
+
+    Example:
+        >>> folds = speaker_independent_folds(range(1001, 1092))
+        >>> [len(folds[0][split]) for split in ("train", "val", "test")]
+        [63, 14, 14]
+    """
+    unique = sorted(set(actors))
+    needed = num_folds * test_actors + val_actors
+    if num_folds < 1 or val_actors < 1 or test_actors < 1 or len(unique) <= needed:
+        raise ValueError(
+            f"{num_folds} folds of {test_actors} test and {val_actors} validation actors need "
+            f"more than {needed} actors (some must be left for training), got {len(unique)}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = [unique[i] for i in torch.randperm(len(unique), generator=generator).tolist()]
+    folds = []
+    for fold in range(num_folds):
+        test_start = fold * test_actors
+        val_start = test_start + test_actors
+        test = order[test_start:val_start]
+        val = order[val_start : val_start + val_actors]
+        held_out = set(test) | set(val)
+        train = [actor for actor in order if actor not in held_out]
+        folds.append({"train": sorted(train), "val": sorted(val), "test": sorted(test)})
+    return folds
+
+
+def read_split_file(path: str | Path, fold: int) -> dict[str, list[str]]:
+    """Clip names of one fold of an official CREMA-D split file (VAVL JSON format).
+
+    The file maps fold keys ``"1"``, ``"2"``, ... to ``{"train": [...], "val": [...],
+    "test": [...]}`` lists of wav names (``1001_DFA_ANG_XX.wav``); an entry may also be a list
+    whose first element is the name (anything after it is ignored; labels always come from the
+    name).
+
+    Returns:
+        ``{"train": [clip names], "val": [...], "test": [...]}`` without the ``.wav`` suffix.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not such JSON, or lacks the fold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CREMA-D split file {path} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"CREMA-D split file {path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict) or str(fold) not in content:
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"CREMA-D split file {path} has no fold {str(fold)!r} (found {keys})")
+    entry = content[str(fold)]
+    if not isinstance(entry, dict) or any(split not in entry for split in SPLITS):
+        raise ValueError(f"fold {fold} of {path} must have 'train', 'val' and 'test' lists")
+    return {
+        split: [Path(item[0] if isinstance(item, list) else item).stem for item in entry[split]]
+        for split in SPLITS
+    }
+
+
+class CremaD(PreparedClips):
+    """CREMA-D audio-visual emotion clips: ``(spectrogram (257, 188), frames (3, 3, 224, 224),
+    label)``.
+
+    Args:
+        root: the prepared dataset (``python -m reference_models.data.prepare cremad``).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        fold: fold number, 1-based (the official file's key; the paper uses folds 1–3).
+        split_file: an official VAVL split file; ``None`` generates speaker-independent folds
+            over all prepared clips with :func:`speaker_independent_folds`.
+        seed: seed of the generated folds.
+        val_actors: validation actors per generated fold.
+        test_actors: test actors per generated fold.
+        augment: random crop/flip per clip; default: on for ``"train"`` only.
+        num_frames: frames per clip.
+        image_size: frame size.
+        sample_rate: audio rate.
+        duration: seconds of audio (tiled when the clip is shorter).
+        n_fft: STFT size.
+        hop_length: STFT hop.
+        missing: ``"error"`` or ``"skip"`` for listed clips without files.
+
+    Example:
+        >>> train = CremaD("data/cremad", "train", fold=1)  # doctest: +SKIP
+        >>> spectrogram, frames, label = train[0]           # doctest: +SKIP
+        >>> spectrogram.shape, frames.shape                 # doctest: +SKIP
+        (torch.Size([257, 188]), torch.Size([3, 3, 224, 224]))
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        fold: int = 1,
+        *,
+        split_file: str | Path | None = None,
+        seed: int = 0,
+        val_actors: int = 14,
+        test_actors: int = 14,
+        augment: bool | None = None,
+        num_frames: int = 3,
+        image_size: int = 224,
+        sample_rate: int = 22050,
+        duration: float = 3.0,
+        n_fft: int = 512,
+        hop_length: int = 353,
+        missing: str = "error",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if fold < 1:
+            raise ValueError(f"fold is 1-based (the split file's keys), got {fold}")
+        root = check_prepared_root(root, "cremad")
+        if split_file is not None:
+            names = read_split_file(split_file, fold)[split]
+        else:
+            available = sorted(
+                {path.stem for path in (root / "audio").glob("*.wav")}
+                | {path.name for path in (root / "frames").iterdir() if path.is_dir()}
+            )
+            if not available:
+                raise ValueError(f"cremad: {root} has no prepared clips")
+            folds = speaker_independent_folds(
+                [actor_of(name) for name in available],
+                fold,
+                val_actors=val_actors,
+                test_actors=test_actors,
+                seed=seed,
+            )
+            actors = set(folds[fold - 1][split])
+            names = [name for name in available if actor_of(name) in actors]
+        super().__init__(
+            root,
+            [Clip(name, emotion_label(name)) for name in names],
+            EMOTIONS,
+            dataset="cremad",
+            num_frames=num_frames,
+            image_size=image_size,
+            augment=split == "train" if augment is None else augment,
+            sample_rate=sample_rate,
+            duration=duration,
+            spectrogram=partial(log_spectrogram, n_fft=n_fft, hop_length=hop_length),
+            missing=missing,
+        )

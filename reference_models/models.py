@@ -1,0 +1,155 @@
+"""Model factory: the paper's audio-visual classifiers, by dataset, backbone and fusion.
+
+``build_model("cremad", "resnet18", "linear")`` returns an :class:`AudioVisualClassifier` whose
+encoders are the attributes ``model.audio`` and ``model.video`` and whose head is
+``model.fusion``, ready for a balancer::
+
+    model = build_model("cremad", "resnet18", "linear")
+    bal = gb.MLB(model, encoders=[model.audio, model.video], num_classes=6)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reference_models.encoders import (
+    ConformerEncoder,
+    ResNet18AudioEncoder,
+    ResNet18VideoEncoder,
+    Wav2Vec2ConformerEncoder,
+)
+from reference_models.fusion import build_fusion
+
+__all__ = ["BACKBONES", "NUM_CLASSES", "AudioVisualClassifier", "build_model"]
+
+NUM_CLASSES: dict[str, int] = {"cremad": 6, "ave": 28, "ucf101": 51}
+"""Default number of classes of each dataset."""
+
+BACKBONES = ("resnet18", "conformer")
+"""``resnet18``: spectrogram + frames (all datasets). ``conformer``: wav2vec2 waveform + face
+features (the CREMA-D Conformer setting)."""
+
+
+class AudioVisualClassifier(nn.Module):
+    """Two encoders and a fusion head: ``model(audio, video) -> logits (B, K)``.
+
+    Each encoder returns pooled features ``(B, D)``, or token sequences ``(B, T, D)`` when the
+    head is the Transformer fusion; a balancer then needs ``pool="tokens"`` for those encoders,
+    e.g. ``gb.MLB(model, encoders=[model.audio, model.video], num_classes=K, pool="tokens")``.
+    Encoders that take variable-length inputs (the Conformer ones) accept padding masks
+    (``(B, length)`` bool, True = padded) through the keyword arguments of :meth:`forward`.
+
+    Args:
+        audio: audio encoder (``encoder(x, padding_mask=None)``, ``token_padding_mask``).
+        video: video encoder, same interface.
+        fusion: fusion head called as ``fusion(audio_features, video_features)``.
+
+    Example:
+        >>> from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
+        >>> from reference_models.fusion import LateLinear
+        >>> model = AudioVisualClassifier(ResNet18AudioEncoder(width=8),
+        ...                               ResNet18VideoEncoder(width=8), LateLinear([64, 64], 6))
+        >>> model(torch.randn(2, 257, 188), torch.randn(2, 3, 3, 64, 64)).shape
+        torch.Size([2, 6])
+    """
+
+    def __init__(self, audio: nn.Module, video: nn.Module, fusion: nn.Module) -> None:
+        super().__init__()
+        takes_tokens = getattr(fusion, "takes_tokens", False)
+        wanted = "token sequences" if takes_tokens else "pooled features"
+        for name, encoder in (("audio", audio), ("video", video)):
+            returns_tokens = getattr(encoder, "return_tokens", False)
+            if returns_tokens != takes_tokens:
+                given = "token sequences" if returns_tokens else "pooled features"
+                raise ValueError(
+                    f"the {name} encoder returns {given} but {type(fusion).__name__} takes "
+                    f"{wanted}; build the encoder with return_tokens={takes_tokens}"
+                )
+        self.audio = audio
+        self.video = video
+        self.fusion = fusion
+        self.takes_tokens = takes_tokens
+
+    def forward(
+        self,
+        audio: torch.Tensor,
+        video: torch.Tensor,
+        *,
+        audio_padding_mask: torch.Tensor | None = None,
+        video_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders."""
+        audio_features = self.audio(audio, padding_mask=audio_padding_mask)
+        video_features = self.video(video, padding_mask=video_padding_mask)
+        if not self.takes_tokens:
+            return self.fusion(audio_features, video_features)
+        masks = [
+            self.audio.token_padding_mask(audio_padding_mask),
+            self.video.token_padding_mask(video_padding_mask),
+        ]
+        return self.fusion(audio_features, video_features, padding_masks=masks)
+
+
+def build_model(
+    dataset: str,
+    backbone: str = "resnet18",
+    fusion: str = "linear",
+    num_classes: int | None = None,
+    width: int = 64,
+    *,
+    wav2vec2_checkpoint: str | Path | None = None,
+    audio_options: Mapping[str, Any] | None = None,
+    video_options: Mapping[str, Any] | None = None,
+    fusion_options: Mapping[str, Any] | None = None,
+) -> AudioVisualClassifier:
+    """Build one of the paper's reference models.
+
+    Args:
+        dataset: ``cremad``, ``ave`` or ``ucf101``; sets the default ``num_classes``
+            (6, 28, 51).
+        backbone: ``resnet18`` (spectrogram ``(B, F, T)`` and frames ``(B, 3, T, H, W)``) or
+            ``conformer`` (16 kHz waveform ``(B, S)`` through wav2vec2, and face features
+            ``(B, T, 1408)``).
+        fusion: ``linear`` (Late-Linear), ``mlp``, ``film``, ``gated``, ``tf`` (Transformer
+            fusion; the encoders then return token sequences) or ``mmcosine``.
+        num_classes: overrides the dataset's number of classes.
+        width: ResNet-18 base width (64 = the paper's model, 512-d features; 8 or 16 give a
+            reduced-width model for CPU demos). Ignored by the Conformer backbone.
+        wav2vec2_checkpoint: local wav2vec2 weights for the Conformer backbone (never
+            downloaded; see :func:`~reference_models.encoders.build_wav2vec2_front_end`).
+        audio_options: extra keyword options of the audio encoder.
+        video_options: extra keyword options of the video encoder.
+        fusion_options: extra keyword options of the fusion head (e.g. ``{"scale": 8}`` for
+            ``mmcosine``).
+
+    Returns:
+        An :class:`AudioVisualClassifier` with attributes ``audio``, ``video`` and ``fusion``.
+
+    Example:
+        >>> model = build_model("cremad", "resnet18", "film", width=8)
+        >>> model(torch.randn(2, 257, 188), torch.randn(2, 3, 3, 64, 64)).shape
+        torch.Size([2, 6])
+    """
+    if dataset not in NUM_CLASSES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(NUM_CLASSES)}")
+    num_classes = NUM_CLASSES[dataset] if num_classes is None else num_classes
+    return_tokens = fusion == "tf"
+    audio_options = {"return_tokens": return_tokens, **(audio_options or {})}
+    video_options = {"return_tokens": return_tokens, **(video_options or {})}
+    if backbone == "resnet18":
+        audio = ResNet18AudioEncoder(width=width, **audio_options)
+        video = ResNet18VideoEncoder(width=width, **video_options)
+    elif backbone == "conformer":
+        audio = Wav2Vec2ConformerEncoder(checkpoint=wav2vec2_checkpoint, **audio_options)
+        video = ConformerEncoder(**video_options)
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
+    head = build_fusion(
+        fusion, [audio.feature_dim, video.feature_dim], num_classes, **(fusion_options or {})
+    )
+    return AudioVisualClassifier(audio, video, head)
