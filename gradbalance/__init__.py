@@ -12,19 +12,31 @@ from gradbalance import coefficients, testing
 from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, plot_history
+from gradbalance.methods.agm import AGM
 from gradbalance.methods.joint import Joint
+from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
+from gradbalance.methods.ogm import OGM, OGMGE
+from gradbalance.methods.pmr import PMR
+from gradbalance.registry import METHODS, make
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
+    "METHODS",
     "MLB",
+    "MSLR",
+    "OGM",
+    "OGMGE",
+    "PMR",
     "Balancer",
     "History",
     "Joint",
     "MMCosineHead",
     "MultiLoss",
     "coefficients",
+    "make",
     "plot_history",
     "testing",
     "__version__",

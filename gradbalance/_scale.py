@@ -31,7 +31,9 @@ class _ScaleGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.k.to(grad.dtype), None
+        # ``k`` lives on the encoder's (first parameter's) device; the gradient may arrive on
+        # another one (an encoder spread over devices). A device-to-device copy, no host sync.
+        return grad * ctx.k.to(device=grad.device, dtype=grad.dtype), None
 
 
 def scale_grad(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -49,8 +51,19 @@ def scale_grad_tree(output: Any, k: torch.Tensor) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: scale_grad(t, k), output)
 
 
+DATA_PARALLEL_REFUSED = (
+    "nn.DataParallel is not supported: it runs replicas of the model in threads, so one "
+    "balancer would see several partial batches per step. Use DistributedDataParallel "
+    "(torchrun) instead, in this order: bal = gb.MLB(model, ...); model = DDP(model); "
+    "model = torch.compile(model)"
+)
+
+
 class EncoderTap:
     """A forward hook on one encoder: scales its output's gradient and hands the output on.
+
+    An encoder run by ``nn.DataParallel`` (a replica made for a forward) is refused with a
+    ``RuntimeError``: its threads would race on the captured outputs.
 
     Args:
         encoder: the module to tap.
@@ -73,6 +86,8 @@ class EncoderTap:
         self.handle: RemovableHandle = encoder.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not torch.compiler.is_compiling() and getattr(module, "_is_replica", False):
+            raise RuntimeError(DATA_PARALLEL_REFUSED)
         self.on_output(output)
         if self.scale_output:
             return scale_grad_tree(output, self.coefficient())

@@ -7,6 +7,8 @@ training step on any device and under ``torch.compile``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SCORE_FLOOR = 1e-8
@@ -94,3 +96,242 @@ def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.
     """
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return log_probs.gather(-1, target.unsqueeze(-1)).exp().mean()
+
+
+def _check_alpha(alpha: float) -> None:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
+        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+
+
+def _check_two(scores: torch.Tensor, method: str) -> None:
+    _check_scores(scores)
+    if scores.numel() != 2:
+        raise ValueError(
+            f"{method} is defined for two modalities (the ratio of two scores), got "
+            f"{scores.numel()} scores"
+        )
+
+
+def one_minus_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``1 - tanh(x)`` computed as ``2 * sigmoid(-2x)``, which keeps its precision for large x.
+
+    ``1 - tanh(x)`` in float32 rounds to exactly 0 from x ≈ 9 on; the sigmoid form stays
+    positive until x ≈ 44.
+
+    Example:
+        >>> one_minus_tanh(torch.tensor([0.0, 10.0]))
+        tensor([1.0000e+00, 4.1223e-09])
+    """
+    return 2.0 * torch.sigmoid(-2.0 * x)
+
+
+def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OGM's coefficients (Peng et al., CVPR 2022, eq. 10; METHODS.md §2.4).
+
+    With two scores s (summed or mean true-class probability: the ratio is the same), the
+    dominant modality i, whose ratio ``rho_i = s_i / s_other`` exceeds 1, gets
+    ``1 - tanh(alpha * rho_i)``; the other gets exactly 1. The argument is rho, not rho - 1
+    (as the paper and the official code), so the dominant modality is slowed to at most
+    ``1 - tanh(alpha)`` however small its lead. On a tie modality 0 is slowed (the official
+    code tests ``rho_1 > 1``). Scores are clamped to 1e-8; never a host synchronisation.
+
+    Args:
+        scores: 1-D tensor of the two modalities' scores.
+        alpha: strength, >= 0.
+
+    Returns:
+        The two coefficients, same dtype and device as ``scores``.
+
+    Example:
+        >>> ogm_coefficients(torch.tensor([0.6, 0.3]), alpha=0.5)
+        tensor([0.2384, 1.0000])
+    """
+    _check_two(scores, "OGM")
+    _check_alpha(alpha)
+    scores = scores.clamp_min(SCORE_FLOOR)
+    ratios = torch.stack([scores[0] / scores[1], scores[1] / scores[0]])
+    second_dominant = scores[1] > scores[0]
+    dominant = torch.stack([~second_dominant, second_dominant])
+    return torch.where(dominant, one_minus_tanh(alpha * ratios), torch.ones_like(ratios))
+
+
+AGM_LOSS_CAP = 18.420680743952367
+"""``-log(1e-8)``: AGM's per-sample loss cap (the official code floors p at 1e-8)."""
+
+
+def agm_losses(
+    shapley_logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Per-modality cross-entropy of AGM's Shapley logits, each sample capped at 18.42.
+
+    Args:
+        shapley_logits: ``(M, B, K)``, one logit tensor per modality.
+        target: ``(B,)`` class indices.
+        reduction: ``"mean"`` (AGM's statistic) or ``"sum"`` over the batch.
+
+    Returns:
+        ``(M,)`` float32: ``mean_i min(-log softmax(logits_m)[i, y_i], -log 1e-8)``, the
+        vectorised form of the official code's per-sample floor ``p < 1e-8 -> 1e-8``.
+
+    Example:
+        >>> agm_losses(torch.zeros(2, 4, 3), torch.tensor([0, 1, 2, 0]))
+        tensor([1.0986, 1.0986])
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    log_probs = torch.log_softmax(shapley_logits.float(), dim=-1)
+    index = target.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
+    nll = (-log_probs.gather(-1, index).squeeze(-1)).clamp_max(AGM_LOSS_CAP)
+    return nll.mean(dim=1) if reduction == "mean" else nll.sum(dim=1)
+
+
+def agm_ratios(losses: torch.Tensor) -> torch.Tensor:
+    """AGM's ratios ``r_m = exp((mean(losses) - losses_m) * M / (M - 1))``.
+
+    For M = 2 this is ``r_a = exp(l_v - l_a)``: the ratio of the two modalities' geometric-mean
+    true-class probabilities. ``r_m > 1`` means modality m is stronger than average.
+
+    Example:
+        >>> agm_ratios(torch.tensor([1.0, 2.0]))
+        tensor([2.7183, 0.3679])
+    """
+    _check_scores(losses)
+    num_modalities = losses.numel()
+    return torch.exp((losses.mean() - losses) * (num_modalities / (num_modalities - 1)))
+
+
+def agm_coefficients(
+    losses: torch.Tensor,
+    running_losses: torch.Tensor,
+    alpha: float,
+    max_exponent: float = 10.0,
+) -> torch.Tensor:
+    """AGM's coefficients (Li et al., ICCV 2023; METHODS.md §2.6).
+
+    With ``r = agm_ratios(losses)`` (this batch) and ``o = agm_ratios(running_losses)`` (the
+    running "optimal" ratio), ``k_m = exp(alpha * min(o_m - r_m, max_exponent))``: a modality
+    ahead of its usual standing (r > o) is slowed, one behind it is sped up, and k = 1 when the
+    ratio equals the running one. There is no lower bound (k may underflow to 0, as in the
+    official code); the class offers ``min_coefficient``.
+
+    Args:
+        losses: ``(M,)`` per-modality mean cross-entropy of the Shapley logits of this batch.
+        running_losses: ``(M,)`` their running means before this step.
+        alpha: strength, >= 0.
+        max_exponent: upper clamp of ``o - r`` (10 in the two-modality code, 7 in [A]'s
+            three-modality code).
+
+    Example:
+        >>> agm_coefficients(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.5]), alpha=1.0)
+        tensor([0.1794, 1.8816])
+    """
+    _check_scores(losses)
+    _check_alpha(alpha)
+    if running_losses.shape != losses.shape:
+        raise ValueError(
+            f"running_losses must have the shape of losses {tuple(losses.shape)}, "
+            f"got {tuple(running_losses.shape)}"
+        )
+    gap = agm_ratios(running_losses.to(losses.dtype)) - agm_ratios(losses)
+    return torch.exp(alpha * gap.clamp_max(max_exponent))
+
+
+def mslr_coefficients(
+    accuracies: torch.Tensor, memory_means: torch.Tensor, initial: torch.Tensor | float
+) -> torch.Tensor:
+    """MSLR's coefficients (Yao & Mihalcea 2022, "dynamic"; METHODS.md §2.8).
+
+    ``accuracies / memory_means * initial``: each modality's validation accuracy relative to
+    the mean of its last K epochs, times its initial factor λ_m.
+
+    Args:
+        accuracies: ``(M,)`` this epoch's per-modality validation accuracy.
+        memory_means: ``(M,)`` the mean of each modality's accuracy over the last K epochs.
+        initial: ``(M,)`` (or one number) the initial per-modality factors λ.
+
+    Example:
+        >>> mslr_coefficients(torch.tensor([0.6, 0.5]), torch.tensor([0.5, 0.5]),
+        ...                   torch.tensor([0.9, 1.1]))
+        tensor([1.0800, 1.1000])
+    """
+    _check_scores(accuracies)
+    if memory_means.shape != accuracies.shape:
+        raise ValueError(
+            f"memory_means must have the shape of accuracies {tuple(accuracies.shape)}, "
+            f"got {tuple(memory_means.shape)}"
+        )
+    return accuracies / memory_means * initial
+
+
+def pmr_weights(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PMR's prototype-loss weights (Fan et al., CVPR 2023; METHODS.md §2.7).
+
+    ``alpha`` for the weaker modality (the lower prototype score), 0 for the other, both 0 on
+    a tie: the prototype cross-entropy is added for the weaker modality only, with a constant
+    weight (as both the official code and [A]).
+
+    Args:
+        scores: ``(2,)`` prototype scores (true-class probability of ``softmax(-distance)``).
+        alpha: weight of the weaker modality's prototype loss, >= 0.
+
+    Example:
+        >>> pmr_weights(torch.tensor([0.7, 0.4]), alpha=2.0)
+        tensor([0., 2.])
+    """
+    _check_two(scores, "PMR")
+    _check_alpha(alpha)
+    weaker = torch.stack([scores[0] < scores[1], scores[1] < scores[0]])
+    return torch.where(weaker, torch.full_like(scores, float(alpha)), torch.zeros_like(scores))
+
+
+def shapley_matrix(num_modalities: int) -> tuple[list[frozenset[int]], torch.Tensor]:
+    """The coalitions and weights of AGM's Shapley decomposition without the empty coalition.
+
+    ``phi_m = sum_S C[m, S] * f(S)``, where f(S) is the fused output with only the modalities
+    in S present (the others masked) and ``f(∅)`` is dropped (a constant offset, as in the
+    official code), so ``sum_m phi_m = f(all)``. For M = 2 this is
+    ``phi_a = (f - f(v) + f(a)) / 2``; for M = 3 the seven coalitions with weights 1/3, 1/6.
+
+    Returns:
+        ``(coalitions, C)``: the 2^M - 1 non-empty coalitions (the full one first) and the
+        ``(M, 2^M - 1)`` float64 weight matrix.
+
+    Example:
+        >>> coalitions, weights = shapley_matrix(2)
+        >>> [sorted(s) for s in coalitions]
+        [[0, 1], [0], [1]]
+        >>> weights
+        tensor([[ 0.5000,  0.5000, -0.5000],
+                [ 0.5000, -0.5000,  0.5000]], dtype=torch.float64)
+    """
+    if num_modalities < 2:
+        raise ValueError(f"the Shapley decomposition needs >= 2 modalities, got {num_modalities}")
+    everyone = frozenset(range(num_modalities))
+    others = sorted(
+        (
+            frozenset(i for i in range(num_modalities) if mask >> i & 1)
+            for mask in range(1, 2**num_modalities - 1)
+        ),
+        key=lambda s: (-len(s), sorted(s)),
+    )
+    coalitions = [everyone, *others]
+    factorial = math.factorial
+    weights = torch.zeros(num_modalities, len(coalitions), dtype=torch.float64)
+    for column, coalition in enumerate(coalitions):
+        size = len(coalition)
+        for m in range(num_modalities):
+            if m in coalition:  # marginal contribution v(S) - v(S \ {m}), + side
+                w = (
+                    factorial(size - 1)
+                    * factorial(num_modalities - size)
+                    / factorial(num_modalities)
+                )
+                weights[m, column] += w
+            else:  # v(S ∪ {m}) - v(S), - side
+                w = (
+                    factorial(size)
+                    * factorial(num_modalities - size - 1)
+                    / factorial(num_modalities)
+                )
+                weights[m, column] -= w
+    return coalitions, weights

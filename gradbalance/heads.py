@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -17,10 +18,19 @@ class MMCosineHead(nn.Module):
     modality can dominate the fused logits by the norm of its features (Xu et al., ICASSP
     2023; METHODS.md §2.9). Works with any balancer.
 
+    ``modality_logits(*features)`` returns the per-modality terms (they sum to the forward
+    output), so OGM and MSLR read their unimodal scores from it (``fusion_head=head``), and
+    ``modality_parameters()`` gives each modality's weight block (for MLB's
+    ``extra_parameters``).
+
     Args:
         feature_dims: feature width of each modality, in the order features are passed.
         num_classes: number of classes K.
         scale: the temperature ``s`` (10 in the paper's configurations).
+
+    Raises:
+        ValueError: fewer than two modalities, a width or ``num_classes`` < 1, ``scale <= 0``;
+            at call time, the wrong number of features or a wrong feature width.
 
     Example:
         >>> head = MMCosineHead([8, 6], num_classes=3)
@@ -33,13 +43,23 @@ class MMCosineHead(nn.Module):
 
     def __init__(self, feature_dims: Sequence[int], num_classes: int, scale: float = 10.0) -> None:
         super().__init__()
-        if len(feature_dims) < 2:
-            raise ValueError(f"MMCosineHead needs at least two modalities, got {len(feature_dims)}")
+        try:
+            dims = [operator.index(d) for d in feature_dims]
+        except TypeError as error:
+            raise ValueError(f"feature_dims must be ints, got {feature_dims!r}") from error
+        if len(dims) < 2:
+            raise ValueError(f"MMCosineHead needs at least two modalities, got {len(dims)}")
+        if any(d < 1 for d in dims):
+            raise ValueError(f"feature_dims must be positive ints, got {dims}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
+        self.feature_dims = dims
+        self.num_classes = num_classes
         self.scale = float(scale)
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(num_classes, dim)) for dim in feature_dims]
+            [nn.Parameter(torch.empty(num_classes, dim)) for dim in dims]
         )
         for weight in self.weights:
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
@@ -51,10 +71,25 @@ class MMCosineHead(nn.Module):
                 f"MMCosineHead was built for {len(self.weights)} modalities, "
                 f"got {len(features)} feature tensors"
             )
+        for index, (z, dim) in enumerate(zip(features, self.feature_dims)):
+            if z.shape[-1] != dim:
+                raise ValueError(
+                    f"MMCosineHead: modality {index} should have feature width {dim}, "
+                    f"got shape {tuple(z.shape)}"
+                )
         return [
             self.scale * F.linear(F.normalize(z, dim=-1), F.normalize(w, dim=-1))
             for z, w in zip(features, self.weights)
         ]
 
+    def modality_parameters(self) -> list[list[nn.Parameter]]:
+        """Each modality's class-weight block ``[[W_m]]`` (there is no bias)."""
+        return [[weight] for weight in self.weights]
+
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         return torch.stack(self.modality_logits(*features)).sum(0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"feature_dims={self.feature_dims}, num_classes={self.num_classes}, scale={self.scale}"
+        )

@@ -18,6 +18,10 @@ QUANTITIES = ("coefficients", "scores")
 class History:
     """Device-side ring buffer of per-step coefficients and scores for M modalities.
 
+    A step can be recorded as invalid (``valid`` False on the device, e.g. a non-finite step
+    skipped by the balancer): it is dropped when the block is copied to the CPU, so the
+    history only ever holds finite steps, and deciding it needs no host synchronisation.
+
     Args:
         names: modality names, in encoder order.
         flush_every: steps kept on the device before one bulk copy to the CPU.
@@ -26,6 +30,7 @@ class History:
     Example:
         >>> h = History(["audio", "video"], flush_every=2)
         >>> h.record(torch.tensor([0.5, 1.5]), torch.tensor([0.9, 0.3]))
+        >>> h.record(torch.tensor([9.0, 9.0]), torch.tensor([0.0, 0.0]), valid=torch.tensor(False))
         >>> h.as_dict()["audio"]["coefficients"]
         tensor([0.5000])
     """
@@ -33,23 +38,41 @@ class History:
     def __init__(
         self, names: Sequence[str], flush_every: int = 256, device: torch.device | None = None
     ) -> None:
-        if flush_every < 1:
-            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
         self.names = list(names)
         self.flush_every = flush_every
+        # Row 0: coefficients, row 1: scores, row 2: the step's validity flag (broadcast).
         self._block = torch.zeros(
-            flush_every, len(QUANTITIES), len(self.names), device=device, dtype=torch.float32
+            flush_every, len(QUANTITIES) + 1, len(self.names), device=device, dtype=torch.float32
         )
+        self._block[:, 2] = 1.0
+        self._flags_written = False
         self._filled = 0
         self._flushed: list[torch.Tensor] = []
 
-    def record(self, coefficients: torch.Tensor, scores: torch.Tensor) -> None:
-        """Store one step's coefficients and scores (1-D tensors of length M)."""
+    def record(
+        self,
+        coefficients: torch.Tensor,
+        scores: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """Store one step's coefficients and scores (1-D tensors of length M).
+
+        Args:
+            coefficients: the step's coefficients.
+            scores: the step's scores.
+            valid: optional 0-dim bool tensor; a step recorded with ``False`` is dropped.
+        """
         if self._block.device != coefficients.device:
             self.flush()
             self._block = self._block.to(coefficients.device)
-        self._block[self._filled, 0].copy_(coefficients)
-        self._block[self._filled, 1].copy_(scores)
+        row = self._block[self._filled]
+        row[0].copy_(coefficients)
+        row[1].copy_(scores)
+        if valid is not None:
+            row[2].copy_(valid)
+            self._flags_written = True
         self._filled += 1
         if self._filled == self.flush_every:
             self.flush()
@@ -57,22 +80,32 @@ class History:
     def flush(self) -> None:
         """Copy the steps recorded on the device to the CPU (one transfer)."""
         if self._filled:
-            self._flushed.append(self._block[: self._filled].to("cpu", copy=True))
+            block = self._block[: self._filled].to("cpu", copy=True)
+            self._flushed.append(block[block[:, 2, 0] > 0.5, : len(QUANTITIES)])
             self._filled = 0
+            if self._flags_written:  # rows recorded without a flag count as valid
+                self._block[:, 2].fill_(1.0)
+                self._flags_written = False
 
     def __len__(self) -> int:
-        return sum(len(block) for block in self._flushed) + self._filled
+        self.flush()
+        return sum(len(block) for block in self._flushed)
 
     def clear(self) -> None:
         """Forget every recorded step."""
         self._flushed, self._filled = [], 0
+        if self._flags_written:
+            self._block[:, 2].fill_(1.0)
+            self._flags_written = False
 
     def tensor(self) -> torch.Tensor:
-        """All recorded steps as one CPU tensor of shape ``(steps, 2, M)``."""
+        """All recorded (valid) steps as one CPU tensor of shape ``(steps, 2, M)``."""
         self.flush()
         if not self._flushed:
             return torch.zeros(0, len(QUANTITIES), len(self.names))
-        return torch.cat(self._flushed)
+        if len(self._flushed) > 1:
+            self._flushed = [torch.cat(self._flushed)]
+        return self._flushed[0]
 
     def as_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU."""

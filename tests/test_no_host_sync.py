@@ -52,3 +52,76 @@ def test_loss_and_backward_never_sync(method, device):
                 torch.cuda.set_sync_debug_mode("default")
         opt.step()
     assert bal.steps == 4
+
+
+def _baseline(name, model, inputs):
+    towers = list(model.towers)
+    names = [f"towers_{i}" for i in range(len(towers))]
+    common = {"num_classes": 4, "flush_every": 1000}
+    if name == "agm-feature":
+        fusion = lambda *z: model.fusion(torch.cat(z, 1))  # noqa: E731
+        return gb.AGM(model, towers, fusion=fusion, clip=True, min_coefficient=0.1, **common)
+    if name == "agm-input":
+        return gb.AGM(
+            model,
+            towers,
+            masking="input",
+            forward_masked=lambda masked: model(
+                *(x * 0 if n in masked else x for n, x in zip(names, inputs))
+            ),
+            clip=True,
+            **common,
+        )
+    if name == "ogm":
+        return gb.OGM(model, towers, fusion_head=model.fusion, **common)
+    if name == "ogm-conv":
+        return gb.OGM(model, towers, parameters=lambda n, p: p.dim() == 2, **common)
+    if name == "ogm-ge":
+        return gb.OGMGE(model, towers, **common)
+    if name == "pmr":
+        return gb.PMR(model, towers, **common)
+    return gb.MSLR(model, towers, **common)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name", ["ogm", "ogm-conv", "ogm-ge", "agm-feature", "agm-input", "pmr", "mslr"]
+)
+def test_baseline_steps_never_sync(name, device):
+    """The training step (loss, backward, after_backward) of every baseline, and the
+    per-epoch calls of PMR (prototypes) and MSLR (validation accuracy, epoch_end), make no
+    host synchronisation."""
+    dims = (5, 7, 3) if name.startswith(("agm", "mslr")) else (5, 7)  # OGM, PMR: M = 2
+    model = MultiTowerNet(dims).to(device)
+    inputs, target = make_batch(dims)
+    inputs, target = [x.to(device) for x in inputs], target.to(device)
+    bal = _baseline(name, model, inputs)
+    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()])
+
+    def step():
+        opt.zero_grad()
+        bal.loss(model(*inputs), target).backward()
+        bal.after_backward()
+
+    step()  # materialises lazy heads
+    opt.step()
+    if name == "pmr":
+        bal.epoch_end()  # prototypes for the next steps
+    sync_debug = device == "cuda"
+    for _ in range(2):
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with FailOnHostSync():
+                step()
+                if name in ("pmr", "mslr"):
+                    with torch.no_grad():
+                        bal.loss(model(*inputs), target)
+                    bal.epoch_end()
+        finally:
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+    assert bal.steps == 3
+    if name == "pmr":
+        assert bal.ready and any(v.item() > 0 for v in bal.coefficients.values())

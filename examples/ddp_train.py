@@ -1,0 +1,144 @@
+"""MLB with DistributedDataParallel: one process per device, launched by torchrun.
+
+    torchrun --standalone --nproc_per_node 2 examples/ddp_train.py            # 2 CPU processes
+    torchrun --standalone --nproc_per_node 2 examples/ddp_train.py --accumulate 2 --compile
+
+The order that matters: the balancer on the plain model, then the optimizer (with the
+balancer's heads), then ``DDP``, then ``torch.compile``. The coefficients scale each
+encoder's gradient inside ``backward()``, before DDP averages the gradients, so the replicas
+stay bitwise identical; with ``--sync global`` (the default) every rank also uses the same
+coefficients, those of the whole global batch. Gradient accumulation uses ``no_sync()`` as
+usual: each micro-batch is scaled by its own coefficients, once. At the end the script checks
+that every rank holds the same parameters and (rank 0) saves a checkpoint.
+
+Uses the gloo backend on the CPU and NCCL when every rank has a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import gradbalance as gb
+
+NUM_CLASSES = 6
+
+
+def make_data(n: int, seed: int) -> TensorDataset:
+    """A strong, low-dimensional "audio" modality and a weak, noisy "video" one."""
+    g = torch.Generator().manual_seed(seed)
+    layout = torch.Generator().manual_seed(1234)
+    audio_means = torch.randn(NUM_CLASSES, 4, generator=layout) * 1.2
+    video_means = torch.randn(NUM_CLASSES, 32, generator=layout) * 0.3
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    audio = audio_means[y] + torch.randn(n, 4, generator=g)
+    video = video_means[y] + torch.randn(n, 32, generator=g)
+    return TensorDataset(audio, video, y)
+
+
+class AudioVisualNet(nn.Module):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.audio = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.video = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.fusion = nn.Linear(2 * hidden, NUM_CLASSES)
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        return self.fusion(torch.cat([self.audio(audio), self.video(video)], dim=-1))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank and micro-batch")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--sync", choices=("global", "local"), default="global")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
+    parser.add_argument("--checkpoint", default=None, help="where rank 0 saves the checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(
+        os.environ.get("LOCAL_WORLD_SIZE", "1")
+    )
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = (
+        torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+    )
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    # 1. the balancer on the plain model, 2. the optimizer, 3. DDP, 4. torch.compile.
+    model = AudioVisualNet().to(device)
+    bal = gb.MLB(
+        model,
+        encoders={"audio": model.audio, "video": model.video},
+        num_classes=NUM_CLASSES,
+        alpha=2.0,
+        beta_max=3.0,
+        feature_dims=[32, 32],
+        sync=args.sync,
+    )
+    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=3e-3)
+    ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
+    run = torch.compile(ddp, backend="aot_eager") if args.compile else ddp
+
+    data = make_data(args.samples, seed=1)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler)
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        total = torch.zeros((), device=device)
+        for index, (audio, video, y) in enumerate(loader):
+            audio, video, y = audio.to(device), video.to(device), y.to(device)
+            last_micro_batch = (index + 1) % args.accumulate == 0
+            with nullcontext() if last_micro_batch else ddp.no_sync():
+                loss = bal.loss(run(audio, video), y)
+                (loss / args.accumulate).backward()
+            total += loss.detach()
+            if last_micro_batch:
+                bal.after_backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        dist.all_reduce(total)
+        if rank == 0:
+            k = {name: round(float(v), 3) for name, v in bal.coefficients.items()}
+            print(f"epoch {epoch}: mean loss {float(total) / world / len(loader):.4f}, k {k}")
+
+    flat = torch.cat([p.detach().reshape(-1) for p in (*model.parameters(), *bal.parameters())])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
+    if rank == 0:
+        print(f"replicas identical: {identical}")
+        if args.checkpoint:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "balancer": bal.state_dict(),
+                    "optimizer": opt.state_dict(),
+                },
+                args.checkpoint,
+            )
+            print(f"saved {args.checkpoint}")
+    dist.destroy_process_group()
+    if not identical:
+        raise SystemExit("the replicas diverged")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""AGM: Adaptive Gradient Modulation (Li et al., ICCV 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from gradbalance._scale import scale_grad
+from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
+from gradbalance.methods._common import MethodBase, WindowUnit, check_alpha, eval_mode
+
+Masking = Literal["feature", "input"]
+FusionInputs = Literal["features", "outputs"]
+
+
+class AGM(MethodBase):
+    """AGM: scale each modality's Shapley logit path by ``exp(alpha * (o - r))``.
+
+    Every training step AGM splits the fused logits into per-modality Shapley contributions
+    from passes with modalities masked (METHODS.md §1.2 U3; for two modalities
+    ``phi_a = (f - f(a masked) + f(v masked)) / 2``; for M modalities the Shapley value over
+    the 2^M - 2 masked coalitions, without the empty coalition, so ``sum_m phi_m = f``). From
+    each ``phi_m``'s mean cross-entropy ``l_m`` on the batch it forms
+    ``r_m = exp((mean(l) - l_m) M / (M - 1))``, compares it with the same ratio ``o_m`` of the
+    running means of the losses since the start of training, and sets
+    ``k_m = exp(alpha * min(o_m - r_m, max_exponent))``
+    (:func:`~gradbalance.coefficients.agm_coefficients`). The returned loss is
+    ``CE(sum_m phi_m)`` where each ``phi_m`` passes through a gradient scaling by ``k_m``
+    (the official code's backward hooks on the per-modality logits), so ``backward()`` sends
+    ``k_m`` times the gradient down modality m's Shapley path.
+
+    Two masking modes:
+
+    * ``"feature"`` (default, cheap): zero that encoder's captured feature and re-run only
+      ``fusion`` (the fused head), e.g. ``fusion=model.fusion`` for a head called as
+      ``fusion(z_a, z_v)``. The other encoders' train-mode features are reused.
+    * ``"input"`` (faithful to the official code): ``forward_masked(masked)`` re-runs the whole
+      model with the inputs of the modalities named in the frozenset ``masked`` zeroed, and
+      returns the fused logits. The balancer runs it with the taps paused and, with
+      ``eval_masked``, the model in eval mode (BN on running statistics, dropout off), then
+      restores each submodule's mode. The official code's unused ``f(all masked)`` pass is
+      not run.
+
+    With bias-free encoders (``encoder(0) = 0``) and a head without batch statistics the two
+    modes coincide.
+
+    Args:
+        model: the multimodal model (unchanged by the balancer).
+        encoders: one submodule per modality (list or dict ``name -> module``), M >= 2.
+        num_classes: number of classes.
+        alpha: strength, >= 0.
+        masking: ``"feature"`` or ``"input"``.
+        fusion: for ``"feature"``: the callable ``fusion(*features) -> logits``, features in
+            encoder order.
+        forward_masked: for ``"input"``: ``forward_masked(masked: frozenset[str]) -> logits`` on
+            the current batch (a closure over your loop's batch variables works).
+        fusion_inputs: ``"features"`` (default): ``fusion`` receives the ``(B, D)`` features
+            (after ``pool``/``features``); ``"outputs"``: the encoders' raw outputs.
+        eval_masked: run the masked passes in eval mode (the official behaviour).
+        max_exponent: upper clamp of ``o - r`` (10 in the official two-modality code).
+        min_coefficient: optional lower clamp of k (the official code has none, so k can
+            underflow to 0 and freeze a modality).
+        update_running_first: update the running means with this batch before computing
+            ``o`` ([A]'s three-modality code); default: after (the official code).
+        clip: apply the official clipping rule in :meth:`after_backward`: when any gradient
+            element of the ``clip_watch`` parameters lies outside ``[-clip_threshold,
+            clip_threshold]``, clip the global norm of all the model's gradients to
+            ``clip_max_norm``.
+        clip_watch: the parameters whose gradients trigger the clipping (default: the model's
+            parameters outside the encoders, i.e. the fusion).
+        clip_threshold, clip_max_norm: 1.0 and 1.0 in the official code (5 and 5 in [A]'s
+            three-modality code).
+        enabled: modulate at all. Disabled (or outside the window) the loss is the plain fused
+            cross-entropy, no masked pass runs and nothing is recorded.
+        window, window_unit: the modulation window, as :class:`OGM`.
+        **common: the options of :class:`~gradbalance.balancer.Balancer`.
+
+    ``bal.scores`` are ``exp(-l_m)``, each modality's geometric-mean true-class probability
+    under its Shapley logits; the running means live in the ``running_losses`` buffer.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> model = gb.testing.TwoTowerNet()
+        >>> bal = gb.AGM(model, encoders=[model.audio, model.video], num_classes=3, alpha=1.0,
+        ...              fusion=lambda a, v: model.fusion(torch.cat([a, v], 1)))
+        >>> y = torch.tensor([0, 1, 2, 0])
+        >>> bal.loss(model(torch.randn(4, 8), torch.randn(4, 6)), y).backward()
+        >>> bal.after_backward()
+        >>> sorted(bal.coefficients), int(bal.running_count)
+        (['audio', 'video'], 1)
+    """
+
+    head_mode = "none"
+    scales_gradients = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        alpha: float = 1.0,
+        masking: Masking = "feature",
+        fusion: Callable[..., torch.Tensor] | None = None,
+        forward_masked: Callable[[frozenset[str]], torch.Tensor] | None = None,
+        fusion_inputs: FusionInputs = "features",
+        eval_masked: bool = True,
+        max_exponent: float = 10.0,
+        min_coefficient: float | None = None,
+        update_running_first: bool = False,
+        clip: bool = False,
+        clip_watch: Iterable[nn.Parameter] | None = None,
+        clip_threshold: float = 1.0,
+        clip_max_norm: float = 1.0,
+        enabled: bool = True,
+        window: Sequence[int | None] = (0, None),
+        window_unit: WindowUnit = "epoch",
+        **common: Any,
+    ) -> None:
+        alpha = check_alpha(alpha)
+        if masking == "feature":
+            if not callable(fusion):
+                raise ValueError(
+                    "masking='feature' needs fusion=callable(*features) -> fused logits (e.g. "
+                    "fusion=model.fusion); or use masking='input' with forward_masked="
+                )
+        elif masking == "input":
+            if not callable(forward_masked):
+                raise ValueError(
+                    "masking='input' needs forward_masked=callable(masked: frozenset of "
+                    "encoder names) -> fused logits of the model with those inputs zeroed"
+                )
+        else:
+            raise ValueError(f"masking must be 'feature' or 'input', got {masking!r}")
+        if fusion_inputs not in ("features", "outputs"):
+            raise ValueError(
+                f"fusion_inputs must be 'features' or 'outputs', got {fusion_inputs!r}"
+            )
+        if not max_exponent > 0:
+            raise ValueError(f"max_exponent must be > 0, got {max_exponent}")
+        if min_coefficient is not None and not min_coefficient >= 0:
+            raise ValueError(f"min_coefficient must be None or >= 0, got {min_coefficient}")
+        if not clip_threshold > 0 or not clip_max_norm > 0:
+            raise ValueError(
+                f"clip_threshold and clip_max_norm must be > 0, got {clip_threshold}, "
+                f"{clip_max_norm}"
+            )
+        super().__init__(
+            model,
+            encoders,
+            num_classes,
+            enabled=enabled,
+            window=window,
+            window_unit=window_unit,
+            **common,
+        )
+        self.alpha = alpha
+        self.masking = masking
+        self.__dict__["_fusion"] = fusion
+        self.__dict__["_forward_masked"] = forward_masked
+        self.fusion_inputs = fusion_inputs
+        self.eval_masked = bool(eval_masked)
+        self.max_exponent = float(max_exponent)
+        self.min_coefficient = None if min_coefficient is None else float(min_coefficient)
+        self.update_running_first = bool(update_running_first)
+        self.clip = bool(clip)
+        self.clip_threshold = float(clip_threshold)
+        self.clip_max_norm = float(clip_max_norm)
+        encoder_params = {id(p) for m in self._encoders.values() for p in m.parameters()}
+        if clip_watch is None:
+            watch = [p for p in model.parameters() if id(p) not in encoder_params]
+        else:
+            watch = list(clip_watch)
+        self.__dict__["_clip_watch"] = watch
+        if self.clip and not watch:
+            self.remove()
+            raise ValueError(
+                "clip=True needs parameters to watch: the model has none outside the encoders; "
+                "pass clip_watch=[...] (the fused head's parameters)"
+            )
+        coalitions, weights = shapley_matrix(len(self.names))
+        self._coalitions = coalitions
+        device = self.last_scores.device
+        self.register_buffer("_shapley", weights.to(torch.float32).to(device), persistent=False)
+        self.register_buffer("running_losses", torch.zeros(len(self.names), device=device))
+        self.register_buffer("running_count", torch.zeros((), dtype=torch.int64, device=device))
+
+    def _masked_logits(
+        self, coalition: frozenset[int], features: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The fused logits with only the modalities in ``coalition`` present."""
+        masked = frozenset(n for i, n in enumerate(self.names) if i not in coalition)
+        model = self.__dict__["_model"]
+        if self.masking == "input":
+            with self.paused(), eval_mode(model, self.eval_masked):
+                return self.__dict__["_forward_masked"](masked)
+        if self.fusion_inputs == "features":
+            inputs = [features[n] for n in self.names]
+        else:
+            inputs = [self._outputs[n] for n in self.names]
+        inputs = [
+            pytree.tree_map_only(torch.Tensor, torch.zeros_like, x) if n in masked else x
+            for n, x in zip(self.names, inputs)
+        ]
+        with eval_mode(model, self.eval_masked):
+            return self.__dict__["_fusion"](*inputs)
+
+    def shapley_logits(
+        self, logits: torch.Tensor, features: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``(M, B, K)``: each modality's Shapley logits for the last forward (with graph).
+
+        Runs the 2^M - 2 masked passes. ``logits`` are the fused logits of that forward.
+        """
+        if features is None:
+            features = self.features()
+        values = [logits]
+        for coalition in self._coalitions[1:]:
+            masked_logits = self._masked_logits(coalition, features)
+            if not isinstance(masked_logits, torch.Tensor) or masked_logits.shape != logits.shape:
+                shape = getattr(masked_logits, "shape", type(masked_logits).__name__)
+                raise ValueError(
+                    f"the masked pass returned {shape}, expected fused logits of shape "
+                    f"{tuple(logits.shape)}"
+                )
+            values.append(masked_logits.to(logits.device))
+        weights = self._shapley.to(device=logits.device, dtype=logits.dtype)
+        return torch.einsum("mc,cbk->mbk", weights, torch.stack(values))
+
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        unimodal: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        if not self._updating(logits) or not self._in_window():
+            return F.cross_entropy(logits, target)
+        phi = self.shapley_logits(logits, features)
+        device = self.running_losses.device
+        # Batch means, over all ranks with sync="global" (one all-reduce, no host sync).
+        sums = agm_losses(phi.detach(), target, reduction="sum").to(device)
+        losses = self._reduce_mean(sums, target.shape[0])
+        if self.update_running_first:
+            self._update_running(losses)
+        coefficients = agm_coefficients(losses, self.running_losses, self.alpha, self.max_exponent)
+        if self.min_coefficient is not None:
+            coefficients = coefficients.clamp_min(self.min_coefficient)
+        if not self.update_running_first:
+            self._update_running(losses)
+        self._store(coefficients, torch.exp(-losses))
+        combined = sum(
+            scale_grad(phi[index], self.coefficient_buffer(name).to(phi.device))
+            for index, name in enumerate(self.names)
+        )
+        return F.cross_entropy(combined, target)
+
+    @torch.no_grad()
+    def _update_running(self, losses: torch.Tensor) -> None:
+        """Cumulative mean of the per-modality losses over every modulated step.
+
+        A step with non-finite losses (or skipped by ``nonfinite="skip"``) leaves it unchanged.
+        """
+        count = self.running_count + 1
+        updated = self.running_losses + (losses - self.running_losses) / count
+        finite = torch.isfinite(updated).all()
+        updated = self._keep_if_finite(
+            torch.where(finite, updated, self.running_losses), self.running_losses
+        )
+        count = self._keep_if_finite(
+            torch.where(finite, count, self.running_count), self.running_count
+        )
+        self.running_losses.copy_(updated)
+        self.running_count.copy_(count)
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """The official clipping rule (with ``clip=True``); call before ``opt.step()``.
+
+        When any gradient element of the watched (fusion) parameters lies outside
+        ``[-clip_threshold, clip_threshold]``, the gradients of all the model's parameters are
+        clipped to a global norm of ``clip_max_norm`` (as ``clip_grad_norm_``). Decided on the
+        device, without a host synchronisation. Under AMP call it after
+        ``scaler.unscale_(opt)``. Without ``clip`` it does nothing.
+        """
+        if not self.clip:
+            return
+        watched = [p.grad for p in self.__dict__["_clip_watch"] if p.grad is not None]
+        grads = [p.grad for p in self.__dict__["_model"].parameters() if p.grad is not None]
+        if not watched or not grads:
+            return
+        # Fused multi-tensor kernels: a handful of launches whatever the number of tensors.
+        device = watched[0].device
+        largest = torch.stack(
+            [n.float().to(device) for n in torch._foreach_norm(watched, float("inf"))]
+        ).max()
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+        factor = (self.clip_max_norm / (total + 1e-6)).clamp_max(1.0)
+        factor = torch.where(largest > self.clip_threshold, factor, torch.ones_like(factor))
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for grad in grads:
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (grad_device, dtype), group in groups.items():
+            torch._foreach_mul_(group, factor.to(device=grad_device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, alpha={self.alpha}, masking={self.masking!r}, "
+            f"clip={self.clip}, enabled={self.enabled}"
+        )

@@ -1,0 +1,251 @@
+"""MSLR: Modality-Specific Learning Rates, "dynamic" strategy (Yao & Mihalcea, 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradbalance.balancer import _per_encoder
+from gradbalance.coefficients import mslr_coefficients
+from gradbalance.methods._common import MethodBase, check_fusion_head, modality_slices
+
+Accuracies = torch.Tensor | Sequence[float] | Mapping[str, float]
+
+
+class MSLR(MethodBase):
+    """MSLR: per-epoch gradient scales from each modality's validation-accuracy trend.
+
+    Within an epoch each encoder's gradient is multiplied by a constant ``k_m`` (standing in
+    for a per-modality learning rate, as every re-implementation does). At :meth:`epoch_end`,
+    with ``acc_m`` this epoch's validation accuracy of modality m and ``mean_m`` the mean of
+    its last ``memory_epochs`` accuracies, ``k_m = acc_m / mean_m * initial_m``
+    (:func:`~gradbalance.coefficients.mslr_coefficients`); while fewer than ``memory_epochs``
+    accuracies are remembered, ``k_m = initial_m``. The loss is the fused cross-entropy only
+    (plus the probes' own, which reaches only the probes).
+
+    The per-modality accuracies come from the fused head's slices (``fusion_head``, as [A]) or
+    from detached linear probes trained alongside. The balancer collects them itself: every
+    ``bal.loss(logits, y)`` called under ``torch.no_grad()`` (your validation loop) adds the
+    batch to this epoch's counts; then :meth:`epoch_end` applies them. You can also pass the
+    accuracies: ``bal.epoch_end(accuracies={"audio": 0.61, "video": 0.48})``. Every
+    evaluation ``loss()`` counts (under ``torch.no_grad()``, or with the encoders in eval
+    mode), so run only validation batches through it between two ``epoch_end()`` calls.
+
+    Args:
+        model: the multimodal model (unchanged by the balancer).
+        encoders: one submodule per modality (list or dict ``name -> module``).
+        num_classes: number of classes.
+        initial: the initial factors λ_m, once or per encoder (the configs use 0.9 for audio
+            and 1.1 for video; default 1.0).
+        memory_epochs: K, how many past accuracies the trend is measured against (5 in the
+            configs).
+        fusion_head: as :class:`OGM` (``None``: detached probes).
+        enabled: modulate at all (False: every k is 1).
+        **common: the options of :class:`~gradbalance.balancer.Balancer`.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> model = gb.testing.TwoTowerNet()
+        >>> bal = gb.MSLR(model, encoders=[model.audio, model.video], num_classes=3,
+        ...               initial=[0.9, 1.1], memory_epochs=1)
+        >>> a, v, y = torch.randn(6, 8), torch.randn(6, 6), torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> for epoch in range(3):
+        ...     bal.loss(model(a, v), y).backward()          # training step
+        ...     with torch.no_grad():
+        ...         _ = bal.loss(model(a, v), y)             # validation: collected
+        ...     bal.epoch_end()
+        >>> bal.epoch, bal.memory_size  # from now on k = acc / mean(last accuracy) * initial
+        (3, 1)
+        >>> bal.epoch_end(accuracies={"audio": 0.5, "video": 0.5})  # or pass them yourself
+    """
+
+    head_mode = "probe"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        initial: float | Sequence[float] | Mapping[str, float] = 1.0,
+        memory_epochs: int = 5,
+        fusion_head: nn.Module | None = None,
+        enabled: bool = True,
+        **common: Any,
+    ) -> None:
+        check_fusion_head(fusion_head)
+        if isinstance(memory_epochs, bool) or not isinstance(memory_epochs, int):
+            raise ValueError(f"memory_epochs must be an int >= 1, got {memory_epochs!r}")
+        if memory_epochs < 1:
+            raise ValueError(f"memory_epochs must be an int >= 1, got {memory_epochs!r}")
+        super().__init__(
+            model,
+            encoders,
+            num_classes,
+            enabled=enabled,
+            head_mode="none" if fusion_head is not None else "probe",
+            **common,
+        )
+        try:
+            factors = _per_encoder(initial, self.names, "initial")
+            for name, value in factors.items():
+                if value is None or isinstance(value, bool) or not value > 0:
+                    raise ValueError(f"initial factor for {name!r} must be > 0, got {value!r}")
+        except ValueError:
+            self.remove()
+            raise
+        self.__dict__["_fusion_head"] = fusion_head
+        self.memory_epochs = memory_epochs
+        device = self.last_scores.device
+        m = len(self.names)
+        self.register_buffer(
+            "initial", torch.tensor([float(factors[n]) for n in self.names], device=device)
+        )
+        self.register_buffer("epoch_coefficients", self.initial.clone())
+        self.register_buffer("memory", torch.zeros(memory_epochs, m, device=device))
+        self.register_buffer("accuracies", torch.zeros(m, device=device))
+        self.register_buffer("validation_correct", torch.zeros(m, device=device))
+        self.memory_size = 0
+        self._validation_seen = 0
+        self._write_coefficients()
+
+    @property
+    def fusion_head(self) -> nn.Module | None:
+        """The fused head whose slices give the accuracies (``None``: detached probes)."""
+        return self.__dict__["_fusion_head"]
+
+    def _write_coefficients(self) -> None:
+        with torch.no_grad():
+            values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)
+            for index, name in enumerate(self.names):
+                self.coefficient_buffer(name).copy_(values[index])
+
+    def unimodal_logits(self) -> dict[str, torch.Tensor]:
+        """Each modality's logits on the last forward: fused-head slices or probe outputs."""
+        if self.fusion_head is not None:
+            with torch.no_grad():
+                features = self.features()
+                slices = modality_slices(self.fusion_head, [features[n] for n in self.names])
+            return dict(zip(self.names, slices))
+        return super().unimodal_logits()
+
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        unimodal: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        total = F.cross_entropy(logits, target)
+        for probe_logits in unimodal.values():
+            probe_loss = F.cross_entropy(probe_logits, target.to(probe_logits.device))
+            total = total + probe_loss.to(total.device)
+        if self._updating(logits):
+            coefficients = self.epoch_coefficients
+            if not self.enabled:
+                coefficients = torch.ones_like(coefficients)
+            self._store(coefficients, self.accuracies)
+        else:  # an evaluation loss(): count each modality's correct predictions
+            self._collect_validation(features, unimodal, target)
+        return total
+
+    @torch.no_grad()
+    def _collect_validation(
+        self,
+        features: Mapping[str, torch.Tensor],
+        unimodal: Mapping[str, torch.Tensor],
+        target: torch.Tensor,
+    ) -> None:
+        if self.fusion_head is not None:
+            slices = modality_slices(self.fusion_head, [features[n] for n in self.names])
+            unimodal = dict(zip(self.names, slices))
+        correct = self.validation_correct
+        hits = torch.stack(
+            [
+                (unimodal[name].argmax(dim=-1) == target.to(unimodal[name].device))
+                .sum()
+                .to(correct.device)
+                for name in self.names
+            ]
+        )
+        correct += hits
+        self._validation_seen += target.shape[0]
+
+    def _as_tensor(self, accuracies: Accuracies) -> torch.Tensor:
+        device = self.initial.device
+        if isinstance(accuracies, Mapping):
+            missing = set(self.names) - set(accuracies)
+            if missing:
+                raise ValueError(f"accuracies miss the encoder(s) {sorted(missing)}")
+            values = torch.stack(
+                [torch.as_tensor(accuracies[n], dtype=torch.float32) for n in self.names]
+            )
+        else:
+            values = torch.as_tensor(accuracies, dtype=torch.float32)
+        if values.shape != (len(self.names),):
+            raise ValueError(
+                f"accuracies must hold one value per encoder ({len(self.names)}), "
+                f"got shape {tuple(values.shape)}"
+            )
+        return values.to(device)
+
+    @torch.no_grad()
+    def epoch_end(self, accuracies: Accuracies | None = None) -> None:
+        """Apply this epoch's validation accuracies; the next epoch uses the new coefficients.
+
+        Args:
+            accuracies: per-modality accuracies (tensor, sequence or ``{name: value}``);
+                omitted, the ones collected by ``loss()`` calls under ``torch.no_grad()``
+                since the last ``epoch_end()``.
+
+        Raises:
+            RuntimeError: no accuracies were given and none were collected.
+        """
+        if accuracies is None:
+            if not self._validation_seen:
+                raise RuntimeError(
+                    "MSLR has no validation accuracy for this epoch: run your validation loop "
+                    "with bal.loss(model(...), y) under torch.no_grad() before epoch_end(), or "
+                    "pass epoch_end(accuracies={name: accuracy})"
+                )
+            # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end).
+            current = self._reduce_mean(self.validation_correct, self._validation_seen)
+        else:
+            current = self._as_tensor(accuracies)
+        if self.memory_size >= self.memory_epochs:
+            means = self.memory.mean(dim=0)
+            ratio_k = mslr_coefficients(current, means.clamp_min(1e-12), self.initial)
+            new = torch.where(means > 0, ratio_k, self.initial)
+        else:
+            new = self.initial.clone()
+        self.epoch_coefficients.copy_(new)
+        self.memory.copy_(torch.roll(self.memory, -1, dims=0))
+        self.memory[-1].copy_(current)
+        self.memory_size = min(self.memory_size + 1, self.memory_epochs)
+        self.accuracies.copy_(current)
+        self.validation_correct.zero_()
+        self._validation_seen = 0
+        self._write_coefficients()
+        super().epoch_end()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "memory_size": self.memory_size,
+            "validation_seen": self._validation_seen,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.memory_size = int(state.get("memory_size", 0))
+        self._validation_seen = int(state.get("validation_seen", 0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, initial={self.initial.tolist()}, "
+            f"memory_epochs={self.memory_epochs}, enabled={self.enabled}"
+        )

@@ -1,0 +1,352 @@
+"""PMR: Prototypical Modal Rebalance (Fan et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradbalance.balancer import _per_encoder
+from gradbalance.coefficients import pmr_weights
+from gradbalance.methods._common import MethodBase, WindowUnit, check_alpha, require_two
+
+PrototypeSource = Literal["accumulate", "explicit"]
+
+
+def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``-||z_i - c_k||_2``: the ``(B, K)`` prototype logits (float32, one ``cdist``).
+
+    Example:
+        >>> prototype_logits(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([[-5., -1.]])
+    """
+    return -torch.cdist(
+        features.float(), prototypes.float(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+
+
+def _true_class_probability_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, target.unsqueeze(1)).exp().sum()
+
+
+def _masked(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Classes without a prototype yet get the lowest logit (probability 0)."""
+    return logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+
+
+def prototype_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of the prototype logits over the samples whose class has a prototype.
+
+    Example:
+        >>> logits = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]])
+        >>> prototype_cross_entropy(logits, torch.tensor([0, 1]), torch.tensor([True, True]))
+        tensor(0.2201)
+    """
+    log_probs = torch.log_softmax(_masked(logits, valid), dim=-1)
+    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    keep = valid.gather(0, target)
+    nll = torch.where(keep, nll, torch.zeros_like(nll))
+    return nll.sum() / keep.sum().clamp_min(1)
+
+
+class PMR(MethodBase):
+    """PMR: a prototype cross-entropy for the weaker of two modalities, weighted by ``alpha``.
+
+    Each modality keeps one prototype per class (the mean of its training features of that
+    class). Every training step the distances ``d_m(i, k) = ||z_m(i) - c_m^k||`` give
+    prototype logits ``-d_m``; their mean true-class probability is the modality's score, and
+    ``alpha * CE(-d_m, y)`` is added to the fused cross-entropy for the modality with the lower
+    score only (none on a tie; :func:`~gradbalance.coefficients.pmr_weights`). The gradient
+    flows through the features into that encoder; prototypes are constants.
+
+    Prototypes:
+
+    * ``"accumulate"`` (default, no extra pass): the features of the training steps (detached)
+      are summed per class with ``index_add_``; :meth:`epoch_end` turns them into the next
+      epoch's prototypes. They are therefore train-mode features of a model that changed
+      during the epoch, and the first epoch has no prototypes (it trains as Joint).
+    * ``"explicit"`` (the official code: an eval-mode pass, usually over part of the training
+      set): run forwards yourself and call :meth:`collect` after each, then
+      :meth:`update_prototypes` (e.g. before each epoch)::
+
+          model.eval()
+          with torch.no_grad():
+              for audio, video, y in some_batches:
+                  model(audio, video)
+                  bal.collect(y)
+          bal.update_prototypes()
+          model.train()
+
+    New prototypes are blended with the previous ones, ``c <- (1 - momentum) c_new + momentum
+    c_old``; a class absent from a collection keeps its previous prototype, and a class never
+    seen gets probability 0 (its samples are left out of the prototype loss): no NaN.
+
+    ``bal.coefficients`` hold the two prototype-loss weights of the last step (``alpha`` or 0)
+    and ``bal.scores`` the prototype scores (0 before the first prototypes exist).
+
+    Args:
+        model: the multimodal model (unchanged by the balancer).
+        encoders: the two modality submodules (list or dict ``name -> module``).
+        num_classes: number of classes.
+        alpha: weight of the weaker modality's prototype loss (official default 1.0).
+        momentum: weight μ of the previous prototypes (official 0.2, [A] 0).
+        prototypes: ``"accumulate"`` or ``"explicit"``.
+        batch_norm: standardise the features with their batch statistics before prototypes and
+            distances (the extra ``BatchNorm1d(affine=False)`` of [A]).
+        enabled, window, window_unit: as :class:`OGM`; outside the window no prototype loss is
+            added (prototypes are still accumulated).
+        **common: the options of :class:`~gradbalance.balancer.Balancer`.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> model = gb.testing.TwoTowerNet()
+        >>> bal = gb.PMR(model, encoders=[model.audio, model.video], num_classes=3, alpha=1.0)
+        >>> a, v, y = torch.randn(6, 8), torch.randn(6, 6), torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> for epoch in range(2):
+        ...     bal.loss(model(a, v), y).backward()
+        ...     bal.epoch_end()  # prototypes from this epoch's features
+        >>> bal.prototypes()["audio"].shape
+        torch.Size([3, 16])
+        >>> sorted(bal.coefficients.values(), key=float)  # alpha for the weaker modality
+        [tensor(0.), tensor(1.)]
+    """
+
+    head_mode = "none"
+    scales_gradients = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        alpha: float = 1.0,
+        momentum: float = 0.2,
+        prototypes: PrototypeSource = "accumulate",
+        batch_norm: bool = False,
+        enabled: bool = True,
+        window: Sequence[int | None] = (0, None),
+        window_unit: WindowUnit = "epoch",
+        **common: Any,
+    ) -> None:
+        require_two(encoders, type(self).__name__)
+        alpha = check_alpha(alpha)
+        if isinstance(momentum, bool) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if prototypes not in ("accumulate", "explicit"):
+            raise ValueError(f"prototypes must be 'accumulate' or 'explicit', got {prototypes!r}")
+        super().__init__(
+            model,
+            encoders,
+            num_classes,
+            enabled=enabled,
+            window=window,
+            window_unit=window_unit,
+            **common,
+        )
+        self.alpha = alpha
+        self.momentum = float(momentum)
+        self.prototype_source = prototypes
+        self.batch_norm = bool(batch_norm)
+        dims = _per_encoder(common.get("feature_dims"), self.names, "feature_dims")
+        device = self.last_scores.device
+        for name in self.names:
+            dim = dims[name] or 0
+            self.register_buffer(f"prototypes_{name}", torch.zeros(num_classes, dim, device=device))
+            self.register_buffer(
+                f"feature_sums_{name}", torch.zeros(num_classes, dim, device=device)
+            )
+        self.register_buffer("class_counts", torch.zeros(num_classes, device=device))
+        self.register_buffer(
+            "prototype_valid", torch.zeros(num_classes, dtype=torch.bool, device=device)
+        )
+        self.ready = False
+        self._collected = 0
+
+    # -- prototypes ---------------------------------------------------------------------
+
+    def prototypes(self) -> dict[str, torch.Tensor]:
+        """``{name: (K, D)}``: the current prototypes (rows of classes never seen are 0)."""
+        return {name: getattr(self, f"prototypes_{name}").clone() for name in self.names}
+
+    def _standardise(self, feature: torch.Tensor) -> torch.Tensor:
+        feature = feature.float()
+        if self.batch_norm:
+            feature = F.batch_norm(feature, None, None, training=True, momentum=0.0, eps=1e-5)
+        return feature
+
+    def _sized(self, kind: str, name: str, dim: int) -> torch.Tensor:
+        buffer = getattr(self, f"{kind}_{name}")
+        if buffer.shape[1] != dim:
+            if buffer.shape[1] != 0:
+                raise ValueError(
+                    f"encoder {name!r} has feature width {dim}, but its prototypes were built "
+                    f"for width {buffer.shape[1]}"
+                )
+            buffer = torch.zeros(self.num_classes, dim, device=buffer.device)
+            self.register_buffer(f"{kind}_{name}", buffer)
+        return buffer
+
+    @torch.no_grad()
+    def _accumulate(
+        self, features: Mapping[str, torch.Tensor], target: torch.Tensor, in_step: bool
+    ) -> None:
+        """Per-class sums of the (detached) features with ``index_add_``; non-finite features
+        (or, ``in_step``, a training step skipped by ``nonfinite="skip"``) add nothing."""
+        keep = self._keep_if_finite if in_step else (lambda new, old: new)
+        counts = self.class_counts
+        target = target.to(counts.device)
+        added = []
+        for name in self.names:
+            feature = self._standardise(features[name].detach()).to(counts.device)
+            sums = self._sized("feature_sums", name, feature.shape[1])
+            self._sized("prototypes", name, feature.shape[1])
+            added.append((sums, torch.zeros_like(sums).index_add_(0, target, feature)))
+        finite = torch.stack([torch.isfinite(delta).all() for _, delta in added]).all()
+        ones = torch.ones_like(target, dtype=counts.dtype)
+        new_counts = counts + torch.zeros_like(counts).index_add_(0, target, ones)
+        for sums, delta in added:
+            sums.copy_(keep(torch.where(finite, sums + delta, sums), sums))
+        counts.copy_(keep(torch.where(finite, new_counts, counts), counts))
+        self._collected += 1
+
+    def collect(self, target: torch.Tensor) -> None:
+        """Add the features of the last forward (class ``target``) to the next prototypes.
+
+        For ``prototypes="explicit"``: call after each forward of your prototype pass.
+        """
+        if not isinstance(target, torch.Tensor) or target.dim() != 1:
+            raise ValueError("collect(target) takes the (B,) class labels of the last forward")
+        captures = self._take_captures()  # consumes the forward, like loss() would
+        features = {name: self._feature(name, c.output) for name, c in captures.items()}
+        if any(f.shape[0] != target.shape[0] for f in features.values()):
+            raise ValueError(
+                f"collect(target): {target.shape[0]} labels for features of batch size "
+                f"{next(iter(features.values())).shape[0]}"
+            )
+        self._accumulate(features, target.long(), in_step=False)
+
+    @torch.no_grad()
+    def update_prototypes(self) -> None:
+        """Turn the collected features into prototypes (blended with ``momentum``).
+
+        Classes absent from the collection keep their previous prototype. Does nothing when
+        nothing was collected. No host synchronisation. Under ``torch.distributed`` with
+        ``sync="global"`` the sums and counts of all ranks are combined (one all-reduce): call
+        it on every rank.
+        """
+        if not self._collected:
+            return
+        names = self.names
+        local = [getattr(self, f"feature_sums_{name}") for name in names]
+        packed = torch.cat([*local, self.class_counts.unsqueeze(1)], dim=1)
+        totals = self._reduce_mean(packed, 1)  # global sums (count 1: a plain all-reduce)
+        counts = totals[:, -1]
+        seen = counts > 0
+        valid = self.prototype_valid
+        start = 0
+        for name, sums_buffer in zip(names, local):
+            width = sums_buffer.shape[1]
+            sums = totals[:, start : start + width]
+            start += width
+            old = self._sized("prototypes", name, width)
+            new = sums / counts.clamp_min(1).unsqueeze(1)
+            blended = (1 - self.momentum) * new + self.momentum * old
+            blended = torch.where(valid.unsqueeze(1), blended, new)
+            old.copy_(torch.where(seen.unsqueeze(1), blended, old))
+            sums_buffer.zero_()
+        valid |= seen
+        self.class_counts.zero_()
+        self._collected = 0
+        self.ready = True
+
+    def epoch_end(self) -> None:
+        """End of a training epoch: with ``"accumulate"``, build the next prototypes."""
+        if self.prototype_source == "accumulate":
+            self.update_prototypes()
+        super().epoch_end()
+
+    # -- loss ---------------------------------------------------------------------------
+
+    def prototype_logits(
+        self, features: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{name: (B, K)}`` prototype logits ``-distance`` of the (last) features, with graph."""
+        if features is None:
+            features = self.features()
+        out = {}
+        for name in self.names:
+            feature = self._standardise(features[name])
+            prototypes = self._sized("prototypes", name, feature.shape[1])
+            out[name] = prototype_logits(feature, prototypes.to(feature.device))
+        return out
+
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        unimodal: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        total = F.cross_entropy(logits, target)
+        if not self._updating(logits):
+            return total
+        if self.prototype_source == "accumulate":
+            self._accumulate(features, target, in_step=True)
+        device = self.last_scores.device
+        if not (self.ready and self._in_window()):
+            zeros = torch.zeros(len(self.names), device=device)
+            self._store(zeros, zeros)
+            return total
+        valid = self.prototype_valid
+        proto_logits = self.prototype_logits(features)
+        sums = torch.stack(
+            [
+                _true_class_probability_sum(
+                    _masked(z.detach(), valid.to(z.device)), target.to(z.device)
+                ).to(device)
+                for z in proto_logits.values()
+            ]
+        )
+        scores = self._reduce_mean(sums, target.shape[0])  # over all ranks with sync="global"
+        weights = pmr_weights(scores, self.alpha)
+        self._store(weights, scores)
+        for index, z in enumerate(proto_logits.values()):
+            term = prototype_cross_entropy(z, target.to(z.device), valid.to(z.device))
+            total = total + (weights[index].to(term.device) * term).to(total.device)
+        return total
+
+    # -- state --------------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        for name in self.names:
+            for kind in ("prototypes", "feature_sums"):
+                key = f"{prefix}{kind}_{name}"
+                incoming = state_dict.get(key)
+                own = getattr(self, f"{kind}_{name}")
+                if incoming is not None and own.shape[1] == 0 and incoming.shape != own.shape:
+                    self.register_buffer(
+                        f"{kind}_{name}", torch.zeros(incoming.shape, device=own.device)
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "ready": self.ready, "collected": self._collected}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.ready = bool(state.get("ready", False))
+        self._collected = int(state.get("collected", 0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, alpha={self.alpha}, momentum={self.momentum}, "
+            f"prototypes={self.prototype_source!r}, enabled={self.enabled}"
+        )

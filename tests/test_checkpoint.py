@@ -1,0 +1,85 @@
+"""Checkpoint and resume: bitwise the same training as the uninterrupted run.
+
+Model, optimizer (Adam, with state) and balancer (heads, coefficients, running statistics,
+step counters, random generators) are saved mid-training; a fresh process-like
+setup (new objects, other random initial values) loads them and continues.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from balancer_factories import FACTORIES, INPUT_DIMS, factory_params, flat_state, train_step
+from conftest import MultiTowerNet, make_batch
+
+BEFORE, AFTER = 3, 4
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def setup(name, seed, **options):
+    torch.manual_seed(seed)
+    model = MultiTowerNet(INPUT_DIMS)
+    bal = FACTORIES[name](model, **options)
+    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=0.01)
+    return model, bal, opt
+
+
+def steps(model, bal, opt, start, stop):
+    for step in range(start, stop):
+        train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=step))
+        if hasattr(bal, "epoch_end") and step % 2 == 1:
+            bal.epoch_end()
+
+
+VARIANTS = [pytest.param(p.values[0], {}, id=p.id) for p in factory_params()]
+VARIANTS.append(pytest.param("MLB", {"feature_dims": None}, id="MLB-lazy-heads"))
+
+
+@pytest.mark.parametrize("name, options", VARIANTS)
+def test_resume_is_bitwise_identical(name, options):
+    model, bal, opt = setup(name, 0, **options)
+    steps(model, bal, opt, 0, BEFORE)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "balancer": bal.state_dict()},
+        buffer,
+    )
+    steps(model, bal, opt, BEFORE, BEFORE + AFTER)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    resumed_model, resumed, resumed_opt = setup(name, 1, **options)  # other initial values
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["balancer"])  # before the optimizer: lazy heads
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    assert resumed.steps == BEFORE
+    steps(resumed_model, resumed, resumed_opt, BEFORE, BEFORE + AFTER)
+
+    assert torch.equal(flat_state(resumed_model, resumed), flat_state(model, bal))
+    assert resumed.steps == bal.steps
+    # The history is not part of the state (keep bal.history yourself to plot a whole run):
+    # the resumed run's history is the uninterrupted run's last AFTER steps, bitwise.
+    for name_ in bal.names:
+        for quantity in ("coefficients", "scores"):
+            expected = bal.history[name_][quantity][-AFTER:]
+            assert torch.equal(resumed.history[name_][quantity], expected), quantity
+    assert all(
+        torch.equal(a, b) for a, b in zip(resumed.coefficients.values(), bal.coefficients.values())
+    )
+
+
+def test_state_dict_holds_the_counters():
+    model, bal, opt = setup("MLB", 0, nonfinite="skip")
+    steps(model, bal, opt, 0, 2)
+    state = bal.state_dict()
+    assert state["_extra_state"] == {"steps": 2}
+    assert int(state["nonfinite_steps"]) == 0
