@@ -398,6 +398,7 @@ class Balancer(nn.Module):
         self._seen_ddp: weakref.ref | None = None
         self._param_handles: list[Any] = []
         self.steps = 0
+        self.epoch = 0
         self._taps = [
             EncoderTap(
                 module,
@@ -1050,11 +1051,21 @@ class Balancer(nn.Module):
         self._raise_deferred()
         return self._history.as_dict()
 
+    def epoch_end(self) -> None:
+        """Mark the end of a training epoch (advances :attr:`epoch`).
+
+        Call it once per epoch in every loop: methods with per-epoch work (MSLR's coefficients,
+        PMR's prototypes, epoch-based modulation windows) do it here, so switching method needs
+        no change of the loop.
+        """
+        self.epoch += 1
+
     def get_extra_state(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        return {"steps": self.steps, "epoch": self.epoch}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        self.epoch = int(state.get("epoch", 0))
 
     def extra_repr(self) -> str:
         return f"encoders={self.names}, num_classes={self.num_classes}"

@@ -101,7 +101,7 @@ def eval_mode(model: nn.Module, active: bool = True) -> Iterator[None]:
 
 
 class MethodBase(Balancer):
-    """Common state of the baselines: the model, an epoch counter, a modulation window.
+    """Common state of the baselines: the model and a modulation window.
 
     Not a method itself. Subclasses call :meth:`_in_window` in their training step and the user
     calls :meth:`epoch_end` once per epoch (or sets :attr:`epoch`). ``after_backward()`` (the
@@ -125,12 +125,7 @@ class MethodBase(Balancer):
         # Not a submodule: the balancer's state_dict and parameters() never hold the model.
         self.__dict__["_model"] = model
         self.enabled = bool(enabled)
-        self.epoch = 0
         self._own_handles: list[Any] = []
-
-    def epoch_end(self) -> None:
-        """Mark the end of a training epoch (advances :attr:`epoch`, used by the window)."""
-        self.epoch += 1
 
     def _in_window(self) -> bool:
         """Whether this training step is inside the modulation window (and enabled)."""
@@ -184,10 +179,3 @@ class MethodBase(Balancer):
             handle.remove()
         self._own_handles = []
         super().remove()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "epoch": self.epoch}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        self.epoch = int(state.get("epoch", 0))
