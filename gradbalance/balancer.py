@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradbalance._scale import EncoderTap, scale_grad
+from gradbalance.coefficients import true_class_probability
 from gradbalance.history import History
 
 Pool = Literal["spatial", "tokens", "cls"]
@@ -169,12 +170,6 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def _multiply(coefficient: Callable[[], torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
     return grad * coefficient().to(device=grad.device, dtype=grad.dtype)
-
-
-def _true_class_probability_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``sum_i softmax(logits)[i, target[i]]`` in float32 (the numerator of the batch mean)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(-1, target.unsqueeze(-1)).exp().sum()
 
 
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
@@ -1007,14 +1002,21 @@ class Balancer(nn.Module):
 
         Reduced over the ranks with :meth:`_reduce_mean` (``sync="global"``).
         """
-        device = self.last_scores.device
-        sums = torch.stack(
-            [
-                _true_class_probability_sum(u.detach(), target.to(u.device)).to(device)
-                for u in unimodal.values()
-            ]
-        )
+        sums = self._score_sums([u.detach() for u in unimodal.values()], target)
         return self._reduce_mean(sums, target.shape[0])
+
+    def _score_sums(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Each logits' batch sum of the true-class probability, as one float32 vector.
+
+        One stacked computation when all logits share the scores' device and a shape (the
+        usual case); one per modality otherwise.
+        """
+        device = self.last_scores.device
+        if all(u.device == device and u.shape == logits[0].shape for u in logits):
+            return true_class_probability(torch.stack(logits), target.to(device), "sum")
+        return torch.stack(
+            [true_class_probability(u, target.to(u.device), "sum").to(device) for u in logits]
+        )
 
     def _scaled_head_loss(
         self, logits: torch.Tensor, target: torch.Tensor, name: str, scaled: bool

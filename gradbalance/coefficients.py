@@ -8,6 +8,7 @@ training step on any device and under ``torch.compile``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -84,18 +85,30 @@ def _check_alpha_beta(alpha: float, beta_max: float) -> None:
         )
 
 
-def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``softmax(logits)[i, target[i]]``, computed in float32.
+def true_class_probability(
+    logits: torch.Tensor, target: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Batch mean (or sum) of ``softmax(logits)[i, target[i]]``, computed in float32.
 
     One ``log_softmax`` and one ``gather`` for the whole batch (no per-sample loop), in float32
-    even when ``logits`` are half precision (under autocast).
+    even when ``logits`` are half precision (under autocast). Leading dimensions are batched:
+    logits of shape ``(M, B, K)`` (M modalities stacked) give M values in one computation.
+
+    Args:
+        logits: ``(..., B, K)``.
+        target: ``(B,)`` class indices.
+        reduction: ``"mean"`` or ``"sum"`` over the batch.
 
     Example:
         >>> true_class_probability(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
         tensor(0.3333)
+        >>> true_class_probability(torch.zeros(2, 4, 3), torch.tensor([0, 1, 2, 0]), "sum")
+        tensor([1.3333, 1.3333])
     """
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(-1, target.unsqueeze(-1)).exp().mean()
+    index = target.expand(log_probs.shape[:-1]).unsqueeze(-1)
+    probabilities = log_probs.gather(-1, index).squeeze(-1).exp()
+    return probabilities.sum(-1) if reduction == "sum" else probabilities.mean(-1)
 
 
 def _check_alpha(alpha: float) -> None:

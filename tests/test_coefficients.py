@@ -133,3 +133,12 @@ def test_true_class_probability_matches_loop_and_is_float32():
     got = true_class_probability(logits, target)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_true_class_probability_batches_leading_dims_and_sums():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 6, 4, generator=g)
+    target = torch.randint(0, 4, (6,), generator=g)
+    stacked = true_class_probability(logits, target, "sum")
+    one_by_one = torch.stack([true_class_probability(u, target) * 6 for u in logits])
+    torch.testing.assert_close(stacked, one_by_one)

@@ -28,10 +28,6 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.
     )
 
 
-def _true_class_probability_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, target.unsqueeze(1)).exp().sum()
-
-
 def _masked(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Classes without a prototype yet get the lowest logit (probability 0)."""
     return logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
@@ -305,13 +301,8 @@ class PMR(MethodBase):
             return total
         valid = self.prototype_valid
         proto_logits = self.prototype_logits(features)
-        sums = torch.stack(
-            [
-                _true_class_probability_sum(
-                    _masked(z.detach(), valid.to(z.device)), target.to(z.device)
-                ).to(device)
-                for z in proto_logits.values()
-            ]
+        sums = self._score_sums(
+            [_masked(z.detach(), valid.to(z.device)) for z in proto_logits.values()], target
         )
         scores = self._reduce_mean(sums, target.shape[0])  # over all ranks with sync="global"
         weights = pmr_weights(scores, self.alpha)
