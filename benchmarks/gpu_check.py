@@ -8,7 +8,7 @@ Run on a machine with one CUDA GPU (under 5 minutes)::
    timed with CUDA events, on the CREMA-D ResNet-18 reference model at the paper's shapes and
    on the mid-size two-CNN model: median ratio (min-max) over rounds.
 2. The balancing work alone, gradbalance's vs the official approach's, on the reference model.
-3. Host synchronisations: every method's training step under
+3. Host synchronisations: every method's training step (``gb.METHODS``) under
    ``torch.cuda.set_sync_debug_mode("error")`` (after a warm-up step).
 4. Peak CUDA memory (``max_memory_allocated``) of the steps with each method.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import gradbalance as gb
 from benchmarks.balancing_cost import compare
 from benchmarks.interleave import ratios
 from benchmarks.steps import METHODS, MODELS, make_step, method_steps
@@ -83,7 +84,7 @@ def balancing_cost(rounds: int) -> dict:
 
 def sync_audit() -> dict[str, str]:
     audit = {}
-    for method in METHODS:
+    for method in gb.METHODS:
         model, inputs, target = MODELS["two_cnn"](device="cuda", batch=8)
         step = make_step(method, model, inputs, target)
         step()

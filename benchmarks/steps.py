@@ -15,6 +15,19 @@ METHODS: dict[str, Callable[..., gb.Balancer]] = {
     "MultiLoss": gb.MultiLoss,
     "MLB": gb.MLB,
 }
+"""The methods of the step-overhead comparison; :func:`make_step` takes any ``gb.METHODS`` name."""
+
+
+def method_options(name: str, model: nn.Module) -> dict:
+    """What a method needs beyond the encoders: the fused head (OGM, MSLR) or the fusion (AGM)."""
+    key = gb.registry.canonical_name(name)
+    if key in ("ogm", "ogm_ge", "mslr"):
+        return {"fusion_head": model.fusion}
+    if key == "agm":
+        if isinstance(model.fusion, nn.Linear):
+            return {"fusion": lambda *features: model.fusion(torch.cat(features, dim=1))}
+        return {"fusion": model.fusion}
+    return {}
 
 
 def reference_model_and_batch(batch: int = 4, device: str = "cpu", seed: int = 0):
@@ -43,8 +56,9 @@ MODELS = {"reference": reference_model_and_batch, "two_cnn": two_cnn_model_and_b
 
 
 def make_step(method: str, model: nn.Module, inputs, target) -> Callable[[], None]:
-    """One full training step (forward, loss, backward, Adam step) with ``method``."""
-    bal = METHODS[method](model, encoders=[model.audio, model.video], num_classes=6)
+    """One full training step (forward, loss, backward, after_backward, Adam step)."""
+    build = METHODS.get(method) or (lambda *a, **k: gb.make(method, *a, **k))
+    bal = build(model, [model.audio, model.video], num_classes=6, **method_options(method, model))
     bal.loss(model(*inputs), target)  # materialise lazy heads before building the optimizer
     opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=1e-3)
 
@@ -52,6 +66,7 @@ def make_step(method: str, model: nn.Module, inputs, target) -> Callable[[], Non
         loss = bal.loss(model(*inputs), target)
         opt.zero_grad()
         loss.backward()
+        bal.after_backward()
         opt.step()
 
     return step
