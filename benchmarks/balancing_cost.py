@@ -1,8 +1,9 @@
 """The balancing work alone, gradbalance's vs the official approach's, on one model and batch.
 
-gradbalance's balancing work per step is: the heads' true-class probabilities, the
-coefficients, writing them into the buffers and the history, and in the backward one multiply
-per encoder output (and per head's logits) plus one clone per encoder output in the forward.
+gradbalance's balancing work per step is the library's own code for the heads' true-class
+probabilities, the coefficients, the finiteness checks, the buffer and history writes, plus
+one multiply per encoder output and per head's logits in the backward and one clone per
+encoder output in the forward.
 The official approach's is :func:`benchmarks.official_balancing.official_balancing_step`.
 """
 
@@ -17,7 +18,6 @@ from torch import nn
 import gradbalance as gb
 from benchmarks.interleave import interleaved_times
 from benchmarks.official_balancing import official_balancing_step
-from gradbalance.coefficients import mlb_coefficients, true_class_probability
 
 
 def prepared(model: nn.Module, encoders: list[nn.Module], inputs, target, num_classes: int):
@@ -36,17 +36,19 @@ def prepared(model: nn.Module, encoders: list[nn.Module], inputs, target, num_cl
     return [u.detach() for u in unimodal], [o.detach() for o in outputs], list(output_grads)
 
 
-def ours(unimodal, outputs, output_grads, target, buffers, history, alpha=1.0):
-    """Exactly the work MLB adds to a Multi-Loss step."""
-    scores = torch.stack([true_class_probability(u, target) for u in unimodal])
-    k = mlb_coefficients(scores, alpha, 2.0)
-    for index, buffer in enumerate(buffers):
-        buffer.copy_(k[index])
-    history.record(k, scores)
-    for output, grad, logits, buffer in zip(outputs, output_grads, unimodal, buffers):
+def ours(bal: gb.MLB, unimodal, outputs, output_grads, target) -> None:
+    """The work MLB adds to a Multi-Loss step, through the library's own code.
+
+    Its statistics, coefficients, checks, buffer and history writes, then what the backward
+    adds (one multiply per encoder output and per head's logits) and the forward's clones.
+    """
+    scores = bal._head_scores(unimodal, target)
+    bal._store(bal._coefficients(scores), scores)
+    for name, output, grad in zip(bal.names, outputs, output_grads):
+        k = bal.coefficient_buffer(name)
         output.clone()
-        grad * buffer
-        logits * buffer
+        grad * k
+        unimodal[name] * k
 
 
 def compare(
@@ -60,12 +62,15 @@ def compare(
     sync: Callable[[], object] = lambda: None,
 ):
     unimodal, outputs, output_grads = prepared(model, encoders, inputs, target, num_classes)
-    buffers = [torch.ones((), device=target.device) for _ in encoders]
-    history = gb.History([str(i) for i in range(len(encoders))], 256, device=target.device)
+    bal = gb.MLB(model, encoders, num_classes, feature_dims=[u.shape[1] for u in outputs])
+    by_name = dict(zip(bal.names, unimodal))
     variants = {
-        "gradbalance": lambda: ours(unimodal, outputs, output_grads, target, buffers, history),
+        "gradbalance": lambda: ours(bal, by_name, outputs, output_grads, target),
         "official": lambda: official_balancing_step(model, unimodal, target, prefixes),
     }
-    return interleaved_times(
-        variants, rounds=rounds, calls_per_round=5, warmup=min(rounds, 2), sync=sync
-    )
+    try:
+        return interleaved_times(
+            variants, rounds=rounds, calls_per_round=5, warmup=min(rounds, 2), sync=sync
+        )
+    finally:
+        bal.remove()
