@@ -209,16 +209,29 @@ def _optimizer_parameter_ids(optimizer: torch.optim.Optimizer) -> frozenset[int]
     return cached[1]
 
 
-def _watch_optimizer(balancer: weakref.ref, optimizer: Any, args: Any, kwargs: Any) -> None:
+_WATCHED: weakref.WeakSet = weakref.WeakSet()
+"""The live balancers whose optimizers are watched. A WeakSet: a balancer collected while an
+optimizer steps (even inside the hook's loop) leaves it safely, never mutating the global hook
+registry during iteration."""
+
+_WATCH_HANDLE: list[Any] = []
+
+
+def _watch_optimizers(balancer: Balancer) -> None:
+    """Watch every optimizer step for ``balancer``; one global pre-step hook serves all."""
+    _WATCHED.add(balancer)
+    if not _WATCH_HANDLE:
+        _WATCH_HANDLE.append(register_optimizer_step_pre_hook(_note_optimizer_step))
+
+
+def _note_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     """Global optimizer pre-step hook: notes whether the step updates the model and the heads."""
-    bal = balancer()
-    if bal is None:
-        return
     ids = _optimizer_parameter_ids(optimizer)
-    if not ids.isdisjoint(bal._model_parameter_ids):
-        bal.__dict__["_optimizer_stepped_model"] = True
-    if not ids.isdisjoint(id(p) for p in bal.parameters()):
-        bal.__dict__["_optimizer_stepped_heads"] = True
+    for bal in list(_WATCHED):
+        if not ids.isdisjoint(bal._model_parameter_ids):
+            bal.__dict__["_optimizer_stepped_model"] = True
+        if not ids.isdisjoint(id(p) for p in bal.parameters()):
+            bal.__dict__["_optimizer_stepped_heads"] = True
 
 
 def _average_over_ranks(balancer: weakref.ref, grad: torch.Tensor) -> torch.Tensor | None:
@@ -404,11 +417,7 @@ class Balancer(nn.Module):
             for name, module in self._encoders.items()
         ]
         self._root_handle = model.register_forward_pre_hook(self._on_model_forward)
-        optimizer_hook = register_optimizer_step_pre_hook(
-            partial(_watch_optimizer, weakref.ref(self))
-        )
-        self._optimizer_hook = optimizer_hook
-        weakref.finalize(self, optimizer_hook.remove)
+        _watch_optimizers(self)
         # A name that matches no parameter: DDP copies it into its ``parameters_to_ignore``
         # when it wraps the model, which tells the first forward under DDP that the wrapper
         # was created after the balancer (see _check_ddp). Removed by remove().
@@ -594,7 +603,7 @@ class Balancer(nn.Module):
         if self._root_handle is not None:
             self._root_handle.remove()
             self._root_handle = None
-            self._optimizer_hook.remove()
+            _WATCHED.discard(self)
             model = self._root_model
             ignored = [
                 n

@@ -395,3 +395,34 @@ def test_joint_without_probes_has_no_parameters(two_tower):
     inputs, target = make_batch((5, 7))
     loss = bal.loss(two_tower(*inputs), target)
     torch.testing.assert_close(loss, F.cross_entropy(two_tower(*inputs), target))
+
+
+def test_balancer_collected_during_an_optimizer_step(two_tower):
+    """A balancer garbage-collected while an optimizer steps does not disturb that step."""
+    import gc
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from gradbalance import balancer as balancer_module
+
+    doomed = [MultiTowerNet((5, 7))]
+    doomed.append(gb.MLB(doomed[0], list(doomed[0].towers), num_classes=4, feature_dims=[12, 12]))
+    bal = gb.MLB(two_tower, encoders=list(two_tower.towers), num_classes=4, feature_dims=[12, 12])
+    watched = len(balancer_module._WATCHED)
+    opt = torch.optim.SGD([*two_tower.parameters(), *bal.parameters()], lr=0.1)
+
+    def collect(optimizer, args, kwargs):
+        doomed.clear()
+        gc.collect()
+
+    handle = register_optimizer_step_pre_hook(collect)
+    try:
+        inputs, target = make_batch((5, 7))
+        bal.loss(two_tower(*inputs), target).backward()
+        opt.step()
+        bal.loss(two_tower(*inputs), target).backward()
+        opt.step()
+    finally:
+        handle.remove()
+    assert bal.steps == 2
+    assert len(balancer_module._WATCHED) == watched - 1
