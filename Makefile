@@ -19,7 +19,7 @@ test: venv
 	GB_BENCH_ROUNDS=1 $(PY) -m pytest benchmarks --benchmark-disable -q
 
 demo: venv
-	$(PY) examples/plain_loop_demo.py
+	$(PY) -m reference_models.demo
 
 bench: venv
 	mkdir -p benchmarks/results

@@ -400,6 +400,7 @@ def test_joint_without_probes_has_no_parameters(two_tower):
 def test_balancer_collected_during_an_optimizer_step(two_tower):
     """A balancer garbage-collected while an optimizer steps does not disturb that step."""
     import gc
+    import weakref
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -408,7 +409,7 @@ def test_balancer_collected_during_an_optimizer_step(two_tower):
     doomed = [MultiTowerNet((5, 7))]
     doomed.append(gb.MLB(doomed[0], list(doomed[0].towers), num_classes=4, feature_dims=[12, 12]))
     bal = gb.MLB(two_tower, encoders=list(two_tower.towers), num_classes=4, feature_dims=[12, 12])
-    watched = len(balancer_module._WATCHED)
+    collected = weakref.ref(doomed[1])
     opt = torch.optim.SGD([*two_tower.parameters(), *bal.parameters()], lr=0.1)
 
     def collect(optimizer, args, kwargs):
@@ -425,4 +426,5 @@ def test_balancer_collected_during_an_optimizer_step(two_tower):
     finally:
         handle.remove()
     assert bal.steps == 2
-    assert len(balancer_module._WATCHED) == watched - 1
+    assert collected() is None
+    assert bal in balancer_module._WATCHED
