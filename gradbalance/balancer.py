@@ -1027,6 +1027,15 @@ class Balancer(nn.Module):
             [true_class_probability(u, target.to(u.device), "sum").to(device) for u in logits]
         )
 
+    def _add_probe_losses(
+        self, total: torch.Tensor, unimodal: Mapping[str, torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        """``total`` plus each detached probe's cross-entropy (it trains only that probe)."""
+        for name, probe_logits in unimodal.items():
+            probe_loss = self._scaled_head_loss(probe_logits, target, name, False)
+            total = total + probe_loss.to(total.device)
+        return total
+
     def _scaled_head_loss(
         self, logits: torch.Tensor, target: torch.Tensor, name: str, scaled: bool
     ) -> torch.Tensor:

@@ -66,8 +66,4 @@ class Joint(Balancer):
         scores = self._head_scores(unimodal, target)
         if self._updating(logits):
             self._store(torch.ones_like(scores), scores)
-        for name, probe_logits in unimodal.items():
-            total = total + self._scaled_head_loss(probe_logits, target, name, False).to(
-                total.device
-            )
-        return total
+        return self._add_probe_losses(total, unimodal, target)

@@ -141,9 +141,7 @@ class MSLR(MethodBase):
         unimodal: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         total = F.cross_entropy(logits, target)
-        for probe_logits in unimodal.values():
-            probe_loss = F.cross_entropy(probe_logits, target.to(probe_logits.device))
-            total = total + probe_loss.to(total.device)
+        total = self._add_probe_losses(total, unimodal, target)  # detached probes
         if self._updating(logits):
             coefficients = self.epoch_coefficients
             if not self.enabled:

@@ -140,9 +140,7 @@ class OGM(MethodBase):
         unimodal: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         total = F.cross_entropy(logits, target)
-        for probe_logits in unimodal.values():  # probes: detached, train only themselves
-            probe_loss = F.cross_entropy(probe_logits, target.to(probe_logits.device))
-            total = total + probe_loss.to(total.device)
+        total = self._add_probe_losses(total, unimodal, target)  # detached probes
         if not self._updating(logits):
             return total
         scoring = self._slices(features) if self.fusion_head is not None else unimodal
