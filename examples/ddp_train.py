@@ -22,36 +22,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from toy_audio_visual import NUM_CLASSES, AudioVisualNet, make_tensors
 
 import gradbalance as gb
-
-NUM_CLASSES = 6
-
-
-def make_data(n: int, seed: int) -> TensorDataset:
-    """A strong, low-dimensional "audio" modality and a weak, noisy "video" one."""
-    g = torch.Generator().manual_seed(seed)
-    layout = torch.Generator().manual_seed(1234)
-    audio_means = torch.randn(NUM_CLASSES, 4, generator=layout) * 1.2
-    video_means = torch.randn(NUM_CLASSES, 32, generator=layout) * 0.3
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    audio = audio_means[y] + torch.randn(n, 4, generator=g)
-    video = video_means[y] + torch.randn(n, 32, generator=g)
-    return TensorDataset(audio, video, y)
-
-
-class AudioVisualNet(nn.Module):
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.audio = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.video = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.fusion = nn.Linear(2 * hidden, NUM_CLASSES)
-
-    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        return self.fusion(torch.cat([self.audio(audio), self.video(video)], dim=-1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
     run = torch.compile(ddp, backend="aot_eager") if args.compile else ddp
 
-    data = make_data(args.samples, seed=1)
+    data = TensorDataset(*make_tensors(args.samples, seed=1))
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler)
     for epoch in range(args.epochs):

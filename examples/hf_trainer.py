@@ -25,26 +25,18 @@ import os
 import tempfile
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
+from toy_audio_visual import NUM_CLASSES, AudioVisualNet, make_tensors
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import gradbalance as gb
-
-NUM_CLASSES = 6
 
 
 class AudioVisualData(Dataset):
     """A strong, low-dimensional "audio" modality and a weak, noisy "video" one."""
 
     def __init__(self, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        layout = torch.Generator().manual_seed(1234)
-        audio_means = torch.randn(NUM_CLASSES, 4, generator=layout) * 1.2
-        video_means = torch.randn(NUM_CLASSES, 32, generator=layout) * 0.3
-        self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-        self.audio = audio_means[self.labels] + torch.randn(n, 4, generator=g)
-        self.video = video_means[self.labels] + torch.randn(n, 32, generator=g)
+        self.audio, self.video, self.labels = make_tensors(n, seed)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,17 +47,6 @@ class AudioVisualData(Dataset):
             "video": self.video[index],
             "labels": self.labels[index],
         }
-
-
-class AudioVisualNet(nn.Module):
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.audio = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.video = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.fusion = nn.Linear(2 * hidden, NUM_CLASSES)
-
-    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        return self.fusion(torch.cat([self.audio(audio), self.video(video)], dim=-1))
 
 
 class BalancedTrainer(Trainer):

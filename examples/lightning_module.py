@@ -18,35 +18,10 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from toy_audio_visual import NUM_CLASSES, AudioVisualNet, make_tensors
 
 import gradbalance as gb
-
-NUM_CLASSES = 6
-
-
-def make_data(n: int, seed: int) -> TensorDataset:
-    """A strong, low-dimensional "audio" modality and a weak, noisy "video" one."""
-    g = torch.Generator().manual_seed(seed)
-    layout = torch.Generator().manual_seed(1234)
-    audio_means = torch.randn(NUM_CLASSES, 4, generator=layout) * 1.2
-    video_means = torch.randn(NUM_CLASSES, 32, generator=layout) * 0.3
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    audio = audio_means[y] + torch.randn(n, 4, generator=g)
-    video = video_means[y] + torch.randn(n, 32, generator=g)
-    return TensorDataset(audio, video, y)
-
-
-class AudioVisualNet(nn.Module):
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.audio = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.video = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.fusion = nn.Linear(2 * hidden, NUM_CLASSES)
-
-    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        return self.fusion(torch.cat([self.audio(audio), self.video(video)], dim=-1))
 
 
 class BalancedModule(pl.LightningModule):
@@ -88,8 +63,8 @@ class BalancedModule(pl.LightningModule):
 def main(max_epochs: int = 3, limit_train_batches: int | None = None, **trainer_options):
     pl.seed_everything(0, verbose=False)
     module = BalancedModule()
-    train = DataLoader(make_data(1024, seed=1), batch_size=64, shuffle=True)
-    val = DataLoader(make_data(256, seed=2), batch_size=128)
+    train = DataLoader(TensorDataset(*make_tensors(1024, seed=1)), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(*make_tensors(256, seed=2)), batch_size=128)
     options = {
         "accelerator": "cpu",
         "max_epochs": max_epochs,

@@ -15,11 +15,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
+from toy_audio_visual import NUM_CLASSES, AudioVisualNet
 
 import gradbalance as gb
-
-NUM_CLASSES = 6
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,19 +37,6 @@ def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return audio, video, y
 
 
-class AudioVisualNet(nn.Module):
-    """Two MLP encoders and a late-linear fusion head."""
-
-    def __init__(self, hidden: int = 64) -> None:
-        super().__init__()
-        self.audio = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.video = nn.Sequential(nn.Linear(48, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.fusion = nn.Linear(2 * hidden, NUM_CLASSES)
-
-    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        return self.fusion(torch.cat([self.audio(audio), self.video(video)], dim=-1))
-
-
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(-1) == y).float().mean().item()
 
@@ -60,7 +45,7 @@ def train(method: str, epochs: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     audio, video, y = make_data(1500, seed=seed)
     test_audio, test_video, test_y = make_data(1000, seed=seed + 100)
-    model = AudioVisualNet()
+    model = AudioVisualNet(hidden=64, video_dim=48)
     encoders = {"audio": model.audio, "video": model.video}
     if method == "Joint":
         bal = gb.Joint(model, encoders, NUM_CLASSES, probes=True)

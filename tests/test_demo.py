@@ -5,7 +5,15 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import pytest
+
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "plain_loop_demo.py"
+
+
+@pytest.fixture(autouse=True)
+def examples_importable(monkeypatch):
+    """The examples import their shared toy problem from their own folder, as scripts do."""
+    monkeypatch.syspath_prepend(str(DEMO.parent))
 
 
 def test_demo_prints_a_row_per_method(capsys):

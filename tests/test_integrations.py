@@ -15,6 +15,13 @@ import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
+
+@pytest.fixture(autouse=True)
+def examples_importable(monkeypatch):
+    """The examples import their shared toy problem from their own folder, as scripts do."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
 pytestmark = pytest.mark.slow
 
 
