@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.checkpoint,
             )
             print(f"saved {args.checkpoint}")
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     if not identical:
         raise SystemExit("the replicas diverged")

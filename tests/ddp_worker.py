@@ -214,6 +214,7 @@ def run(rank: int, world: int, out_dir: str) -> None:
             results[key] = {"error": traceback.format_exc()}
         dist.barrier()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
