@@ -47,6 +47,17 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.get("LOCAL_WORLD_SIZE", "1")
     )
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    identical = train(args, use_cuda)
+    # The model, DDP wrapper and balancer of train() are freed by now, before the process
+    # group goes: no rank tears its connections down while another still uses them.
+    dist.barrier()
+    dist.destroy_process_group()
+    if not identical:
+        raise SystemExit("the replicas diverged")
+
+
+def train(args: argparse.Namespace, use_cuda: bool) -> bool:
+    """Train on this rank; returns whether the replicas ended bitwise identical."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = (
         torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
@@ -110,10 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.checkpoint,
             )
             print(f"saved {args.checkpoint}")
-    dist.barrier()  # no rank tears its connections down while another still uses them
-    dist.destroy_process_group()
-    if not identical:
-        raise SystemExit("the replicas diverged")
+    return identical
 
 
 if __name__ == "__main__":
