@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -126,3 +127,9 @@ def train(args: argparse.Namespace, use_cuda: bool) -> bool:
 
 if __name__ == "__main__":
     main()
+    # Everything is done and the process group destroyed. Gloo's worker threads can still
+    # abort a process while the interpreter finalises ("terminate called without an active
+    # exception", an upstream PyTorch/Gloo teardown issue), so leave without finalisation.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
