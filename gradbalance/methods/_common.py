@@ -179,3 +179,55 @@ class MethodBase(Balancer):
             handle.remove()
         self._own_handles = []
         super().remove()
+
+
+class SlicedScoresMethod(MethodBase):
+    """A baseline whose per-modality logits are the fused head's slices, or detached probes.
+
+    With ``fusion_head`` (a late-linear head, see :func:`modality_slices`) each modality's
+    logits are its slice of the fused logits (METHODS.md §1.2 U2), as the official OGM and the
+    MLB code's MSLR read them; without it, detached linear probes stand in. Not a method itself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        fusion_head: nn.Module | None = None,
+        **options: Any,
+    ) -> None:
+        check_fusion_head(fusion_head)
+        super().__init__(
+            model,
+            encoders,
+            num_classes,
+            head_mode="none" if fusion_head is not None else "probe",
+            **options,
+        )
+        # Not a submodule: the fused head belongs to the model.
+        self.__dict__["_fusion_head"] = fusion_head
+
+    @property
+    def fusion_head(self) -> nn.Module | None:
+        """The fused head whose slices give the per-modality logits (``None``: probes)."""
+        return self.__dict__["_fusion_head"]
+
+    def _slices(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's (detached) slice of the fused head's logits."""
+        with torch.no_grad():
+            logits = modality_slices(self.fusion_head, [features[n] for n in self.names])
+        return dict(zip(self.names, logits))
+
+    def _modality_logits(
+        self, features: Mapping[str, torch.Tensor], unimodal: Mapping[str, torch.Tensor]
+    ) -> Mapping[str, torch.Tensor]:
+        """The slices when there is a fused head, else the probes' logits ``unimodal``."""
+        return self._slices(features) if self.fusion_head is not None else unimodal
+
+    def unimodal_logits(self) -> dict[str, torch.Tensor]:
+        """Each modality's logits on the last forward: fused-head slices or probe outputs."""
+        if self.fusion_head is not None:
+            return self._slices(self.features())
+        return super().unimodal_logits()

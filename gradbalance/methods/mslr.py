@@ -11,12 +11,12 @@ from torch import nn
 
 from gradbalance.balancer import _per_encoder
 from gradbalance.coefficients import mslr_coefficients
-from gradbalance.methods._common import MethodBase, check_fusion_head, modality_slices
+from gradbalance.methods._common import SlicedScoresMethod
 
 Accuracies = torch.Tensor | Sequence[float] | Mapping[str, float]
 
 
-class MSLR(MethodBase):
+class MSLR(SlicedScoresMethod):
     """MSLR: per-epoch gradient scales from each modality's validation-accuracy trend.
 
     Within an epoch each encoder's gradient is multiplied by a constant ``k_m`` (standing in
@@ -77,7 +77,6 @@ class MSLR(MethodBase):
         enabled: bool = True,
         **common: Any,
     ) -> None:
-        check_fusion_head(fusion_head)
         if isinstance(memory_epochs, bool) or not isinstance(memory_epochs, int):
             raise ValueError(f"memory_epochs must be an int >= 1, got {memory_epochs!r}")
         if memory_epochs < 1:
@@ -87,7 +86,7 @@ class MSLR(MethodBase):
             encoders,
             num_classes,
             enabled=enabled,
-            head_mode="none" if fusion_head is not None else "probe",
+            fusion_head=fusion_head,
             **common,
         )
         try:
@@ -98,7 +97,6 @@ class MSLR(MethodBase):
         except ValueError:
             self.remove()
             raise
-        self.__dict__["_fusion_head"] = fusion_head
         self.memory_epochs = memory_epochs
         device = self.last_scores.device
         m = len(self.names)
@@ -113,25 +111,11 @@ class MSLR(MethodBase):
         self._validation_seen = 0
         self._write_coefficients()
 
-    @property
-    def fusion_head(self) -> nn.Module | None:
-        """The fused head whose slices give the accuracies (``None``: detached probes)."""
-        return self.__dict__["_fusion_head"]
-
     def _write_coefficients(self) -> None:
         with torch.no_grad():
             values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)
             for index, name in enumerate(self.names):
                 self.coefficient_buffer(name).copy_(values[index])
-
-    def unimodal_logits(self) -> dict[str, torch.Tensor]:
-        """Each modality's logits on the last forward: fused-head slices or probe outputs."""
-        if self.fusion_head is not None:
-            with torch.no_grad():
-                features = self.features()
-                slices = modality_slices(self.fusion_head, [features[n] for n in self.names])
-            return dict(zip(self.names, slices))
-        return super().unimodal_logits()
 
     def _loss(
         self,
@@ -158,9 +142,7 @@ class MSLR(MethodBase):
         unimodal: Mapping[str, torch.Tensor],
         target: torch.Tensor,
     ) -> None:
-        if self.fusion_head is not None:
-            slices = modality_slices(self.fusion_head, [features[n] for n in self.names])
-            unimodal = dict(zip(self.names, slices))
+        unimodal = self._modality_logits(features, unimodal)
         correct = self.validation_correct
         hits = torch.stack(
             [

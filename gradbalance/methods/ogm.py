@@ -13,12 +13,10 @@ from torch import nn
 
 from gradbalance.coefficients import ogm_coefficients
 from gradbalance.methods._common import (
-    MethodBase,
     ParameterChoice,
+    SlicedScoresMethod,
     WindowUnit,
     check_alpha,
-    check_fusion_head,
-    modality_slices,
     require_two,
 )
 
@@ -26,7 +24,7 @@ NOISE_EPSILON = 1e-8
 """Added to each gradient's std before drawing OGM-GE's noise (as the official code)."""
 
 
-class OGM(MethodBase):
+class OGM(SlicedScoresMethod):
     """OGM: slow the dominant modality by ``1 - tanh(alpha * rho)`` (two modalities).
 
     Every training step, each modality's score ``s_m`` is its mean true-class probability on
@@ -91,7 +89,6 @@ class OGM(MethodBase):
     ) -> None:
         require_two(encoders, type(self).__name__)
         alpha = check_alpha(alpha)
-        check_fusion_head(fusion_head)
         if parameters not in ("encoder", "conv") and not callable(parameters):
             raise ValueError(
                 "parameters must be 'encoder', 'conv' (4-D kernels only, as the official code) "
@@ -106,31 +103,14 @@ class OGM(MethodBase):
             enabled=enabled,
             window=window,
             window_unit=window_unit,
-            head_mode="none" if fusion_head is not None else "probe",
+            fusion_head=fusion_head,
             **common,
         )
         self.alpha = alpha
         self.parameter_choice = parameters
-        self.__dict__["_fusion_head"] = fusion_head
         self._modulated = self._encoder_parameters(parameters)
         if parameters != "encoder":
             self._scale_parameter_gradients(self._modulated)
-
-    @property
-    def fusion_head(self) -> nn.Module | None:
-        """The fused head whose slices give the scores (``None``: detached probes)."""
-        return self.__dict__["_fusion_head"]
-
-    def _slices(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            logits = modality_slices(self.fusion_head, [features[n] for n in self.names])
-        return dict(zip(self.names, logits))
-
-    def unimodal_logits(self) -> dict[str, torch.Tensor]:
-        """Each modality's logits on the last forward: fused-head slices or probe outputs."""
-        if self.fusion_head is not None:
-            return self._slices(self.features())
-        return super().unimodal_logits()
 
     def _loss(
         self,
@@ -143,7 +123,7 @@ class OGM(MethodBase):
         total = self._add_probe_losses(total, unimodal, target)  # detached probes
         if not self._updating(logits):
             return total
-        scoring = self._slices(features) if self.fusion_head is not None else unimodal
+        scoring = self._modality_logits(features, unimodal)
         scores = self._head_scores(scoring, target)
         active = self._in_window()
         coefficients = ogm_coefficients(scores, self.alpha) if active else torch.ones_like(scores)
