@@ -424,9 +424,10 @@ def test_ogm_ge_replicas_stay_identical_across_ranks(tmp_path):
     equal, also with rank-local (sync="local") coefficients."""
     import torch.multiprocessing as mp
 
-    tests_dir = os.path.dirname(__file__)
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for tests_dir in (here, os.path.dirname(here)):
+        if tests_dir not in sys.path:
+            sys.path.insert(0, tests_dir)
     # forkserver: one clean (thread-free) server imports torch once and forks the ranks;
     # fork from a pytest-xdist worker could deadlock, spawn imports torch in every rank.
     context = mp.get_context("forkserver")

@@ -20,7 +20,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# This folder (balancer_factories), tests/ (conftest) and, first, the repository root: the
+# folder tests/gradbalance must never shadow the package of the same name.
+for path in (HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))):
+    sys.path.insert(0, path)
 
 from balancer_factories import (  # noqa: E402
     FACTORIES,

@@ -22,16 +22,18 @@ from filelock import FileLock
 import gradbalance as gb
 
 HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE.parent / "examples" / "ddp_train.py"
+EXAMPLE = HERE.parent.parent / "examples" / "ddp_train.py"
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def ranks(tmp_path_factory, worker_id) -> tuple[dict, dict]:
-    """Both ranks' results; computed once even when pytest-xdist runs several workers."""
+def ranks(tmp_path_factory, request) -> tuple[dict, dict]:
+    """Both ranks' results; computed once even when pytest-xdist runs several workers (and
+    also without pytest-xdist: ``-p no:xdist``)."""
     base = tmp_path_factory.getbasetemp()
-    shared = (base if worker_id == "master" else base.parent) / "gradbalance-ddp"
+    under_xdist = hasattr(request.config, "workerinput")
+    shared = (base.parent if under_xdist else base) / "gradbalance-ddp"
     shared.mkdir(exist_ok=True)
     with FileLock(str(shared / "lock")):
         if not (shared / "rank1.pt").exists():

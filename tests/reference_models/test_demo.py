@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "plain_loop_demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "plain_loop_demo.py"
 
 
 @pytest.fixture(autouse=True)
