@@ -18,6 +18,7 @@ from torch import nn
 import gradbalance as gb
 from benchmarks.interleave import interleaved_times
 from benchmarks.official_balancing import official_balancing_step
+from gradbalance._step import Step
 
 
 def prepared(model: nn.Module, encoders: list[nn.Module], inputs, target, num_classes: int):
@@ -42,13 +43,16 @@ def ours(bal: gb.MLB, unimodal, outputs, output_grads, target) -> None:
     Its statistics, coefficients, checks, buffer and history writes, then what the backward
     adds (one multiply per encoder output and per head's logits) and the forward's clones.
     """
-    scores = bal._head_scores(unimodal, target)
-    bal._store(bal._coefficients(scores), scores)
-    for name, output, grad in zip(bal.names, outputs, output_grads):
-        k = bal.coefficient_buffer(name)
+    stacked = torch.stack(list(unimodal.values()))
+    step = Step(bal, stacked[0], target, {}, {}, training=True, binding=bal._binding)
+    step.stacked_unimodal = stacked
+    scores = step.head_scores()
+    step.store(bal._coefficients(scores), scores)
+    k = bal._binding.values
+    for view, output, grad in zip(bal._binding.views, outputs, output_grads):
         output.clone()
-        grad * k
-        unimodal[name] * k
+        grad * view
+    stacked * k.view(-1, 1, 1)
 
 
 def compare(

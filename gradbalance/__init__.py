@@ -8,7 +8,7 @@ ordinary ``backward()``::
     loss.backward()
 """
 
-from gradbalance import coefficients, testing
+from gradbalance import coefficients, errors, testing
 from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, plot_history
@@ -36,6 +36,7 @@ __all__ = [
     "MMCosineHead",
     "MultiLoss",
     "coefficients",
+    "errors",
     "make",
     "plot_history",
     "testing",

@@ -1,13 +1,18 @@
-"""The gradient-scaling mechanism: an identity autograd Function and the encoder tap.
+"""The gradient-scaling mechanism: an identity autograd Function and per-forward coefficients.
 
-``scale_grad(x, k)`` is the identity in the forward pass and multiplies the incoming gradient
-by ``k`` in the backward pass. ``k`` is a 0-dim tensor that may be written in place *after*
-the forward (it is read from ``ctx`` when the backward runs, never saved with
-``save_for_backward``, whose version counter would reject the later write). By linearity,
-scaling the gradient that flows into an encoder's output by ``k`` equals multiplying the
-gradient of every parameter reached only through that encoder by ``k``; it costs one
-element-wise multiply per encoder, runs before DDP's all-reduce and compiles without graph
-breaks (see ANCHORS.md §2.4–§2.6).
+``scale_grad(x, k)`` is the identity in the forward pass (it returns a copy) and multiplies
+the incoming gradient by ``k`` in the backward pass. ``k`` is a 0-dim tensor that may be
+written in place *after* the forward: it is read from ``ctx`` when the backward runs, never
+saved with ``save_for_backward``, whose version counter would reject the later write. By
+linearity, scaling the gradient that flows into an encoder's output by ``k`` equals
+multiplying the gradient of every parameter reached only through that encoder by ``k``; it
+costs one element-wise multiply per encoder, runs before DDP's all-reduce and compiles
+without graph breaks.
+
+Each forward of the model is bound to its own :class:`Binding`: the M coefficients that its
+``loss()`` computes are written into that binding, and the backward of that forward's graph
+reads them there. Two forward/``loss()`` pairs summed before one ``backward()`` are thus each
+scaled by their own coefficients.
 """
 
 from __future__ import annotations
@@ -16,82 +21,88 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.hooks import RemovableHandle
+
+GradientWatch = Callable[[torch.Tensor], None]
 
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, k: torch.Tensor | None, watch: GradientWatch | None
+    ) -> torch.Tensor:
         ctx.k = k
-        # A clone, not a view: the model may modify the encoder output in place
-        # (e.g. ReLU(inplace=True)), which autograd forbids on views made by a custom Function.
+        ctx.watch = watch
+        # A copy, not a view: the model may change the encoder output in place afterwards
+        # (e.g. ReLU(inplace=True)), which autograd forbids on views made by a custom
+        # Function, and the balancer's heads must see the output as the encoder returned it.
         return x.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # ``k`` lives on the encoder's (first parameter's) device; the gradient may arrive on
-        # another one (an encoder spread over devices). A device-to-device copy, no host sync.
-        return grad * ctx.k.to(device=grad.device, dtype=grad.dtype), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if ctx.watch is not None:
+            ctx.watch(grad)
+        if ctx.k is None:
+            return grad, None, None
+        # ``k`` lives on the balancer's device; the gradient may arrive on another one (an
+        # encoder spread over devices) or in another dtype. No host synchronisation.
+        return grad * ctx.k.to(device=grad.device, dtype=grad.dtype), None, None
 
 
-def scale_grad(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Identity in the forward pass; the backward multiplies the gradient by ``k``.
-
-    Tensors that do not require a gradient (inference, frozen inputs) are returned unchanged.
-    """
-    if not x.requires_grad:
-        return x
-    return _ScaleGrad.apply(x, k)
-
-
-def scale_grad_tree(output: Any, k: torch.Tensor) -> Any:
-    """Apply :func:`scale_grad` to every floating-point tensor leaf of a (nested) output."""
-    return pytree.tree_map_only(torch.Tensor, lambda t: scale_grad(t, k), output)
-
-
-DATA_PARALLEL_REFUSED = (
-    "nn.DataParallel is not supported: it runs replicas of the model in threads, so one "
-    "balancer would see several partial batches per step. Use DistributedDataParallel "
-    "(torchrun) instead, in this order: bal = gb.MLB(model, ...); model = DDP(model); "
-    "model = torch.compile(model)"
-)
-
-
-class EncoderTap:
-    """A forward hook on one encoder: scales its output's gradient and hands the output on.
-
-    An encoder run by ``nn.DataParallel`` (a replica made for a forward) is refused with a
-    ``RuntimeError``: its threads would race on the captured outputs.
+def scale_grad(
+    x: torch.Tensor, k: torch.Tensor | None, watch: GradientWatch | None = None
+) -> torch.Tensor:
+    """Identity (a copy) in the forward pass; the backward multiplies the gradient by ``k``.
 
     Args:
-        encoder: the module to tap.
-        coefficient: returns the 0-dim float32 buffer by which the gradient into the encoder's
-            output is multiplied (its value at backward time counts).
-        on_output: called with the encoder's raw (unscaled) output after every forward.
-        scale_output: whether to insert the gradient scaling into the model's data path.
+        x: the tensor whose gradient is scaled.
+        k: 0-dim (or broadcastable) coefficient read when the backward runs; ``None`` leaves
+            the gradient unchanged.
+        watch: called with the incoming gradient during the backward (non-finite guard).
+
+    A tensor that does not require a gradient is copied if floating point (so later
+    in-place changes never reach what the balancer captured) and returned unchanged
+    otherwise.
+
+    Example:
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> k = torch.tensor(1.0)
+        >>> y = scale_grad(x, k)
+        >>> _ = k.fill_(2.0)          # written after the forward, read by the backward
+        >>> y.sum().backward()
+        >>> x.grad
+        tensor([2., 2., 2.])
+    """
+    if not x.requires_grad:
+        return x.clone() if x.is_floating_point() else x
+    return _ScaleGrad.apply(x, k, watch)
+
+
+def scale_grad_tree(output: Any, k: torch.Tensor | None, watch: GradientWatch | None = None) -> Any:
+    """Apply :func:`scale_grad` to every tensor leaf of a (nested) output."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: scale_grad(t, k, watch), output)
+
+
+class Binding:
+    """The M coefficients of one forward of the model, written by that forward's ``loss()``.
+
+    ``values`` is a float32 ``(M,)`` tensor; ``views[m]`` is its 0-dim view that encoder m's
+    tap hands to :func:`scale_grad`. A new binding starts from the coefficients of the last
+    training step (so a backward of a forward whose ``loss()`` wrote nothing applies those).
+
+    Example:
+        >>> b = Binding(torch.ones(2))
+        >>> b.write(torch.tensor([0.5, 2.0]))
+        >>> b.views[1]
+        tensor(2.)
     """
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        coefficient: Callable[[], torch.Tensor],
-        on_output: Callable[[Any], None],
-        scale_output: bool = True,
-    ) -> None:
-        self.coefficient = coefficient
-        self.on_output = on_output
-        self.scale_output = scale_output
-        self.handle: RemovableHandle = encoder.register_forward_hook(self)
+    __slots__ = ("values", "views")
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        if not torch.compiler.is_compiling() and getattr(module, "_is_replica", False):
-            raise RuntimeError(DATA_PARALLEL_REFUSED)
-        self.on_output(output)
-        if self.scale_output:
-            return scale_grad_tree(output, self.coefficient())
-        return None
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+        self.views: tuple[torch.Tensor, ...] = values.unbind()
 
-    def remove(self) -> None:
-        self.handle.remove()
+    def write(self, coefficients: torch.Tensor) -> None:
+        """Write this forward's coefficients (in place: the graph holds the views)."""
+        self.values.copy_(coefficients)

@@ -1,315 +1,128 @@
-"""The :class:`Balancer` base class shared by every balancing method.
+"""The :class:`Balancer` base class: the thin public front every balancing method shares.
 
 A balancer attaches to a user's model without changing it: one forward hook per encoder
-captures the encoder's output and (for methods that scale gradients) routes it through the
-gradient-scaling Function of :mod:`gradbalance._scale`. ``loss()`` then computes the
-method's statistics, writes the coefficients into 0-dim buffers in place and returns the
-training loss; the user's ordinary ``backward()`` applies the coefficients. Nothing here
-synchronises with the host.
-
-Reliability (issue #7): the same mechanism is what keeps DDP replicas identical (the scaling
-happens inside ``backward()``, before DDP's all-reduce), never compounds under gradient
-accumulation and compiles. The balancer also checks what it is given: the order of wrapping
-(balancer, optimizer, DDP, ``torch.compile``), each forward's encoder outputs (a second forward
-or an encoder called twice before ``loss()``), labels and logits, non-finite values (device-side
-checks, see ``nonfinite``) and an optimizer that misses the heads.
+captures the encoder's output and routes it through the gradient-scaling Function of
+``gradbalance._scale`` with the coefficients bound to that forward. ``loss()`` computes the
+method's statistics, writes the coefficients into that forward's binding and returns the
+training loss; the user's ordinary ``backward()`` applies them. Nothing here synchronises
+with the host. The parts behind this front: validation (``_checks``), hooks and their removal
+(``_attach``), per-forward captures (``_capture``), the per-step contract with the methods
+(``_step``), the non-finite guard (``_finite``) and the statistics across ranks
+(``_distributed``).
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from gradbalance._scale import EncoderTap, scale_grad
-from gradbalance.coefficients import true_class_probability
+from gradbalance import _checks
+from gradbalance._attach import Attachment, active_ddp, refuse_owned
+from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
+from gradbalance._distributed import (
+    average_gradient,
+    broadcast_parameters,
+    local_mean,
+    reduce_mean,
+    world_size,
+)
+from gradbalance._finite import GradientGuard, finite_flags, nonfinite_message
+from gradbalance._head_logits import separate_head_logits, stackable, stacked_head_logits
+from gradbalance._scale import Binding, scale_grad_tree
+from gradbalance._step import Step
+from gradbalance.errors import (
+    WRAP_ORDER,
+    CaptureError,
+    DeviceError,
+    InputError,
+    InputTypeError,
+    NonFiniteError,
+    OrderError,
+)
 from gradbalance.history import History
+
+__all__ = ["Balancer", "pool_feature"]
 
 Pool = Literal["spatial", "tokens", "cls"]
 HeadMode = Literal["train", "probe", "none"]
-FeatureFn = Callable[[Any], torch.Tensor]
-POOLS: tuple[str, ...] = ("spatial", "tokens", "cls")
 Sync = Literal["global", "local"]
-SYNCS: tuple[str, ...] = ("global", "local")
 NonFinite = Literal["raise", "skip"]
-NONFINITE: tuple[str, ...] = ("raise", "skip")
-
-
-def resolve_encoders(
-    model: nn.Module, encoders: Sequence[nn.Module] | Mapping[str, nn.Module]
-) -> dict[str, nn.Module]:
-    """Check the encoders against the model and name them.
-
-    A list is named by each module's qualified name in ``model.named_modules()`` (dots
-    become underscores: ``backbone.audio`` -> ``backbone_audio``); a dict gives the names.
-
-    Raises:
-        TypeError: ``model`` or an encoder is not an ``nn.Module``.
-        ValueError: the model is already wrapped (DDP, DataParallel, torch.compile); fewer than
-            two encoders; an encoder outside the model, repeated, nested in another, or the
-            model itself; an invalid name.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _refuse_wrapped(model)
-    if isinstance(encoders, nn.Module):
-        raise TypeError("encoders must be a list or dict of modules, not a single module")
-    if isinstance(encoders, Mapping):
-        pairs = list(encoders.items())
-    else:
-        qualified = {id(module): name for name, module in model.named_modules()}
-        pairs = [(qualified.get(id(module), "").replace(".", "_"), module) for module in encoders]
-    if len(pairs) < 2:
-        raise ValueError(
-            f"balancing needs at least two encoders (one per modality), got {len(pairs)}"
-        )
-    in_model = {id(module) for module in model.modules()}
-    resolved: dict[str, nn.Module] = {}
-    for name, module in pairs:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"encoder {name!r} must be an nn.Module, got {type(module).__name__}")
-        if module is model:
-            raise ValueError("an encoder cannot be the whole model; pass its per-modality parts")
-        if id(module) not in in_model:
-            raise ValueError(
-                f"encoder {name or type(module).__name__!r} is not a submodule of the model; "
-                "pass modules reached by model.named_modules()"
-            )
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"encoder names must be non-empty strings without '.', got {name!r}")
-        if any(module is other for other in resolved.values()):
-            raise ValueError(f"encoder {name!r} is listed twice")
-        if name in resolved:
-            raise ValueError(f"two encoders are named {name!r}")
-        resolved[name] = module
-    _refuse_nested(resolved)
-    return resolved
-
-
-def _refuse_wrapped(model: nn.Module) -> None:
-    wrapped = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
-    if wrapped or hasattr(model, "_orig_mod"):
-        raise ValueError(
-            f"the model is already wrapped ({type(model).__name__}). Create the balancer on the "
-            "plain model first, then wrap: bal = gb.MLB(model, ...); model = DDP(model); "
-            "model = torch.compile(model). nn.DataParallel is not supported (use DDP)."
-        )
-
-
-def _refuse_nested(encoders: Mapping[str, nn.Module]) -> None:
-    for name, module in encoders.items():
-        inner = {id(sub) for sub in module.modules() if sub is not module}
-        for other_name, other in encoders.items():
-            if id(other) in inner:
-                raise ValueError(
-                    f"encoder {other_name!r} is nested inside encoder {name!r}; "
-                    "encoders must be disjoint submodules"
-                )
-
-
-def pool_feature(output: torch.Tensor, pool: str | None, name: str) -> torch.Tensor:
-    """Turn an encoder output into a ``(B, D)`` feature.
-
-    ``pool=None`` (automatic): 2-D outputs are used as they are, 4-D/5-D convolution maps
-    ``(B, C, ...)`` are averaged over their spatial/temporal dims. Other shapes need an
-    explicit choice: ``"spatial"`` (mean over dims 2+, for ``(B, C, L)`` maps), ``"tokens"``
-    (mean over dim 1, for ``(B, T, D)`` sequences) or ``"cls"`` (``x[:, 0]``).
-    """
-    if pool is None:
-        if output.dim() == 2:
-            return output
-        if output.dim() in (4, 5):
-            return output.mean(dim=tuple(range(2, output.dim())))
-        raise ValueError(
-            f"encoder {name!r} returned shape {tuple(output.shape)}; only (B, D) features and "
-            "(B, C, H, W) / (B, C, T, H, W) maps are pooled automatically. Pass "
-            f"pool={{'{name}': 'tokens'}} for a (B, T, D) sequence (or 'cls', 'spatial'), "
-            f"or features={{'{name}': callable}} returning a (B, D) tensor"
-        )
-    if output.dim() < 3:
-        raise ValueError(
-            f"pool={pool!r} for encoder {name!r} needs a >= 3-D output, "
-            f"got shape {tuple(output.shape)}"
-        )
-    if pool == "spatial":
-        return output.mean(dim=tuple(range(2, output.dim())))
-    if pool == "tokens":
-        return output.mean(dim=1).flatten(1)
-    return output[:, 0].flatten(1)
-
-
-def _per_encoder(value: Any, names: Sequence[str], option: str) -> dict[str, Any]:
-    """Expand an option given once or per encoder (dict) into a dict over all encoders."""
-    if isinstance(value, Mapping):
-        unknown = set(value) - set(names)
-        if unknown:
-            raise ValueError(f"{option} names unknown encoders {sorted(unknown)}; known: {names}")
-        return {name: value.get(name) for name in names}
-    if isinstance(value, (list, tuple)):
-        if len(value) != len(names):
-            raise ValueError(f"{option} has {len(value)} entries for {len(names)} encoders")
-        return dict(zip(names, value))
-    return dict.fromkeys(names, value)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _multiply(coefficient: Callable[[], torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
-    return grad * coefficient().to(device=grad.device, dtype=grad.dtype)
-
+ORDER = WRAP_ORDER
 
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _in_backward() -> bool:
-    """Whether autograd is running a backward pass (activation checkpointing recomputes the
-    forward there)."""
+    """Whether autograd runs a backward (activation checkpointing recomputes forwards there)."""
     return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
-ORDER = (
-    "bal = gb.MLB(model, ...); opt = torch.optim.Adam([*model.parameters(), "
-    "*bal.parameters()]); model = DDP(model); model = torch.compile(model)"
-)
-"""The order in which a balancer, an optimizer, DDP and torch.compile are created."""
+class _AttachAfterInit(type):
+    """Attach a balancer's hooks only once the most-derived ``__init__`` has validated
+    everything: a refused constructor leaves the model exactly as it was."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        balancer = super().__call__(*args, **kwargs)
+        balancer._attach()
+        return balancer
 
 
-class _Capture(NamedTuple):
-    output: Any
-    forward: int  # index of the model forward (root pre-hook) during which it was captured
-    train_mode: bool  # the encoder's ``training`` flag
+class Balancer(nn.Module, metaclass=_AttachAfterInit):
+    """Base class of every balancing method: taps, heads, coefficients, history.
 
+    Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); everything a user
+    touches (construction checks, ``loss()``, ``coefficients``, ``scores``, ``history``,
+    ``state_dict``, ``remove()``) is shared. The balancer is an ``nn.Module`` that holds its
+    heads and running state, never the model's parameters: optimise
+    ``[*model.parameters(), *bal.parameters()]``.
 
-_OPTIMIZER_PARAMETERS: weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int]]] = (
-    weakref.WeakKeyDictionary()
-)
+    Lifecycle: nothing is attached until every argument is validated; one balancer per
+    encoder (``remove()`` the old one first); each forward of the model is bound to its own
+    coefficients, so two ``loss()`` results summed before one ``backward()`` are each scaled
+    by their own; a training forward not followed by ``loss()`` is superseded by the next
+    forward (one warning); the model pickled, deep-copied or wrapped in ``AveragedModel``
+    is the plain model (no hook travels); the heads follow the encoders' dtype.
 
-
-def _optimizer_parameter_ids(optimizer: torch.optim.Optimizer) -> frozenset[int]:
-    count = sum(len(group["params"]) for group in optimizer.param_groups)
-    cached = _OPTIMIZER_PARAMETERS.get(optimizer)
-    if cached is None or cached[0] != count:
-        ids = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
-        cached = (count, ids)
-        _OPTIMIZER_PARAMETERS[optimizer] = cached
-    return cached[1]
-
-
-_WATCHED: weakref.WeakSet = weakref.WeakSet()
-"""The live balancers whose optimizers are watched. A WeakSet: a balancer collected while an
-optimizer steps (even inside the hook's loop) leaves it safely, never mutating the global hook
-registry during iteration."""
-
-_WATCH_HANDLE: list[Any] = []
-
-
-def _watch_optimizers(balancer: Balancer) -> None:
-    """Watch every optimizer step for ``balancer``; one global pre-step hook serves all."""
-    _WATCHED.add(balancer)
-    if not _WATCH_HANDLE:
-        _WATCH_HANDLE.append(register_optimizer_step_pre_hook(_note_optimizer_step))
-
-
-def _note_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    """Global optimizer pre-step hook: notes whether the step updates the model and the heads."""
-    ids = _optimizer_parameter_ids(optimizer)
-    for bal in list(_WATCHED):
-        if not ids.isdisjoint(bal._model_parameter_ids):
-            bal.__dict__["_optimizer_stepped_model"] = True
-        if not ids.isdisjoint(id(p) for p in bal.parameters()):
-            bal.__dict__["_optimizer_stepped_heads"] = True
-
-
-def _average_over_ranks(balancer: weakref.ref, grad: torch.Tensor) -> torch.Tensor | None:
-    """Gradient hook of a head parameter under torch.distributed: the mean over the ranks."""
-    bal = balancer()
-    if bal is None or bal._heads_in_ddp or not bal._distributed():
-        return None
-    grad = grad.contiguous().clone()
-    dist.all_reduce(grad, group=bal.process_group)
-    return grad.div_(dist.get_world_size(bal.process_group))
-
-
-class Balancer(nn.Module):
-    """Base class of every balancing method: taps, heads, coefficient buffers, history.
-
-    Subclasses implement :meth:`_loss`; everything a user touches (construction checks,
-    ``loss()``, ``coefficients``, ``scores``, ``history``, ``state_dict``, ``remove()``) is
-    shared. The balancer is an ``nn.Module`` that holds its heads and running state, never
-    the wrapped model's parameters: optimise ``[*model.parameters(), *bal.parameters()]``.
-
-    Order of creation: the balancer on the plain model first, then the optimizer (with
-    ``bal.parameters()``), then ``DistributedDataParallel``, then ``torch.compile``. A model
-    already wrapped (DDP, ``nn.DataParallel``, ``torch.compile``) is refused, and so is a DDP
-    wrapper created before the balancer (detected at the first forward).
-
-    Under ``torch.distributed`` (one process per device, DDP) the balancer keeps every rank in
-    step: its heads start from rank 0's values and their gradients are averaged over the ranks
-    (like DDP's own), and with ``sync="global"`` the per-modality statistics are all-reduced
-    before the coefficients are computed, so every rank uses the coefficients a single
-    process would compute on the concatenated batch. The scaling happens inside
-    ``backward()``, before DDP's all-reduce, so replicas stay bitwise identical with either
-    ``sync``.
-
-    Each training forward must run every encoder once, followed by one ``loss()``: a second
-    forward before ``loss()`` or an encoder called twice in one forward is a ``RuntimeError``
-    at that call. Forwards under ``torch.no_grad()`` (evaluation), forwards in eval mode that
-    are not followed by ``loss()``, and passes inside :meth:`paused` are not training
-    forwards and never trip the check. Activation checkpointing with ``use_reentrant=False``
-    re-runs an encoder inside ``backward()``: that re-run is scaled again (so the recomputed
-    graph matches) but not captured; checkpointing a whole encoder with
-    ``use_reentrant=True`` runs it under no_grad and is reported by ``loss()`` (checkpointing
-    blocks *inside* an encoder is fine either way). Inside a ``torch.compile``-d forward the
-    hooks only record the outputs (Python-side checks would add guards and recompiles): the
-    repeated-forward and DDP-order checks run in eager mode only.
+    The heads see each encoder's output as the encoder returned it: the model continues with
+    a copy, so an in-place operation after the encoder (``F.relu(z, inplace=True)``) changes
+    only the model's path. Order of creation: the balancer on the plain model, the optimizer
+    (with ``bal.parameters()``), ``DistributedDataParallel``, then ``torch.compile``.
 
     Args:
         model: the multimodal model; the balancer never changes its parameters or its
-            computation, and :meth:`remove` takes its hooks (and its marker for DDP) off.
+            computation, and :meth:`remove` takes its hooks off.
         encoders: one submodule per modality, as a list (named by qualified name) or a dict
             ``name -> module``.
         num_classes: number of classes K of the fused logits and the unimodal heads.
-        feature_dims: each encoder's feature width (list or dict). Omitted, the heads are
-            ``nn.LazyLinear`` and take their width at the first forward; they are registered
-            already, so an optimizer built before the first forward still updates them.
-            Pass it when the balancer is inside a module wrapped by DDP (Lightning) or with
-            optimizers that need shapes at construction.
-        pool: how an encoder output becomes a ``(B, D)`` feature (see :func:`pool_feature`),
-            once or per encoder.
-        features: a callable ``output -> (B, D) tensor`` per encoder (or once for all), for
-            encoders that return tuples, dicts or sequences.
+        feature_dims: each encoder's feature width (once, list or dict). Omitted, the heads
+            are ``nn.LazyLinear`` (registered already, so an optimizer built before the
+            first forward still updates them).
+        pool: how an encoder output becomes a ``(B, D)`` feature (see :func:`pool_feature`).
+        features: a callable ``output -> (B, D)`` per encoder (or once), for encoders that
+            return tuples, dicts or sequences.
         flush_every: steps of history kept on the device between copies to the CPU.
         head_mode: overrides the class's :attr:`head_mode` (for subclasses).
-        sync: under ``torch.distributed`` with more than one process, ``"global"`` (default)
-            all-reduces the per-modality statistics so every rank computes the same
-            coefficients (those of the concatenated batch); ``"local"`` lets each rank use
-            its own batch's coefficients (replicas still stay identical). No effect in a
-            single process.
+        sync: under ``torch.distributed``, ``"global"`` (default) all-reduces the statistics
+            so every rank uses the coefficients of the concatenated batch; ``"local"`` lets
+            each rank use its own (replicas stay identical either way).
         process_group: the process group for ``sync`` and the heads (default: the world).
-        nonfinite: what a training step with NaN/inf fused logits, features or statistics
-            gets. ``"raise"`` (default): a ``RuntimeError`` naming the modality and the step
-            (at once when the tensors are on the CPU; on an accelerator, where raising at
-            once would need a host synchronisation, the step is skipped as below and the
-            error is raised at the next history flush, every ``flush_every`` steps, or at
-            :meth:`check_finite`). ``"skip"``: the step leaves the balancer exactly as it was
-            (coefficients, scores, history, running statistics), counted in
-            :attr:`nonfinite_steps`; its own backward uses the previous coefficients (its
-            gradients are non-finite anyway: ``GradScaler`` drops such a step, see
-            :attr:`last_step_finite` otherwise).
+        nonfinite: a training step with NaN/inf features, logits or statistics gets
+            ``"raise"`` (default; at once on the CPU, at the next history flush or
+            :meth:`check_finite` on an accelerator) or ``"skip"`` (the balancer is left
+            unchanged and the step counted in :attr:`nonfinite_steps`).
+        check_gradients: also check the gradients flowing into the encoders' outputs
+            (device-side flags, a few kernels per encoder in ``backward()``). With
+            ``nonfinite="raise"`` a non-finite gradient raises (on the CPU during
+            ``backward()``); with ``"skip"`` the next optimizer step over the model's
+            parameters is skipped (their gradients are set to None; one host
+            synchronisation per optimizer step) and counted in :attr:`nonfinite_steps`.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -326,7 +139,10 @@ class Balancer(nn.Module):
     heads on detached features (stop-gradient linear probes); "none": no heads."""
 
     scales_gradients: bool = True
-    """Whether the encoder outputs are routed through the gradient-scaling Function."""
+    """Whether the coefficients scale the gradients into the encoders' outputs."""
+
+    uses_parameter_hooks: bool = False
+    """Whether some gradients are scaled by per-parameter hooks (read at backward time)."""
 
     def __init__(
         self,
@@ -334,7 +150,7 @@ class Balancer(nn.Module):
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
         num_classes: int,
         *,
-        feature_dims: Sequence[int] | Mapping[str, int] | None = None,
+        feature_dims: Sequence[int] | Mapping[str, int] | int | None = None,
         pool: Pool | Mapping[str, Pool] | None = None,
         features: FeatureFn | Mapping[str, FeatureFn] | None = None,
         flush_every: int = 256,
@@ -342,314 +158,199 @@ class Balancer(nn.Module):
         sync: Sync = "global",
         process_group: Any = None,
         nonfinite: NonFinite = "raise",
+        check_gradients: bool = False,
     ) -> None:
         super().__init__()
         if head_mode is not None:
-            self.head_mode = head_mode
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if sync not in SYNCS:
-            raise ValueError(f"sync must be one of {SYNCS}, got {sync!r}")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        self._encoders = resolve_encoders(model, encoders)
-        self.names: list[str] = list(self._encoders)
-        self.num_classes = num_classes
-        self.sync: Sync = sync
-        self.process_group = process_group
-        self.nonfinite: NonFinite = nonfinite
-        self._pool = _per_encoder(pool, self.names, "pool")
-        for name, choice in self._pool.items():
-            if choice is not None and choice not in POOLS:
-                raise ValueError(
-                    f"pool for {name!r} must be one of {POOLS} or None, got {choice!r}"
-                )
-        self._features = _per_encoder(features, self.names, "features")
-        dims = _per_encoder(feature_dims, self.names, "feature_dims")
-        devices = {name: _module_device(module) for name, module in self._encoders.items()}
-        for name in self.names:
-            self.register_buffer(
-                f"coefficient_{name}", torch.ones((), dtype=torch.float32, device=devices[name])
+            self.head_mode = _checks.check_choice(
+                "head_mode", head_mode, ("train", "probe", "none")
             )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise _checks.ConfigurationError(
+                f"num_classes must be an int >= 2, got {num_classes!r}"
+            )
+        self.sync: Sync = _checks.check_choice("sync", sync, _checks.SYNCS)
+        self.nonfinite: NonFinite = _checks.check_choice("nonfinite", nonfinite, _checks.NONFINITE)
+        _checks.check_int("flush_every", flush_every, 1)
+        encoder_map = _checks.resolve_encoders(model, encoders)
+        refuse_owned(encoder_map)
+        self.names: list[str] = list(encoder_map)
+        self._encoders = encoder_map
+        self._pool = _checks.check_pools(pool, self.names)
+        self._features = _checks.check_feature_functions(features, self.names)
+        dims = _checks.check_feature_dims(feature_dims, self.names)
+        self.num_classes = num_classes
+        self.process_group = process_group
+        device = _module_device(next(iter(encoder_map.values())))
         self.heads = nn.ModuleDict(
-            {name: self._make_head(dims[name], devices[name]) for name in self.names}
+            {
+                name: self._make_head(dims[name], _module_device(encoder_map[name]))
+                for name in self.names
+            }
             if self.head_mode != "none"
             else {}
         )
-        self._history = History(self.names, flush_every, device=devices[self.names[0]])
-        self.register_buffer(
-            "last_scores", torch.zeros(len(self.names), device=devices[self.names[0]])
-        )
-        self.register_buffer(
-            "nonfinite_steps", torch.zeros((), dtype=torch.int64, device=devices[self.names[0]])
-        )
-        # Not a submodule: the balancer's parameters() and state_dict() never hold the model.
-        self.__dict__["_root_model"] = model
+        m = len(self.names)
+        self.register_buffer("last_coefficients", torch.ones(m, device=device))
+        self.register_buffer("last_scores", torch.zeros(m, device=device))
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._history = History(self.names, flush_every, device=device)
+        self.__dict__["_root_model"] = model  # not a submodule: state_dict never holds it
         self._model_parameter_ids = frozenset(id(p) for p in model.parameters())
-        self._outputs: dict[str, Any] = {}
-        self._pending: dict[bool, dict[str, _Capture]] = {True: {}, False: {}}
-        self._compiled_outputs: dict[str, tuple[Any, bool, bool]] = {}
-        self._forward_count = 0
-        self._paused_depth = 0
-        self._in_loss: Literal["train", "eval"] | None = None
-        self._step_finite: torch.Tensor | None = None
-        self._finite_flag_reduced = False
+        self._attachment = Attachment(model, encoder_map, self)
+        self._captures = CaptureStore(self.names)
+        self._index = {name: index for index, name in enumerate(self.names)}
+        self._binding = Binding(torch.ones(m, device=device))
+        self._gradient_guard = GradientGuard(self.names, device) if check_gradients else None
+        self._scaled_parameters: dict[str, list[nn.Parameter]] = {}
+        self._backward_bindings: tuple[int, list[Binding]] = (-1, [])
+        self._last_binding: Binding | None = None
+        self._paused = 0
         self._last_finite: torch.Tensor | None = None
         self._nonfinite_first: torch.Tensor | None = None
         self._defer_nonfinite_errors = False
         self._training_calls = 0
         self._warned_eval_mode = False
-        self._optimizer_stepped_model = False
-        self._optimizer_stepped_heads = False
+        self._stepped_model = self._stepped_heads = False
         self._distributed_ready = False
-        self._heads_in_ddp = False
         self._seen_ddp: weakref.ref | None = None
-        self._param_handles: list[Any] = []
+        self._heads_in_ddp = False
         self.steps = 0
         self.epoch = 0
-        self._taps = [
-            EncoderTap(
-                module,
-                partial(self.coefficient_buffer, name),
-                partial(self._capture, name),
-                scale_output=self.scales_gradients,
-            )
-            for name, module in self._encoders.items()
-        ]
-        self._root_handle = model.register_forward_pre_hook(self._on_model_forward)
-        _watch_optimizers(self)
-        # A name that matches no parameter: DDP copies it into its ``parameters_to_ignore``
-        # when it wraps the model, which tells the first forward under DDP that the wrapper
-        # was created after the balancer (see _check_ddp). Removed by remove().
-        self._ddp_marker = f"<gradbalance {id(self):x}>"
-        ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
-        self._had_ignore_list = ignored is not None
-        model._ddp_params_and_buffers_to_ignore = [*(ignored or ()), self._ddp_marker]
 
     def _make_head(self, dim: int | None, device: torch.device) -> nn.Module:
         if dim is None:
             return nn.LazyLinear(self.num_classes, device=device)
         return nn.Linear(dim, self.num_classes, device=device)
 
-    # --- forward side: what the hooks record ---------------------------------------------
+    # --- attachment -----------------------------------------------------------------------
 
-    def _on_model_forward(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook on the model: counts training forwards (for clearer errors)."""
-        if torch.compiler.is_compiling() or self._paused_depth or not torch.is_grad_enabled():
-            return
-        if _in_backward():
-            return
-        self.__dict__["_forward_count"] += 1
+    def _attach(self) -> None:
+        """Called once the most-derived constructor has validated everything."""
+        self._attachment.attach(self._on_output, self._on_model_forward)
+        for name, params in self._scaled_parameters.items():
+            hook = partial(_scale_parameter_gradient, weakref.ref(self), self._index[name])
+            self._attachment.add_gradient_hooks(params, hook)
 
-    def _capture(self, name: str, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            # Inside a compiled graph: one store, no Python-side checks (they would add
-            # guards and recompiles); loss() picks it up.
-            self._compiled_outputs[name] = (
-                output,
-                torch.is_grad_enabled(),
-                self._encoders[name].training,
-            )
-            return
-        if _in_backward():
-            # Activation checkpointing (use_reentrant=False) re-runs the encoder during
-            # backward to rebuild its activations: the output is scaled again (the recomputed
-            # graph must match the original) but is not a new step's output.
-            return
-        self._check_ddp()
-        grad_enabled = torch.is_grad_enabled()
-        slot = self._pending[grad_enabled]
-        previous = slot.get(name)
-        if grad_enabled and previous is not None and previous.train_mode:
-            message = self._duplicate_message(name, previous)
-            slot.clear()  # this step is broken; the next forward starts afresh
-            raise RuntimeError(message)
-        slot[name] = _Capture(output, self._forward_count, self._encoders[name].training)
-        self._outputs[name] = output
-
-    def _duplicate_message(self, name: str, previous: _Capture) -> str:
-        fixes = (
-            "Call bal.loss(logits, target) once after every training forward. Forwards that "
-            "are not training steps must not be balanced: run evaluation under "
-            "torch.no_grad(), and extra passes (a second augmented view, masked passes) "
-            "inside `with bal.paused():`."
-        )
-        if self._forward_count != previous.forward:
-            return (
-                f"a second forward of the model ran before loss(): encoder {name!r} already "
-                f"produced this step's output. {fixes}"
-            )
-        if self._forward_count > 0:
-            return (
-                f"encoder {name!r} was called twice in one forward of the model: the balancer "
-                "measures and scales one output per modality and step. Give each use its own "
-                "encoder module, or run the extra call inside `with bal.paused():`."
-            )
-        return (
-            f"encoder {name!r} produced a second output before loss(): either the model ran a "
-            f"second forward before loss() or it calls {name!r} twice in one forward. {fixes}"
-        )
-
-    def _check_ddp(self) -> None:
-        """First forward under a DDP wrapper: refuse a wrong order; see who syncs the heads."""
-        ddp = DistributedDataParallel._active_ddp_module
-        if ddp is None or (self._seen_ddp is not None and self._seen_ddp() is ddp):
-            return
-        ignored = getattr(ddp, "parameters_to_ignore", None)
-        marked = getattr(self._root_model, "_ddp_params_and_buffers_to_ignore", ())
-        # Decidable only while the model still carries the marker (nobody replaced the list).
-        if ddp.module is self._root_model and ignored is not None and self._ddp_marker in marked:
-            if self._ddp_marker not in ignored:
-                raise RuntimeError(
-                    "the model was wrapped in DistributedDataParallel before the balancer was "
-                    "created: DDP must see the model as the balancer leaves it. Create the "
-                    f"balancer on the plain model first, in this order: {ORDER}"
-                )
-        self._seen_ddp = weakref.ref(ddp)
-        self._heads_in_ddp = any(module is self for module in ddp.module.modules())
-
-    def _ingest_compiled(self) -> None:
-        """Move the outputs stored by compiled forwards into the pending captures."""
-        if not self._compiled_outputs:
-            return
-        for name, (output, grad_enabled, train_mode) in self._compiled_outputs.items():
-            self._pending[grad_enabled][name] = _Capture(output, self._forward_count, train_mode)
-            self._outputs[name] = output
-        self._compiled_outputs.clear()
-
-    def _take_captures(self) -> dict[str, _Capture]:
-        """This step's encoder outputs (same grad mode as the loss() call), consumed."""
-        self._ingest_compiled()
-        grad_enabled = torch.is_grad_enabled()
-        slot = self._pending[grad_enabled]
-        missing = [name for name in self.names if name not in slot]
-        captures = {name: slot[name] for name in self.names if name in slot}
-        slot.clear()
-        if not missing:
-            return captures
-        other = self._pending[not grad_enabled]
-        if all(name in other for name in missing):
-            mode = "enabled" if grad_enabled else "disabled (torch.no_grad)"
-            forward = "torch.no_grad()" if grad_enabled else "gradients enabled"
-            raise RuntimeError(
-                f"encoder(s) {missing} ran under {forward} but loss() is called with "
-                f"gradients {mode}: call loss() in the same mode as the model's forward. "
-                "(An encoder inside torch.utils.checkpoint(..., use_reentrant=True) runs "
-                "under no_grad: use use_reentrant=False.)"
-            )
-        raise RuntimeError(
-            f"encoder(s) {missing} produced no output since the last loss(): call loss() once "
-            "after each forward of the model, and make sure every encoder runs in it (a "
-            "model compiled before the balancer was created ignores its hooks: create the "
-            f"balancer first: {ORDER})"
-        )
-
-    @contextmanager
-    def paused(self):
-        """Within this block the encoders' forwards are neither captured nor scaled.
-
-        For extra passes a method (or the user) runs through the model itself (masked passes,
-        a second view): they are not training forwards of the balancer.
-        """
-        saved = [(tap.on_output, tap.scale_output) for tap in self._taps]
-        for tap in self._taps:
-            tap.on_output, tap.scale_output = (lambda output: None), False
-        self._paused_depth += 1
-        try:
-            yield
-        finally:
-            self._paused_depth -= 1
-            for tap, (on_output, scale_output) in zip(self._taps, saved):
-                tap.on_output, tap.scale_output = on_output, scale_output
-
-    def coefficient_buffer(self, name: str) -> torch.Tensor:
-        """The 0-dim buffer that scales encoder ``name``'s gradient (written by ``loss()``)."""
-        return getattr(self, f"coefficient_{name}")
-
-    def scale_parameters(self, parameters: Mapping[str, Iterable[nn.Parameter]]) -> None:
-        """Also scale these parameters' gradients by their modality's coefficient.
-
-        For parameters outside the encoders that belong to one modality, e.g. the fused
-        head's per-modality weight block, which the official MLB code scales too. Each
-        parameter gets one gradient hook (removed by :meth:`remove`).
-
-        Raises:
-            ValueError: an unknown modality name, a parameter inside an encoder (it is scaled
-                already) or listed for two modalities.
-        """
+    def _request_parameter_scaling(self, parameters: Mapping[str, Iterable[nn.Parameter]]) -> None:
+        """Validate (in a constructor) parameters whose gradients k_name also scales."""
         seen: set[int] = set()
         for name, params in parameters.items():
             if name not in self._encoders:
-                raise ValueError(f"unknown modality {name!r}; known: {self.names}")
-            encoder_params = {id(p) for p in self._encoders[name].parameters()}
+                raise _checks.ConfigurationError(f"unknown modality {name!r}; known: {self.names}")
+            inside = {id(p) for p in self._encoders[name].parameters()}
             for param in params:
-                if id(param) in encoder_params:
-                    raise ValueError(
-                        f"a parameter listed for {name!r} is inside that encoder; "
-                        "its gradient is scaled already"
+                if not isinstance(param, torch.Tensor):
+                    raise InputTypeError(
+                        f"parameters for {name!r} must be tensors, got {type(param).__name__}"
                     )
                 if id(param) in seen:
-                    raise ValueError("a parameter is listed for more than one modality")
+                    raise _checks.ConfigurationError(
+                        "a parameter is listed for more than one modality"
+                    )
                 seen.add(id(param))
-                hook = partial(_multiply, partial(self.coefficient_buffer, name))
-                self._param_handles.append(param.register_hook(hook))
+                self._scaled_parameters.setdefault(name, []).append(param)
+                if id(param) in inside and self.scales_gradients:
+                    raise _checks.ConfigurationError(
+                        f"a parameter listed for {name!r} is inside that encoder; its gradient "
+                        "is scaled already"
+                    )
+        self.uses_parameter_hooks = bool(self._scaled_parameters)
 
     def remove(self) -> None:
         """Remove every hook: the model's forward and backward are exactly as before."""
-        for tap in self._taps:
-            tap.remove()
-        for handle in self._param_handles:
-            handle.remove()
-        if self._root_handle is not None:
-            self._root_handle.remove()
-            self._root_handle = None
-            _WATCHED.discard(self)
-            model = self._root_model
-            ignored = [
-                n
-                for n in getattr(model, "_ddp_params_and_buffers_to_ignore", ())
-                if n != self._ddp_marker
-            ]
-            if ignored or self._had_ignore_list:
-                model._ddp_params_and_buffers_to_ignore = ignored
-            elif hasattr(model, "_ddp_params_and_buffers_to_ignore"):
-                del model._ddp_params_and_buffers_to_ignore
-        self._taps, self._param_handles = [], []
-        self._outputs, self._pending = {}, {True: {}, False: {}}
-        self._compiled_outputs = {}
+        self._attachment.detach()
+        self._captures.clear()
         self._distributed_ready = False
 
+    def _on_model_forward(self) -> None:
+        if torch.compiler.is_compiling() or self._paused:
+            return
+        if not _in_backward():
+            self._captures.model_forward()
+
+    def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
+        """The tap of encoder ``name``: capture its output, return the scaled copy."""
+        if self._paused:
+            return None
+        grad = torch.is_grad_enabled()
+        binding = self._binding if grad else None
+        index = self._index[name]
+        k = binding.views[index] if binding is not None and self.scales_gradients else None
+        if torch.compiler.is_compiling():
+            self._captures.record_compiled(name, output, grad, module.training, binding)
+            return scale_grad_tree(output, k)
+        if not _in_backward():  # checkpointing recomputes: scale again, capture nothing
+            self._check_ddp()
+            self._captures.record(name, output, grad, module.training, binding)
+        guard = self._gradient_guard
+        watch = guard.watch(index) if guard is not None and grad else None
+        return scale_grad_tree(output, k, watch)
+
+    def _check_ddp(self) -> None:
+        ddp = active_ddp(self._root_model)
+        if ddp is None or (self._seen_ddp is not None and self._seen_ddp() is ddp):
+            return
+        self._seen_ddp = weakref.ref(ddp)
+        self._heads_in_ddp = any(module is self for module in ddp.module.modules())
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within this block the encoders' forwards are neither captured nor scaled (extra
+        passes a method or the user runs through the model: masked passes, a second view)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    # --- features ---------------------------------------------------------------------------
+
     def features(self) -> dict[str, torch.Tensor]:
-        """The ``(B, D)`` feature of each encoder from the last forward of the model."""
-        self._ingest_compiled()
-        missing = [name for name in self.names if name not in self._outputs]
-        if missing:
-            raise RuntimeError(
-                f"no output captured for encoder(s) {missing}: run a forward of the model "
-                "first (or the balancer was removed)"
-            )
-        return {name: self._feature(name, self._outputs[name]) for name in self.names}
+        """The ``(B, D)`` feature of each encoder from the latest forward of the model.
+
+        Raises:
+            CaptureError: that forward did not run every encoder (never stale values).
+        """
+        captures = self._captures.latest_captures()
+        return {name: self._feature(name, c.output) for name, c in captures.items()}
 
     def _feature(self, name: str, output: Any) -> torch.Tensor:
-        extract = self._features[name]
-        if extract is not None:
-            feature = extract(output)
-        elif isinstance(output, torch.Tensor):
-            feature = pool_feature(output, self._pool[name], name)
-        else:
-            raise TypeError(
-                f"encoder {name!r} returned a {type(output).__name__}; pass "
-                f"features={{'{name}': callable}} that returns its (B, D) feature tensor"
-            )
-        if not isinstance(feature, torch.Tensor) or feature.dim() != 2:
-            shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature)
-            raise ValueError(f"the feature of encoder {name!r} must be (B, D), got {shape}")
-        return feature
+        return extract_feature(name, output, self._pool[name], self._features[name])
 
     def unimodal_logits(self) -> dict[str, torch.Tensor]:
-        """Each head's logits on the last captured features, detached (for evaluation)."""
+        """Each head's logits on the latest forward's features, detached (for evaluation)."""
+        if not self.heads:
+            raise CaptureError(
+                f"{type(self).__name__} has no unimodal heads; build it with heads (e.g. "
+                "gb.Joint(..., probes=True)) to read per-modality logits"
+            )
+        features = self.features()
         with torch.no_grad():
-            return {name: self.heads[name](f) for name, f in self.features().items()}
+            self._prepare_heads(features)
+            return separate_head_logits(self.heads, features, detach=True)
+
+    def _prepare_heads(self, features: Mapping[str, torch.Tensor]) -> None:
+        """Materialise lazy heads (outside inference mode) and follow the features' dtype."""
+        for name, head in self.heads.items():
+            feature = features[name]
+            weight = next(iter(head.parameters()), None)
+            if weight is None:
+                continue
+            if weight.device != feature.device:
+                raise DeviceError(
+                    f"encoder {name!r} produced its output on {feature.device} but the "
+                    f"balancer's head for it is on {weight.device}: move the model to its "
+                    "device(s) before creating the balancer, or move the balancer too "
+                    "(bal.to(device))"
+                )
+            if isinstance(weight, nn.parameter.UninitializedParameter):
+                with torch.inference_mode(False), torch.no_grad():
+                    head(torch.zeros(1, feature.shape[1], device=feature.device))
+                weight = next(iter(head.parameters()))
+            autocast = torch.is_autocast_enabled(feature.device.type)
+            if feature.is_floating_point() and weight.dtype != feature.dtype and not autocast:
+                head.to(feature.dtype)
 
     # --- loss -----------------------------------------------------------------------------
 
@@ -661,44 +362,75 @@ class Balancer(nn.Module):
         loss and leaves the coefficients, scores and history untouched.
 
         Args:
-            logits: the model's fused logits, ``(B, num_classes)``.
+            logits: the model's fused logits, ``(B, num_classes)``, B >= 1.
             target: integer class labels, ``(B,)``, in ``[0, num_classes)``, on the logits'
                 device.
 
         Raises:
-            RuntimeError: an encoder produced no output since the last ``loss()``; non-finite
-                inputs with ``nonfinite="raise"``; labels out of range (checked on the
-                device); an optimizer that updates the model but not the balancer's heads.
-            ValueError, TypeError: logits or labels of the wrong shape, dtype or device.
+            CaptureError: an encoder produced no output in the forward before this call.
+            NonFiniteError: non-finite inputs with ``nonfinite="raise"``.
+            InputError, InputTypeError: logits or labels of the wrong shape, dtype or device,
+                or an empty batch.
+            OrderError: an optimizer updates the model but not the balancer's heads.
         """
-        captures = self._take_captures()
+        grad_enabled = torch.is_grad_enabled()
+        captures = self._captures.take(grad_enabled)
         target = self._check_inputs(logits, target)
-        training = torch.is_grad_enabled() and logits.requires_grad
-        if training and not any(capture.train_mode for capture in captures.values()):
+        training = grad_enabled and logits.requires_grad
+        if training and not any(c.train_mode for c in captures.values()):
             self._warn_eval_mode()
             training = False
         features = {name: self._feature(name, c.output) for name, c in captures.items()}
-        self._check_devices(features)
-        # Per-step state lives in __dict__ directly: nn.Module.__setattr__ is slow per call.
-        state = self.__dict__
-        state["_step_finite"], state["_finite_flag_reduced"] = None, False
+        binding = next(iter(captures.values())).binding
+        step = Step(
+            self,
+            logits,
+            target,
+            features,
+            {n: c.output for n, c in captures.items()},
+            training,
+            binding,
+        )
+        if self.heads:
+            self._prepare_heads(features)
+        stacked = _stack_if_uniform(features)
         if training:
-            state["_training_calls"] += 1
-            self._check_optimizer()
-            if self._distributed():
-                self._prepare_distributed(features)
-            state["_step_finite"] = self._check_finite(logits, features)
-            if self._training_calls % self._history.flush_every == 0:
-                self._raise_deferred()
-        state["_in_loss"] = "train" if training else "eval"
-        try:
-            if self.head_mode == "none":
-                unimodal: dict[str, torch.Tensor] = {}
+            self._begin_training_step(step, stacked)
+        if self.heads:
+            detach = self.head_mode == "probe"
+            if stacked is not None and stackable(self.heads, features):
+                step.stacked_unimodal = stacked_head_logits(self.heads, features, detach)
+                step.unimodal = dict(zip(self.names, step.stacked_unimodal.unbind()))
             else:
-                unimodal = {name: self._head_logits(name, f) for name, f in features.items()}
-            return self._loss(logits, target, features, unimodal)
-        finally:
-            state["_in_loss"] = None
+                step.unimodal = separate_head_logits(self.heads, features, detach)
+        total = self._loss(step)
+        if training:
+            self._end_training_step(step, total)
+        return total
+
+    def _loss(self, step: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:
+        self._training_calls += 1
+        self._check_optimizer()
+        if world_size(self.process_group) > 1:
+            self._prepare_distributed()
+        step.finite = self._check_finite(step, stacked)
+        if self._training_calls % self._history.flush_every == 0:
+            self._raise_deferred()
+        if self._gradient_guard is not None:
+            self._gradient_guard.step = self.steps
+            self._gradient_guard.raise_at_once = self.raises_at_once(step.logits)
+
+    def _end_training_step(self, step: Step, total: torch.Tensor) -> None:
+        """Bind the next forward to fresh coefficients (this forward keeps its own)."""
+        values = step.stored if step.stored is not None else self.last_coefficients.clone()
+        if step.binding is not None:
+            self._last_binding = step.binding
+            if self.uses_parameter_hooks and total.requires_grad:
+                total.register_hook(partial(_note_backward, weakref.ref(self), step.binding))
+        self._binding = Binding(values)
 
     def _warn_eval_mode(self) -> None:
         if self._warned_eval_mode:
@@ -714,77 +446,32 @@ class Balancer(nn.Module):
             stacklevel=3,
         )
 
-    def _check_optimizer(self) -> None:
-        stepped_model, stepped_heads = self._optimizer_stepped_model, self._optimizer_stepped_heads
-        if not stepped_model and not stepped_heads:
-            return
-        self.__dict__["_optimizer_stepped_model"] = False
-        self.__dict__["_optimizer_stepped_heads"] = False
-        if stepped_model and not stepped_heads and any(p.requires_grad for p in self.parameters()):
-            raise RuntimeError(
-                "an optimizer stepped the model but no optimizer updates the balancer's "
-                "heads (bal.parameters()), so they would stay at their initial values. Build "
-                "the optimizer after the balancer with both: torch.optim.Adam([*model."
-                "parameters(), *bal.parameters()]) (or opt.add_param_group({'params': "
-                f"list(bal.parameters())}})). Order: {ORDER}"
-            )
-
-    def _check_devices(self, features: Mapping[str, torch.Tensor]) -> None:
-        """Each encoder's output on the device of its head (or, without heads, of its
-        coefficient buffer: same device type, as an encoder may span several devices)."""
-        for name, feature in features.items():
-            head = self.heads[name] if name in self.heads else None
-            state = next(iter(head.parameters()), None) if head is not None else None
-            if state is not None:
-                wrong = state.device != feature.device
-                what = "head"
-            else:
-                state = self.coefficient_buffer(name)
-                wrong = state.device.type != feature.device.type
-                what = "coefficient buffer"
-            if wrong:
-                raise RuntimeError(
-                    f"encoder {name!r} produced its output on {feature.device} but the "
-                    f"balancer's {what} for it is on {state.device}: move the model to its "
-                    "device(s) before creating the balancer (each encoder's head and buffers "
-                    "are made on that encoder's device), or move the balancer too "
-                    "(bal.to(device))"
-                )
-
-    def _head_logits(self, name: str, feature: torch.Tensor) -> torch.Tensor:
-        head = self.heads[name]
-        weight = next(iter(head.parameters()), None)
-        if weight is not None and weight.device != feature.device:
-            raise RuntimeError(
-                f"head {name!r} is on {weight.device} but its feature is on "
-                f"{feature.device}: move the model before creating the balancer, "
-                "or call bal.to(device)"
-            )
-        if self.head_mode == "probe":
-            return head(feature.detach())
-        return head(feature)
-
     def _check_inputs(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise TypeError("loss(logits, target) takes two tensors")
+            raise InputTypeError("loss(logits, target) takes two tensors")
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"logits must have shape (B, num_classes={self.num_classes}), "
                 f"got {tuple(logits.shape)}"
             )
+        if logits.shape[0] == 0:
+            raise InputError(
+                "loss() got an empty batch (B = 0): no statistic is defined on it; skip empty "
+                "batches in your loop (e.g. DataLoader(..., drop_last=True) with a small dataset)"
+            )
         if not logits.is_floating_point():
-            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+            raise InputTypeError(f"logits must be floating point, got {logits.dtype}")
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(
+            raise InputTypeError(
                 f"target must hold integer class indices (torch.long), got {target.dtype}"
             )
         if target.shape != logits.shape[:1]:
-            raise ValueError(
+            raise InputError(
                 f"target must have shape ({logits.shape[0]},) to match the logits, "
                 f"got {tuple(target.shape)}"
             )
         if target.device != logits.device:
-            raise ValueError(
+            raise InputError(
                 f"target is on {target.device} but the logits are on {logits.device}: move the "
                 "labels to the logits' device (target.to(logits.device))"
             )
@@ -792,72 +479,106 @@ class Balancer(nn.Module):
         torch._assert_async(in_range, f"target labels must lie in [0, {self.num_classes})")
         return target.long()
 
-    # --- non-finite inputs ------------------------------------------------------------------
+    # --- optimizer watch ---------------------------------------------------------------------
 
-    def _nonfinite_message(self, what: str, step: int) -> str:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called before every optimizer step (a global pre-step hook watches them)."""
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if ids.isdisjoint(self._model_parameter_ids):
+            if not ids.isdisjoint(id(p) for p in self.parameters()):
+                self._stepped_heads = True
+            return
+        self._stepped_model = True
+        if not ids.isdisjoint(id(p) for p in self.parameters()):
+            self._stepped_heads = True
+        guard = self._gradient_guard
+        if guard is None:
+            return
+        finite = guard.all_finite()
+        guard.reset()
+        if self.nonfinite == "skip":
+            self.note_finite(finite & self.last_step_finite)
+            if not bool(finite):  # the documented host synchronisation of check_gradients
+                self.nonfinite_steps.add_(1)
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        param.grad = None
+        else:
+            self._record_first_nonfinite(finite.reshape(1), len(self.names) + 1)
+
+    def _check_optimizer(self) -> None:
+        stepped_model, stepped_heads = self._stepped_model, self._stepped_heads
+        self._stepped_model = self._stepped_heads = False
+        if stepped_model and not stepped_heads and any(p.requires_grad for p in self.parameters()):
+            raise OrderError(
+                "an optimizer stepped the model but no optimizer updates the balancer's "
+                "heads (bal.parameters()), so they would stay at their initial values. Build "
+                "the optimizer after the balancer with both: torch.optim.Adam([*model."
+                "parameters(), *bal.parameters()]) (or opt.add_param_group({'params': "
+                f"list(bal.parameters())}})). Order: {WRAP_ORDER}"
+            )
+
+    # --- non-finite guard ------------------------------------------------------------------
+
+    def raises_at_once(self, tensor: torch.Tensor) -> bool:
+        """Whether a non-finite step raises at once (``"raise"`` with tensors on the CPU)."""
         return (
-            f"gradbalance: non-finite values (NaN or inf) in {what} at training step {step}. "
-            "Check that modality's inputs, the learning rate and the loss scale. To skip such "
-            "steps instead (e.g. float16 autocast with a GradScaler, which drops overflow "
-            "steps), create the balancer with nonfinite='skip'."
+            self.nonfinite == "raise"
+            and not self._defer_nonfinite_errors
+            and tensor.device.type == "cpu"
+            and self.last_scores.device.type == "cpu"
         )
 
     def _nonfinite_labels(self) -> list[str]:
-        return [f"the feature of encoder {n!r}" for n in self.names] + ["the fused logits"]
+        labels = [f"the feature of encoder {n!r}" for n in self.names] + ["the fused logits"]
+        return labels + ["the gradients into the encoders"]
 
-    def _raises_at_once(self, tensors: Iterable[torch.Tensor]) -> bool:
-        if self.nonfinite != "raise" or self._defer_nonfinite_errors:
-            return False
-        return all(t.device.type == "cpu" for t in tensors)
-
-    def _check_finite(
-        self, logits: torch.Tensor, features: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor | None:
-        """Check this step's inputs; returns the step's finite flag (None: asserted finite).
-
-        One float32 sum per tensor: the sum is finite exactly when every element is (short of
-        a float32 overflow of the sum); ``x * 0 == 0`` is the cheapest finiteness test.
-        """
-        tensors = [*features.values(), logits]
+    def _check_finite(self, step: Step, stacked: torch.Tensor | None) -> torch.Tensor | None:
+        """This step's finite flag (None: checked and raised at once on the CPU)."""
         device = self.last_scores.device
         with torch.no_grad():
-            sums = torch.stack([t.sum(dtype=torch.float32).to(device) for t in tensors])
-            flags = sums * 0 == 0
-            if self._raises_at_once([*tensors, self.last_scores]):
-                try:
+            features = stacked if stacked is not None else list(step.features.values())
+            flags = finite_flags(features, step.logits, device)
+            if self.raises_at_once(step.logits):
+                try:  # on the CPU the assertion is synchronous (and no device synchronisation)
                     torch._assert_async(flags.all(), "non-finite")
-                except RuntimeError:  # on the CPU the assertion is synchronous
+                except RuntimeError:
                     label = self._nonfinite_labels()[flags.tolist().index(False)]
-                    raise RuntimeError(self._nonfinite_message(label, self.steps)) from None
+                    raise NonFiniteError(nonfinite_message(label, self.steps)) from None
                 return None
             if self.nonfinite == "raise":
-                first = self._nonfinite_first
-                if first is None or first.device != device:
-                    first = torch.full((len(tensors),), -1, dtype=torch.int64, device=device)
-                self.__dict__["_nonfinite_first"] = torch.where(
-                    ~flags & (first < 0), self.steps, first
-                )
+                self._record_first_nonfinite(flags, 0)
             return flags.all()
+
+    def _record_first_nonfinite(self, flags: torch.Tensor, offset: int) -> None:
+        """Remember on the device the first step at which each checked tensor was non-finite."""
+        slots = len(self.names) + 2
+        first = self._nonfinite_first
+        if first is None or first.device != flags.device:
+            first = torch.full((slots,), -1, dtype=torch.int64, device=flags.device)
+        part = first[offset : offset + flags.numel()]
+        updated = torch.where(~flags & (part < 0), self.steps, part)
+        self._nonfinite_first = torch.cat(
+            [first[:offset], updated, first[offset + flags.numel() :]]
+        )
 
     def _raise_deferred(self) -> None:
         first = self._nonfinite_first
         if first is None:
             return
-        steps = first.tolist()
-        for label, step in zip(self._nonfinite_labels(), steps):
+        for label, step in zip(self._nonfinite_labels(), first.tolist()):
             if step >= 0:
                 self._nonfinite_first = None
-                raise RuntimeError(self._nonfinite_message(label, step))
+                raise NonFiniteError(nonfinite_message(label, step))
 
     def check_finite(self) -> None:
-        """Raise now the error of a non-finite step recorded on an accelerator.
-
-        With ``nonfinite="raise"`` on an accelerator the balancer records on the device the
-        first step at which each input was non-finite (raising at once would need a host
-        synchronisation every step) and raises at the next history flush; this method checks
-        now (one synchronisation). A no-op on the CPU, where the error is raised at once.
-        """
+        """Raise now the error of a non-finite step recorded on an accelerator (one host
+        synchronisation); on the CPU errors are raised at once."""
         self._raise_deferred()
+
+    def note_finite(self, finite: torch.Tensor) -> None:
+        """Record whether the last training step was finite (device-side)."""
+        self._last_finite = finite
 
     @property
     def last_step_finite(self) -> torch.Tensor:
@@ -865,220 +586,89 @@ class Balancer(nn.Module):
 
         For loops without a ``GradScaler`` and with ``nonfinite="skip"``:
         ``if bal.last_step_finite: opt.step()`` (a host synchronisation, at your choice).
+        With ``check_gradients=True`` it also covers the gradients of the last backward.
         """
-        if self._last_finite is None:
-            return torch.ones((), dtype=torch.bool, device=self.last_scores.device)
-        return self._last_finite
+        finite = self._last_finite
+        if finite is None:
+            finite = torch.ones((), dtype=torch.bool, device=self.last_scores.device)
+        guard = self._gradient_guard
+        return finite & guard.all_finite() if guard is not None else finite
 
-    # --- statistics, coefficients and distributed reduction -----------------------------------
+    # --- distributed ------------------------------------------------------------------------
 
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        raise NotImplementedError
+    def world_size(self) -> int:
+        """Processes sharing the training in this balancer's group (1 without distributed)."""
+        return world_size(self.process_group)
 
-    def _updating(self, logits: torch.Tensor) -> bool:
-        """Whether this ``loss()`` is a training step (it then updates coefficients)."""
-        if self._in_loss == "eval":
-            return False
-        return torch.is_grad_enabled() and logits.requires_grad
+    def _reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+        """Mean over all ranks with ``sync="global"`` (outside ``loss()``: every rank must
+        call it, e.g. in ``epoch_end()``), else local. No host synchronisation."""
+        if self.sync == "global" and self.world_size() > 1:
+            return reduce_mean(sums, count, self.process_group)[0]
+        return local_mean(sums, count)
 
-    def _distributed(self) -> bool:
-        """Whether more than one process shares the training (torch.distributed is set up)."""
-        return (
-            dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size(self.process_group) > 1
-        )
-
-    def _reduces(self) -> bool:
-        return self.sync == "global" and self._in_loss != "eval" and self._distributed()
-
-    def _reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | int | float) -> torch.Tensor:
-        """Mean of per-sample statistics over the global batch: ``sum_ranks(sums) / sum(count)``.
-
-        The one way a method turns per-sample statistics into a batch statistic. ``sums``
-        holds this process's sums over its samples (any shape, e.g. ``(M,)`` per modality or
-        ``(C, D)`` per class); ``count`` its number of samples (a number, or a tensor
-        broadcastable to ``sums``, e.g. ``(C, 1)`` per-class counts). With ``sync="global"``
-        under torch.distributed both are all-reduced (one collective) so the result equals a
-        single process on the concatenated batch, also with unequal per-rank batch sizes;
-        otherwise it is the local ``sums / count``. It communicates in training steps and
-        outside ``loss()`` (e.g. at the end of an epoch), never inside an evaluation
-        ``loss()`` (ranks may see different numbers of evaluation batches), so every rank
-        must make the same calls in the same order. No host synchronisation. Float32 result.
-        """
-        sums = sums.detach().float()
-        if not self._reduces():
-            if isinstance(count, torch.Tensor):
-                count = count.detach().to(device=sums.device, dtype=torch.float32)
-            return sums / count
-        if isinstance(count, torch.Tensor):
-            count_shape = count.shape
-            counts = count.detach().to(device=sums.device, dtype=torch.float32).reshape(-1)
-        else:
-            count_shape = torch.Size()
-            counts = torch.full((1,), float(count), device=sums.device)
-        parts = [sums.reshape(-1), counts]
-        carry_flag = self._step_finite is not None and not self._finite_flag_reduced
-        if carry_flag:
-            # Piggyback this rank's non-finite flag: every rank then skips the same steps.
-            parts.append((~self._step_finite).float().reshape(1).to(sums.device))
-        packed = torch.cat(parts)
-        dist.all_reduce(packed, group=self.process_group)
-        total = packed[: sums.numel()].view(sums.shape)
-        counts = packed[sums.numel() : sums.numel() + counts.numel()].view(count_shape)
-        if carry_flag:
-            self.__dict__["_step_finite"] = packed[-1] == 0
-            self.__dict__["_finite_flag_reduced"] = True
-        return total / counts
-
-    def _prepare_distributed(self, features: Mapping[str, torch.Tensor]) -> None:
+    def _prepare_distributed(self) -> None:
         """First training step under torch.distributed: same heads everywhere, synced grads."""
         if self._distributed_ready:
             return
-        with torch.no_grad():
-            for name, head in self.heads.items():
-                lazy = nn.parameter.UninitializedParameter
-                if any(isinstance(p, lazy) for p in head.parameters()):
-                    head(features[name].detach())  # materialise a lazy head
-            group = self.process_group
-            source = 0 if group is None else dist.get_global_rank(group, 0)
-            for param in self.parameters():
-                dist.broadcast(param.detach(), src=source, group=group)
-        for param in self.parameters():
-            if param.requires_grad:
-                hook = partial(_average_over_ranks, weakref.ref(self))
-                self._param_handles.append(param.register_hook(hook))
+        broadcast_parameters(self, self.process_group)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self._attachment.add_gradient_hooks(
+            trainable, partial(_average_over_ranks, weakref.ref(self))
+        )
         self._distributed_ready = True
 
-    def _keep_if_finite(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        """``new`` when this step and ``new`` are finite, else ``old`` (no host sync).
+    # --- results and state ------------------------------------------------------------------
 
-        For the running state of a method (EMAs, memories, counts): ``self.ema.copy_(
-        self._keep_if_finite(updated, self.ema))``. Call it after this step's
-        :meth:`_reduce_mean` (under DDP that call makes every rank agree on whether the step
-        is finite).
-        """
-        with torch.no_grad():
-            finite = new.detach().float().sum() * 0 == 0
-            if self._step_finite is not None:
-                finite = finite & self._step_finite.to(new.device)
-        return torch.where(finite, new, old)
+    def coefficient_buffer(self, name: str) -> torch.Tensor:
+        """The coefficient of encoder ``name`` used by the last training ``loss()`` (a view)."""
+        return self.last_coefficients[self._index[name]]
 
-    def _store(self, coefficients: torch.Tensor, scores: torch.Tensor) -> None:
-        """Write this step's coefficients into the buffers and record them (no host sync).
-
-        A non-finite step (see ``nonfinite``) leaves the buffers, scores and history as they
-        were.
-        """
-        with torch.no_grad():
-            device = self.last_scores.device
-            coefficients = coefficients.to(device=device, dtype=torch.float32)
-            scores = scores.to(device=device, dtype=torch.float32)
-            values_finite = (coefficients.sum() + scores.sum()) * 0 == 0
-            finite: torch.Tensor | None = None
-            if self._raises_at_once([coefficients]):
-                torch._assert_async(
-                    values_finite,
-                    self._nonfinite_message("the coefficients or scores", self.steps),
-                )
-            else:
-                finite = values_finite
-                if self._step_finite is not None:
-                    finite = finite & self._step_finite.to(device)
-                previous = torch.stack(
-                    [self.coefficient_buffer(name).to(device) for name in self.names]
-                )
-                coefficients = torch.where(finite, coefficients, previous)
-                scores = torch.where(finite, scores, self.last_scores)
-                self.nonfinite_steps.add_((~finite).to(self.nonfinite_steps.dtype))
-                self.__dict__["_last_finite"] = finite
-            for index, name in enumerate(self.names):
-                self.coefficient_buffer(name).copy_(coefficients[index])
-            self.last_scores.copy_(scores)
-            self._history.record(coefficients, scores, finite)
-        self.steps += 1
-
-    def _head_scores(
-        self, unimodal: Mapping[str, torch.Tensor], target: torch.Tensor
-    ) -> torch.Tensor:
-        """Each head's batch-mean true-class probability (float32, detached), as one vector.
-
-        Reduced over the ranks with :meth:`_reduce_mean` (``sync="global"``).
-        """
-        sums = self._score_sums([u.detach() for u in unimodal.values()], target)
-        return self._reduce_mean(sums, target.shape[0])
-
-    def _score_sums(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Each logits' batch sum of the true-class probability, as one float32 vector.
-
-        One stacked computation when all logits share the scores' device and a shape (the
-        usual case); one per modality otherwise.
-        """
-        device = self.last_scores.device
-        if all(u.device == device and u.shape == logits[0].shape for u in logits):
-            return true_class_probability(torch.stack(logits), target.to(device), "sum")
-        return torch.stack(
-            [true_class_probability(u, target.to(u.device), "sum").to(device) for u in logits]
-        )
-
-    def _add_probe_losses(
-        self, total: torch.Tensor, unimodal: Mapping[str, torch.Tensor], target: torch.Tensor
-    ) -> torch.Tensor:
-        """``total`` plus each detached probe's cross-entropy (it trains only that probe)."""
-        for name, probe_logits in unimodal.items():
-            probe_loss = self._scaled_head_loss(probe_logits, target, name, False)
-            total = total + probe_loss.to(total.device)
-        return total
-
-    def _scaled_head_loss(
-        self, logits: torch.Tensor, target: torch.Tensor, name: str, scaled: bool
-    ) -> torch.Tensor:
-        if scaled:
-            logits = scale_grad(logits, self.coefficient_buffer(name))
-        return F.cross_entropy(logits, target.to(logits.device))
+    def record_history(
+        self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
+    ) -> None:
+        """Append one step to :attr:`history` (device-side)."""
+        self._history.record(coefficients, scores, valid)
 
     def after_backward(self) -> None:
         """Per-parameter work on the final gradients; a no-op for MLB, Multi-Loss and Joint.
 
         Call it after ``loss.backward()`` (after ``scaler.unscale_(opt)`` under AMP) and
-        before ``opt.step()`` in every loop, so that switching to a method that needs it
-        (OGM-GE's noise, AGM's clipping) needs no change of the loop.
+        before ``opt.step()`` in every loop, so switching to a method that needs it (OGM-GE's
+        noise, AGM's clipping) needs no change of the loop.
         """
+
+    def epoch_end(self) -> None:
+        """Mark the end of a training epoch (advances :attr:`epoch`); call once per epoch."""
+        self.epoch += 1
 
     @property
     def coefficients(self) -> dict[str, torch.Tensor]:
         """``{name: 0-dim tensor}``: the coefficients used by the last training ``loss()``."""
-        return {name: self.coefficient_buffer(name).detach().clone() for name in self.names}
+        values = self.last_coefficients.detach().clone()
+        return {name: values[index] for index, name in enumerate(self.names)}
 
     @property
     def scores(self) -> dict[str, torch.Tensor]:
         """``{name: 0-dim tensor}``: the per-modality scores of the last training ``loss()``."""
-        scores = self.last_scores.detach().clone()
-        return {name: scores[index] for index, name in enumerate(self.names)}
+        values = self.last_scores.detach().clone()
+        return {name: values[index] for index, name in enumerate(self.names)}
 
     @property
     def history(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-step ``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU.
-
-        Holds the finite training steps only (see ``nonfinite``).
-        """
+        """Per-step ``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU
+        (finite training steps only)."""
         self._raise_deferred()
         return self._history.as_dict()
 
-    def epoch_end(self) -> None:
-        """Mark the end of a training epoch (advances :attr:`epoch`).
-
-        Call it once per epoch in every loop: methods with per-epoch work (MSLR's coefficients,
-        PMR's prototypes, epoch-based modulation windows) do it here, so switching method needs
-        no change of the loop.
-        """
-        self.epoch += 1
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        old = [f"{prefix}coefficient_{name}" for name in self.names]
+        if all(key in state_dict for key in old) and f"{prefix}last_coefficients" not in state_dict:
+            state_dict = dict(state_dict)  # a checkpoint of an earlier version: one buffer each
+            state_dict[f"{prefix}last_coefficients"] = torch.stack([state_dict.pop(k) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps": self.steps, "epoch": self.epoch}
@@ -1089,3 +679,63 @@ class Balancer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"encoders={self.names}, num_classes={self.num_classes}"
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    tensors = list(features.values())
+    first = tensors[0]
+    if all(
+        t.shape == first.shape and t.device == first.device and t.dtype == first.dtype
+        for t in tensors
+    ):
+        return torch.stack(tensors)
+    return None
+
+
+def _average_over_ranks(balancer: weakref.ref, grad: torch.Tensor) -> torch.Tensor | None:
+    """Gradient hook of a head parameter under torch.distributed: the mean over the ranks."""
+    bal = balancer()
+    if bal is None or bal._heads_in_ddp or bal.world_size() == 1:
+        return None
+    return average_gradient(grad, bal.process_group)
+
+
+def _note_backward(balancer: weakref.ref, binding: Binding, grad: torch.Tensor) -> None:
+    """Hook on a returned loss: which bindings the running backward covers."""
+    bal = balancer()
+    if bal is None or _GRAPH_TASK_ID is None:
+        return
+    task = _GRAPH_TASK_ID()
+    current, bindings = bal._backward_bindings
+    if current != task:
+        bal._backward_bindings = (task, [binding])
+    elif all(b is not binding for b in bindings):
+        bindings.append(binding)
+
+
+def _scale_parameter_gradient(
+    balancer: weakref.ref, index: int, grad: torch.Tensor
+) -> torch.Tensor:
+    """Gradient hook of a parameter scaled per parameter: ``grad * k_index`` of the loss()
+    whose backward is running (read at backward time)."""
+    bal = balancer()
+    if bal is None:
+        return grad
+    task, bindings = bal._backward_bindings
+    current = _GRAPH_TASK_ID() if _GRAPH_TASK_ID is not None else -1
+    if task == current and len(bindings) > 1:
+        raise CaptureError(
+            "two loss() results are summed into one backward while gradients are scaled per "
+            "parameter (extra_parameters=, OGM parameters='conv'), whose coefficient cannot be "
+            "told apart per loss: call one backward per loss() (gradient accumulation works)"
+        )
+    binding = bindings[0] if task == current and bindings else bal._last_binding
+    if binding is None:
+        return grad
+    return grad * binding.views[index].to(device=grad.device, dtype=grad.dtype)

@@ -10,15 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from gradbalance._scale import scale_grad
+from gradbalance import _checks
+from gradbalance._step import Step
 from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
-from gradbalance.methods._common import MethodBase, WindowUnit, check_alpha, eval_mode
+from gradbalance.errors import ConfigurationError
+from gradbalance.methods._base import Method, WindowUnit, eval_mode
 
 Masking = Literal["feature", "input"]
 FusionInputs = Literal["features", "outputs"]
 
 
-class AGM(MethodBase):
+class AGM(Method):
     """AGM: scale each modality's Shapley logit path by ``exp(alpha * (o - r))``.
 
     Every training step AGM splits the fused logits into per-modality Shapley contributions
@@ -122,33 +124,42 @@ class AGM(MethodBase):
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        alpha = check_alpha(alpha)
+        alpha = _checks.check_alpha(alpha)
         if masking == "feature":
             if not callable(fusion):
-                raise ValueError(
+                raise ConfigurationError(
                     "masking='feature' needs fusion=callable(*features) -> fused logits (e.g. "
                     "fusion=model.fusion); or use masking='input' with forward_masked="
                 )
         elif masking == "input":
             if not callable(forward_masked):
-                raise ValueError(
+                raise ConfigurationError(
                     "masking='input' needs forward_masked=callable(masked: frozenset of "
                     "encoder names) -> fused logits of the model with those inputs zeroed"
                 )
         else:
-            raise ValueError(f"masking must be 'feature' or 'input', got {masking!r}")
-        if fusion_inputs not in ("features", "outputs"):
-            raise ValueError(
-                f"fusion_inputs must be 'features' or 'outputs', got {fusion_inputs!r}"
-            )
-        if not max_exponent > 0:
-            raise ValueError(f"max_exponent must be > 0, got {max_exponent}")
-        if min_coefficient is not None and not min_coefficient >= 0:
-            raise ValueError(f"min_coefficient must be None or >= 0, got {min_coefficient}")
-        if not clip_threshold > 0 or not clip_max_norm > 0:
-            raise ValueError(
-                f"clip_threshold and clip_max_norm must be > 0, got {clip_threshold}, "
-                f"{clip_max_norm}"
+            _checks.check_choice("masking", masking, ("feature", "input"))
+        _checks.check_choice("fusion_inputs", fusion_inputs, ("features", "outputs"))
+        max_exponent = _checks.check_number("max_exponent", max_exponent, minimum=0.0, strict=True)
+        if min_coefficient is not None:
+            min_coefficient = _checks.check_number("min_coefficient", min_coefficient, minimum=0.0)
+        clip_threshold = _checks.check_number(
+            "clip_threshold", clip_threshold, minimum=0.0, strict=True
+        )
+        clip_max_norm = _checks.check_number(
+            "clip_max_norm", clip_max_norm, minimum=0.0, strict=True
+        )
+        encoder_params = {
+            id(p) for module in _encoder_modules(model, encoders) for p in module.parameters()
+        }
+        if clip_watch is None:
+            watch = [p for p in model.parameters() if id(p) not in encoder_params]
+        else:
+            watch = list(clip_watch)
+        if clip and not watch:
+            raise ConfigurationError(
+                "clip=True needs parameters to watch: the model has none outside the encoders; "
+                "pass clip_watch=[...] (the fused head's parameters)"
             )
         super().__init__(
             model,
@@ -165,24 +176,13 @@ class AGM(MethodBase):
         self.__dict__["_forward_masked"] = forward_masked
         self.fusion_inputs = fusion_inputs
         self.eval_masked = bool(eval_masked)
-        self.max_exponent = float(max_exponent)
-        self.min_coefficient = None if min_coefficient is None else float(min_coefficient)
+        self.max_exponent = max_exponent
+        self.min_coefficient = min_coefficient
         self.update_running_first = bool(update_running_first)
         self.clip = bool(clip)
-        self.clip_threshold = float(clip_threshold)
-        self.clip_max_norm = float(clip_max_norm)
-        encoder_params = {id(p) for m in self._encoders.values() for p in m.parameters()}
-        if clip_watch is None:
-            watch = [p for p in model.parameters() if id(p) not in encoder_params]
-        else:
-            watch = list(clip_watch)
+        self.clip_threshold = clip_threshold
+        self.clip_max_norm = clip_max_norm
         self.__dict__["_clip_watch"] = watch
-        if self.clip and not watch:
-            self.remove()
-            raise ValueError(
-                "clip=True needs parameters to watch: the model has none outside the encoders; "
-                "pass clip_watch=[...] (the fused head's parameters)"
-            )
         coalitions, weights = shapley_matrix(len(self.names))
         self._coalitions = coalitions
         device = self.last_scores.device
@@ -202,7 +202,7 @@ class AGM(MethodBase):
         if self.fusion_inputs == "features":
             inputs = [features[n] for n in self.names]
         else:
-            inputs = [self._outputs[n] for n in self.names]
+            inputs = [self._last_outputs[n] for n in self.names]
         inputs = [
             pytree.tree_map_only(torch.Tensor, torch.zeros_like, x) if n in masked else x
             for n, x in zip(self.names, inputs)
@@ -218,7 +218,9 @@ class AGM(MethodBase):
         Runs the 2^M - 2 masked passes. ``logits`` are the fused logits of that forward.
         """
         if features is None:
-            features = self.features()
+            captures = self._captures.latest_captures()
+            features = {name: self._feature(name, c.output) for name, c in captures.items()}
+            self.__dict__["_last_outputs"] = {name: c.output for name, c in captures.items()}
         values = [logits]
         for coalition in self._coalitions[1:]:
             masked_logits = self._masked_logits(coalition, features)
@@ -232,36 +234,27 @@ class AGM(MethodBase):
         weights = self._shapley.to(device=logits.device, dtype=logits.dtype)
         return torch.einsum("mc,cbk->mbk", weights, torch.stack(values))
 
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        if not self._updating(logits) or not self._in_window():
-            return F.cross_entropy(logits, target)
-        phi = self.shapley_logits(logits, features)
+    def _loss(self, step: Step) -> torch.Tensor:
+        if not step.training or not self.active():
+            return F.cross_entropy(step.logits, step.target)
+        self.__dict__["_last_outputs"] = step.outputs
+        phi = self.shapley_logits(step.logits, step.features)
         device = self.running_losses.device
         # Batch means, over all ranks with sync="global" (one all-reduce, no host sync).
-        sums = agm_losses(phi.detach(), target, reduction="sum").to(device)
-        losses = self._reduce_mean(sums, target.shape[0])
+        sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
+        losses = step.mean(sums, step.batch_size)
         if self.update_running_first:
-            self._update_running(losses)
+            self._update_running(step, losses)
         coefficients = agm_coefficients(losses, self.running_losses, self.alpha, self.max_exponent)
         if self.min_coefficient is not None:
             coefficients = coefficients.clamp_min(self.min_coefficient)
         if not self.update_running_first:
-            self._update_running(losses)
-        self._store(coefficients, torch.exp(-losses))
-        combined = sum(
-            scale_grad(phi[index], self.coefficient_buffer(name).to(phi.device))
-            for index, name in enumerate(self.names)
-        )
-        return F.cross_entropy(combined, target)
+            self._update_running(step, losses)
+        step.store(coefficients, torch.exp(-losses))
+        return F.cross_entropy(step.scale(phi).sum(0), step.target)
 
     @torch.no_grad()
-    def _update_running(self, losses: torch.Tensor) -> None:
+    def _update_running(self, step: Step, losses: torch.Tensor) -> None:
         """Cumulative mean of the per-modality losses over every modulated step.
 
         A step with non-finite losses (or skipped by ``nonfinite="skip"``) leaves it unchanged.
@@ -269,10 +262,10 @@ class AGM(MethodBase):
         count = self.running_count + 1
         updated = self.running_losses + (losses - self.running_losses) / count
         finite = torch.isfinite(updated).all()
-        updated = self._keep_if_finite(
+        updated = step.keep_if_finite(
             torch.where(finite, updated, self.running_losses), self.running_losses
         )
-        count = self._keep_if_finite(
+        count = step.keep_if_finite(
             torch.where(finite, count, self.running_count), self.running_count
         )
         self.running_losses.copy_(updated)
@@ -312,5 +305,13 @@ class AGM(MethodBase):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, masking={self.masking!r}, "
-            f"clip={self.clip}, enabled={self.enabled}"
+            f"clip={self.clip}, {self._window_repr()}"
         )
+
+
+def _encoder_modules(
+    model: nn.Module, encoders: Sequence[nn.Module] | Mapping[str, nn.Module]
+) -> list[nn.Module]:
+    """The encoder modules as given (validated later by the balancer's constructor)."""
+    values = encoders.values() if isinstance(encoders, Mapping) else encoders
+    return [module for module in values if isinstance(module, nn.Module)]

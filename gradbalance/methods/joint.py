@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance.balancer import Balancer
+from gradbalance._step import Step
+from gradbalance.methods._base import Method
 
 
-class Joint(Balancer):
+class Joint(Method):
     """Joint training baseline: ``loss = CE(fused logits)``, nothing modulated.
 
     With ``probes=True`` each encoder also gets a stop-gradient linear probe: a linear head
@@ -49,21 +50,14 @@ class Joint(Balancer):
         probes: bool = False,
         **common: Any,
     ) -> None:
-        super().__init__(
-            model, encoders, num_classes, head_mode="probe" if probes else "none", **common
-        )
+        head_mode = "probe" if probes else "none"
+        super().__init__(model, encoders, num_classes, head_mode=head_mode, **common)
 
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        total = F.cross_entropy(logits, target)
-        if not unimodal:
+    def _loss(self, step: Step) -> torch.Tensor:
+        total = F.cross_entropy(step.logits, step.target)
+        if not step.unimodal:
             return total
-        scores = self._head_scores(unimodal, target)
-        if self._updating(logits):
-            self._store(torch.ones_like(scores), scores)
-        return self._add_probe_losses(total, unimodal, target)
+        if step.training:
+            scores = step.head_scores()
+            step.store(torch.ones_like(scores), scores)
+        return total + self._probe_loss(step)

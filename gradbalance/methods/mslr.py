@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance.balancer import _per_encoder
+from gradbalance import _checks
+from gradbalance._step import Step
 from gradbalance.coefficients import mslr_coefficients
-from gradbalance.methods._common import SlicedScoresMethod
+from gradbalance.errors import InputError, OrderError
+from gradbalance.methods._base import SlicedScoresMethod
 
 Accuracies = torch.Tensor | Sequence[float] | Mapping[str, float]
 
@@ -77,10 +79,7 @@ class MSLR(SlicedScoresMethod):
         enabled: bool = True,
         **common: Any,
     ) -> None:
-        if isinstance(memory_epochs, bool) or not isinstance(memory_epochs, int):
-            raise ValueError(f"memory_epochs must be an int >= 1, got {memory_epochs!r}")
-        if memory_epochs < 1:
-            raise ValueError(f"memory_epochs must be an int >= 1, got {memory_epochs!r}")
+        _checks.check_int("memory_epochs", memory_epochs, 1)
         super().__init__(
             model,
             encoders,
@@ -89,14 +88,12 @@ class MSLR(SlicedScoresMethod):
             fusion_head=fusion_head,
             **common,
         )
-        try:
-            factors = _per_encoder(initial, self.names, "initial")
-            for name, value in factors.items():
-                if value is None or isinstance(value, bool) or not value > 0:
-                    raise ValueError(f"initial factor for {name!r} must be > 0, got {value!r}")
-        except ValueError:
-            self.remove()
-            raise
+        factors = {
+            name: _checks.check_number(
+                f"initial factor for {name!r}", value, minimum=0.0, strict=True
+            )
+            for name, value in _checks.per_encoder(initial, self.names, "initial").items()
+        }
         self.memory_epochs = memory_epochs
         device = self.last_scores.device
         m = len(self.names)
@@ -109,65 +106,49 @@ class MSLR(SlicedScoresMethod):
         self.register_buffer("validation_correct", torch.zeros(m, device=device))
         self.memory_size = 0
         self._validation_seen = 0
-        self._write_coefficients()
+        self._show_epoch_coefficients()
 
-    def _write_coefficients(self) -> None:
-        with torch.no_grad():
-            values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)
-            for index, name in enumerate(self.names):
-                self.coefficient_buffer(name).copy_(values[index])
-
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        total = F.cross_entropy(logits, target)
-        total = self._add_probe_losses(total, unimodal, target)  # detached probes
-        if self._updating(logits):
+    def _loss(self, step: Step) -> torch.Tensor:
+        total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
+        if step.training:
             coefficients = self.epoch_coefficients
-            if not self.enabled:
+            if not self.active():
                 coefficients = torch.ones_like(coefficients)
-            self._store(coefficients, self.accuracies)
+            step.store(coefficients, self.accuracies)
         else:  # an evaluation loss(): count each modality's correct predictions
-            self._collect_validation(features, unimodal, target)
+            self._collect_validation(step)
         return total
 
     @torch.no_grad()
-    def _collect_validation(
-        self,
-        features: Mapping[str, torch.Tensor],
-        unimodal: Mapping[str, torch.Tensor],
-        target: torch.Tensor,
-    ) -> None:
-        unimodal = self._modality_logits(features, unimodal)
+    def _collect_validation(self, step: Step) -> None:
+        logits = self._modality_logits(step)
         correct = self.validation_correct
-        hits = torch.stack(
-            [
-                (unimodal[name].argmax(dim=-1) == target.to(unimodal[name].device))
-                .sum()
-                .to(correct.device)
-                for name in self.names
-            ]
-        )
+        if isinstance(logits, torch.Tensor):
+            target = step.target.to(logits.device)
+            hits = (logits.argmax(dim=-1) == target).sum(dim=-1).to(correct.device)
+        else:
+            hits = torch.stack(
+                [
+                    (u.argmax(dim=-1) == step.target.to(u.device)).sum().to(correct.device)
+                    for u in logits
+                ]
+            )
         correct += hits
-        self._validation_seen += target.shape[0]
+        self._validation_seen += step.batch_size
 
     def _as_tensor(self, accuracies: Accuracies) -> torch.Tensor:
         device = self.initial.device
         if isinstance(accuracies, Mapping):
             missing = set(self.names) - set(accuracies)
             if missing:
-                raise ValueError(f"accuracies miss the encoder(s) {sorted(missing)}")
+                raise InputError(f"accuracies miss the encoder(s) {sorted(missing)}")
             values = torch.stack(
                 [torch.as_tensor(accuracies[n], dtype=torch.float32) for n in self.names]
             )
         else:
             values = torch.as_tensor(accuracies, dtype=torch.float32)
         if values.shape != (len(self.names),):
-            raise ValueError(
+            raise InputError(
                 f"accuracies must hold one value per encoder ({len(self.names)}), "
                 f"got shape {tuple(values.shape)}"
             )
@@ -183,11 +164,11 @@ class MSLR(SlicedScoresMethod):
                 since the last ``epoch_end()``.
 
         Raises:
-            RuntimeError: no accuracies were given and none were collected.
+            OrderError: no accuracies were given and none were collected (a RuntimeError).
         """
         if accuracies is None:
             if not self._validation_seen:
-                raise RuntimeError(
+                raise OrderError(
                     "MSLR has no validation accuracy for this epoch: run your validation loop "
                     "with bal.loss(model(...), y) under torch.no_grad() before epoch_end(), or "
                     "pass epoch_end(accuracies={name: accuracy})"
@@ -209,8 +190,13 @@ class MSLR(SlicedScoresMethod):
         self.accuracies.copy_(current)
         self.validation_correct.zero_()
         self._validation_seen = 0
-        self._write_coefficients()
+        self._show_epoch_coefficients()
         super().epoch_end()
+
+    def _show_epoch_coefficients(self) -> None:
+        """``bal.coefficients`` shows the coefficients of the coming epoch at once."""
+        values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)
+        self.last_coefficients.copy_(values)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -227,5 +213,5 @@ class MSLR(SlicedScoresMethod):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, initial={self.initial.tolist()}, "
-            f"memory_epochs={self.memory_epochs}, enabled={self.enabled}"
+            f"memory_epochs={self.memory_epochs}, {self._window_repr()}"
         )

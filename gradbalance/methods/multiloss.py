@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance.balancer import Balancer, _per_encoder
-from gradbalance.coefficients import _check_alpha_beta, mlb_coefficients
+from gradbalance import _checks
+from gradbalance._step import Step
+from gradbalance.coefficients import mlb_coefficients
+from gradbalance.methods._base import Method
 
 Scale = Literal["all", "multimodal"]
 
 
-class MultiLoss(Balancer):
+class MultiLoss(Method):
     """Multi-Loss training: ``CE(fused) + sum_m CE(head_m(z_m))``, no modulation.
 
     Each encoder gets an auxiliary linear head trained on its feature; every coefficient is 1
@@ -28,8 +30,9 @@ class MultiLoss(Balancer):
         num_classes: number of classes.
         fused_weight: weight of the fused cross-entropy.
         unimodal_weight: weight of each head's cross-entropy (once, or per encoder).
-        **common: the options of :class:`~gradbalance.balancer.Balancer`
-            (``feature_dims``, ``pool``, ``features``, ``flush_every``).
+        **common: the options of :class:`~gradbalance.methods._base.Method` and
+            :class:`~gradbalance.Balancer` (``enabled``, ``window``, ``feature_dims``,
+            ``pool``, ``features``, ``flush_every``, ...).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -54,12 +57,16 @@ class MultiLoss(Balancer):
         **common: Any,
     ) -> None:
         super().__init__(model, encoders, num_classes, **common)
-        weights = _per_encoder(unimodal_weight, self.names, "unimodal_weight")
-        for name, weight in {"fused_weight": fused_weight, **weights}.items():
-            if weight is None or not weight >= 0:
-                raise ValueError(f"loss weight {name!r} must be >= 0, got {weight}")
-        self.fused_weight = float(fused_weight)
-        self.unimodal_weights: dict[str, float] = {k: float(v) for k, v in weights.items()}
+        self.fused_weight = _checks.check_number(
+            "loss weight fused_weight", fused_weight, minimum=0.0
+        )
+        weights = _checks.check_weights("unimodal_weight", unimodal_weight, self.names)
+        self.unimodal_weights: dict[str, float] = weights
+        self.register_buffer(
+            "_unimodal_weight_vector",
+            torch.tensor(list(weights.values()), device=self.last_scores.device),
+            persistent=False,
+        )
 
     def _coefficients(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(scores)
@@ -67,22 +74,16 @@ class MultiLoss(Balancer):
     def _scales_head_loss(self) -> bool:
         return False
 
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        scores = self._head_scores(unimodal, target)
-        if self._updating(logits):
-            self._store(self._coefficients(scores), scores)
-        total = self.fused_weight * F.cross_entropy(logits, target)
-        scaled = self._scales_head_loss()
-        for name, head_logits in unimodal.items():
-            head_loss = self._scaled_head_loss(head_logits, target, name, scaled)
-            total = total + self.unimodal_weights[name] * head_loss.to(total.device)
-        return total
+    def _loss(self, step: Step) -> torch.Tensor:
+        if step.training:
+            scores = step.head_scores()
+            step.store(
+                self._coefficients(scores) if self.active() else torch.ones_like(scores), scores
+            )
+        losses = step.head_losses(scaled=self._scales_head_loss() and step.training)
+        weights = self._unimodal_weight_vector.to(device=losses.device, dtype=losses.dtype)
+        fused = F.cross_entropy(step.logits, step.target)
+        return self.fused_weight * fused + (weights * losses).sum().to(fused.device)
 
 
 class MLB(MultiLoss):
@@ -138,20 +139,17 @@ class MLB(MultiLoss):
         enabled: bool = True,
         **options: Any,
     ) -> None:
-        _check_alpha_beta(alpha, beta_max)
-        if scale not in ("all", "multimodal"):
-            raise ValueError(f"scale must be 'all' or 'multimodal', got {scale!r}")
-        super().__init__(model, encoders, num_classes, **options)
-        self.alpha = float(alpha)
-        self.beta_max = float(beta_max)
+        alpha = _checks.check_alpha(alpha)
+        beta_max = _checks.check_number("beta_max", beta_max, minimum=0.0, strict=True)
+        _checks.check_choice("scale", scale, ("all", "multimodal"))
+        super().__init__(model, encoders, num_classes, enabled=enabled, **options)
+        self.alpha = alpha
+        self.beta_max = beta_max
         self.scale = scale
-        self.enabled = enabled
         if extra_parameters:
-            self.scale_parameters(extra_parameters)
+            self._request_parameter_scaling(extra_parameters)
 
     def _coefficients(self, scores: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return torch.ones_like(scores)
         return mlb_coefficients(scores, self.alpha, self.beta_max)
 
     def _scales_head_loss(self) -> bool:
@@ -160,5 +158,5 @@ class MLB(MultiLoss):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, beta_max={self.beta_max}, "
-            f"scale={self.scale!r}, enabled={self.enabled}"
+            f"scale={self.scale!r}, {self._window_repr()}"
         )

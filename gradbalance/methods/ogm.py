@@ -11,13 +11,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gradbalance import _checks
+from gradbalance._step import Step
 from gradbalance.coefficients import ogm_coefficients
-from gradbalance.methods._common import (
+from gradbalance.methods._base import (
     ParameterChoice,
     SlicedScoresMethod,
     WindowUnit,
-    check_alpha,
-    require_two,
+    parameter_filter,
 )
 
 NOISE_EPSILON = 1e-8
@@ -87,13 +88,10 @@ class OGM(SlicedScoresMethod):
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        require_two(encoders, type(self).__name__)
-        alpha = check_alpha(alpha)
-        if parameters not in ("encoder", "conv") and not callable(parameters):
-            raise ValueError(
-                "parameters must be 'encoder', 'conv' (4-D kernels only, as the official code) "
-                f"or a callable (name, parameter) -> bool, got {parameters!r}"
-            )
+        if hasattr(encoders, "__len__"):
+            _checks.require_two(len(encoders), type(self).__name__)
+        alpha = _checks.check_alpha(alpha)
+        parameter_filter(parameters)
         # "encoder": scale the encoder's output gradient; otherwise per-parameter hooks only.
         self.scales_gradients = parameters == "encoder"
         super().__init__(
@@ -110,24 +108,16 @@ class OGM(SlicedScoresMethod):
         self.parameter_choice = parameters
         self._modulated = self._encoder_parameters(parameters)
         if parameters != "encoder":
-            self._scale_parameter_gradients(self._modulated)
+            self._request_parameter_scaling(self._modulated)
 
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        total = F.cross_entropy(logits, target)
-        total = self._add_probe_losses(total, unimodal, target)  # detached probes
-        if not self._updating(logits):
+    def _loss(self, step: Step) -> torch.Tensor:
+        total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
+        if not step.training:
             return total
-        scoring = self._modality_logits(features, unimodal)
-        scores = self._head_scores(scoring, target)
-        active = self._in_window()
+        scores = step.mean(step.score_sums(self._modality_logits(step)), step.batch_size)
+        active = self.active()
         coefficients = ogm_coefficients(scores, self.alpha) if active else torch.ones_like(scores)
-        self._store(coefficients, scores)
+        step.store(coefficients, scores)
         self._modulated_step(active)
         return total
 
@@ -138,7 +128,7 @@ class OGM(SlicedScoresMethod):
         choice = self.parameter_choice if isinstance(self.parameter_choice, str) else "custom"
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, parameters={choice!r}, "
-            f"window={self.window} ({self.window_unit}), enabled={self.enabled}"
+            f"{self._window_repr()}"
         )
 
 
@@ -226,7 +216,7 @@ class OGMGE(OGM):
 
     def _rank_mean(self, coefficients: torch.Tensor) -> torch.Tensor:
         """With ``sync="local"`` under DDP, the ranks' coefficients differ: average them."""
-        if self.sync == "local" and self._distributed():
+        if self.sync == "local" and self.world_size() > 1:
             coefficients = coefficients.clone()
             dist.all_reduce(coefficients, group=self.process_group)
             coefficients /= dist.get_world_size(self.process_group)
@@ -242,12 +232,10 @@ class OGMGE(OGM):
         if not self._noise_pending:
             return
         self._noise_pending = False
-        coefficients = self._rank_mean(
-            torch.stack([self.coefficient_buffer(name) for name in self.names])
-        )
+        coefficients = self._rank_mean(self.last_coefficients.clone())
         for index, name in enumerate(self.names):
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for _, param in self._modulated[name]:
+            for param in self._modulated[name]:
                 grad = param.grad
                 if grad is not None and grad.numel() > 1:  # a 1-element std is undefined
                     groups.setdefault((grad.device, grad.dtype), []).append(grad)

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance.balancer import _per_encoder
+from gradbalance import _checks
+from gradbalance._step import Step
 from gradbalance.coefficients import pmr_weights
-from gradbalance.methods._common import MethodBase, WindowUnit, check_alpha, require_two
+from gradbalance.errors import ConfigurationError, InputError
+from gradbalance.methods._base import Method, WindowUnit
 
 PrototypeSource = Literal["accumulate", "explicit"]
 
@@ -50,7 +52,7 @@ def prototype_cross_entropy(
     return nll.sum() / keep.sum().clamp_min(1)
 
 
-class PMR(MethodBase):
+class PMR(Method):
     """PMR: a prototype cross-entropy for the weaker of two modalities, weighted by ``alpha``.
 
     Each modality keeps one prototype per class (the mean of its training features of that
@@ -90,10 +92,15 @@ class PMR(MethodBase):
         encoders: the two modality submodules (list or dict ``name -> module``).
         num_classes: number of classes.
         alpha: weight of the weaker modality's prototype loss (official default 1.0).
-        momentum: weight μ of the previous prototypes (official 0.2, [A] 0).
+        momentum: weight μ of the previous prototypes (official 0.2; 0 in the MLB authors' code).
         prototypes: ``"accumulate"`` or ``"explicit"``.
         batch_norm: standardise the features with their batch statistics before prototypes and
-            distances (the extra ``BatchNorm1d(affine=False)`` of [A]).
+            distances (the extra ``BatchNorm1d(affine=False)`` of the MLB authors' code).
+        first_blend_epoch: the first epoch (0-based, counted by :meth:`epoch_end`) whose
+            update blends with ``momentum``; earlier updates replace the prototypes by the new
+            class means. The default 1 blends as soon as previous prototypes exist (the first
+            update, after epoch 0, has none). The official PMR code blends for the first time
+            one epoch later: ``first_blend_epoch=2``.
         enabled, window, window_unit: as :class:`OGM`; outside the window no prototype loss is
             added (prototypes are still accumulated).
         **common: the options of :class:`~gradbalance.balancer.Balancer`.
@@ -125,17 +132,20 @@ class PMR(MethodBase):
         momentum: float = 0.2,
         prototypes: PrototypeSource = "accumulate",
         batch_norm: bool = False,
+        first_blend_epoch: int = 1,
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        require_two(encoders, type(self).__name__)
-        alpha = check_alpha(alpha)
-        if isinstance(momentum, bool) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if prototypes not in ("accumulate", "explicit"):
-            raise ValueError(f"prototypes must be 'accumulate' or 'explicit', got {prototypes!r}")
+        if hasattr(encoders, "__len__"):
+            _checks.require_two(len(encoders), type(self).__name__)
+        alpha = _checks.check_alpha(alpha)
+        momentum = _checks.check_number("momentum", momentum, minimum=0.0)
+        if momentum >= 1.0:
+            raise ConfigurationError(f"momentum must be in [0, 1), got {momentum!r}")
+        _checks.check_choice("prototypes", prototypes, ("accumulate", "explicit"))
+        _checks.check_int("first_blend_epoch", first_blend_epoch, 0)
         super().__init__(
             model,
             encoders,
@@ -146,10 +156,11 @@ class PMR(MethodBase):
             **common,
         )
         self.alpha = alpha
-        self.momentum = float(momentum)
+        self.momentum = momentum
+        self.first_blend_epoch = first_blend_epoch
         self.prototype_source = prototypes
         self.batch_norm = bool(batch_norm)
-        dims = _per_encoder(common.get("feature_dims"), self.names, "feature_dims")
+        dims = _checks.check_feature_dims(common.get("feature_dims"), self.names)
         device = self.last_scores.device
         for name in self.names:
             dim = dims[name] or 0
@@ -180,7 +191,7 @@ class PMR(MethodBase):
         buffer = getattr(self, f"{kind}_{name}")
         if buffer.shape[1] != dim:
             if buffer.shape[1] != 0:
-                raise ValueError(
+                raise ConfigurationError(
                     f"encoder {name!r} has feature width {dim}, but its prototypes were built "
                     f"for width {buffer.shape[1]}"
                 )
@@ -190,11 +201,11 @@ class PMR(MethodBase):
 
     @torch.no_grad()
     def _accumulate(
-        self, features: Mapping[str, torch.Tensor], target: torch.Tensor, in_step: bool
+        self, features: Mapping[str, torch.Tensor], target: torch.Tensor, step: Step | None
     ) -> None:
         """Per-class sums of the (detached) features with ``index_add_``; non-finite features
-        (or, ``in_step``, a training step skipped by ``nonfinite="skip"``) add nothing."""
-        keep = self._keep_if_finite if in_step else (lambda new, old: new)
+        (or a training ``step`` skipped by ``nonfinite="skip"``) add nothing."""
+        keep = step.keep_if_finite if step is not None else (lambda new, old: new)
         counts = self.class_counts
         target = target.to(counts.device)
         added = []
@@ -217,15 +228,15 @@ class PMR(MethodBase):
         For ``prototypes="explicit"``: call after each forward of your prototype pass.
         """
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
-            raise ValueError("collect(target) takes the (B,) class labels of the last forward")
-        captures = self._take_captures()  # consumes the forward, like loss() would
+            raise InputError("collect(target) takes the (B,) class labels of the last forward")
+        captures = self._captures.take(torch.is_grad_enabled())  # consumes it, as loss() would
         features = {name: self._feature(name, c.output) for name, c in captures.items()}
         if any(f.shape[0] != target.shape[0] for f in features.values()):
-            raise ValueError(
+            raise InputError(
                 f"collect(target): {target.shape[0]} labels for features of batch size "
                 f"{next(iter(features.values())).shape[0]}"
             )
-        self._accumulate(features, target.long(), in_step=False)
+        self._accumulate(features, target.long(), None)
 
     @torch.no_grad()
     def update_prototypes(self) -> None:
@@ -253,7 +264,8 @@ class PMR(MethodBase):
             old = self._sized("prototypes", name, width)
             new = sums / counts.clamp_min(1).unsqueeze(1)
             blended = (1 - self.momentum) * new + self.momentum * old
-            blended = torch.where(valid.unsqueeze(1), blended, new)
+            blends = valid if self.epoch >= self.first_blend_epoch else torch.zeros_like(valid)
+            blended = torch.where(blends.unsqueeze(1), blended, new)
             old.copy_(torch.where(seen.unsqueeze(1), blended, old))
             sums_buffer.zero_()
         valid |= seen
@@ -282,33 +294,27 @@ class PMR(MethodBase):
             out[name] = prototype_logits(feature, prototypes.to(feature.device))
         return out
 
-    def _loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        features: dict[str, torch.Tensor],
-        unimodal: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        total = F.cross_entropy(logits, target)
-        if not self._updating(logits):
+    def _loss(self, step: Step) -> torch.Tensor:
+        total = F.cross_entropy(step.logits, step.target)
+        if not step.training:
             return total
         if self.prototype_source == "accumulate":
-            self._accumulate(features, target, in_step=True)
+            self._accumulate(step.features, step.target, step)
         device = self.last_scores.device
-        if not (self.ready and self._in_window()):
+        if not (self.ready and self.active()):
             zeros = torch.zeros(len(self.names), device=device)
-            self._store(zeros, zeros)
+            step.store(zeros, zeros)
             return total
         valid = self.prototype_valid
-        proto_logits = self.prototype_logits(features)
-        sums = self._score_sums(
-            [_masked(z.detach(), valid.to(z.device)) for z in proto_logits.values()], target
+        proto_logits = self.prototype_logits(step.features)
+        sums = step.score_sums(
+            [_masked(z.detach(), valid.to(z.device)) for z in proto_logits.values()]
         )
-        scores = self._reduce_mean(sums, target.shape[0])  # over all ranks with sync="global"
+        scores = step.mean(sums, step.batch_size)  # over all ranks with sync="global"
         weights = pmr_weights(scores, self.alpha)
-        self._store(weights, scores)
+        step.store(weights, scores)
         for index, z in enumerate(proto_logits.values()):
-            term = prototype_cross_entropy(z, target.to(z.device), valid.to(z.device))
+            term = prototype_cross_entropy(z, step.target.to(z.device), valid.to(z.device))
             total = total + (weights[index].to(term.device) * term).to(total.device)
         return total
 
@@ -339,5 +345,6 @@ class PMR(MethodBase):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, momentum={self.momentum}, "
-            f"prototypes={self.prototype_source!r}, enabled={self.enabled}"
+            f"prototypes={self.prototype_source!r}, first_blend_epoch={self.first_blend_epoch}, "
+            f"{self._window_repr()}"
         )

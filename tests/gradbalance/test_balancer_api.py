@@ -65,8 +65,7 @@ def test_state_dict_round_trip(two_tower):
     bal.loss(two_tower(*inputs), target).backward()
     state = bal.state_dict()
     assert set(state) >= {
-        "coefficient_towers_0",
-        "coefficient_towers_1",
+        "last_coefficients",
         "last_scores",
         "heads.towers_0.weight",
         "_extra_state",
@@ -81,6 +80,21 @@ def test_state_dict_round_trip(two_tower):
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, other.state_dict()[key]), key
     assert other.coefficients == bal.coefficients
+
+
+def test_state_dict_of_the_first_release_still_loads(two_tower):
+    """Checkpoints written before the coefficients became one buffer kept one per encoder."""
+    inputs, target = make_batch((5, 7))
+    bal = gb.MLB(two_tower, encoders=list(two_tower.towers), num_classes=4, alpha=2.0)
+    bal.loss(two_tower(*inputs), target).backward()
+    state = dict(bal.state_dict())
+    values = state.pop("last_coefficients")
+    old = {**state, "coefficient_towers_0": values[0], "coefficient_towers_1": values[1]}
+    other_model = MultiTowerNet((5, 7))
+    other = gb.MLB(other_model, encoders=list(other_model.towers), num_classes=4, alpha=2.0)
+    other.loss(other_model(*inputs), target)
+    other.load_state_dict(old)  # strict: no missing, no unexpected key
+    assert torch.equal(other.last_coefficients, values)
 
 
 def test_parameters_are_only_the_heads(two_tower):
@@ -404,7 +418,7 @@ def test_balancer_collected_during_an_optimizer_step(two_tower):
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from gradbalance import balancer as balancer_module
+    from gradbalance import _attach as attach_module
 
     doomed = [MultiTowerNet((5, 7))]
     doomed.append(gb.MLB(doomed[0], list(doomed[0].towers), num_classes=4, feature_dims=[12, 12]))
@@ -427,4 +441,4 @@ def test_balancer_collected_during_an_optimizer_step(two_tower):
         handle.remove()
     assert bal.steps == 2
     assert collected() is None
-    assert bal in balancer_module._WATCHED
+    assert bal in attach_module._WATCHED

@@ -1,0 +1,189 @@
+"""What every method shares beyond the :class:`~gradbalance.Balancer` front: the switch
+``enabled``, the modulation window, eval-mode passes, fused-head slices and parameter choice.
+
+A method implements ``_loss(step)`` (the per-step contract of ``gradbalance._step``): it
+reads the step's logits, features and head logits, calls ``step.store(coefficients, scores)``
+once in a training step and returns the loss. :meth:`Method.active` says whether this
+training step is modulated (enabled and inside the window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradbalance import _checks
+from gradbalance._step import Step
+from gradbalance.balancer import Balancer
+from gradbalance.errors import ConfigurationError
+
+WindowUnit = Literal["epoch", "step"]
+ParameterChoice = Literal["encoder", "conv"] | Callable[[str, nn.Parameter], bool]
+
+
+@contextmanager
+def eval_mode(model: nn.Module, active: bool = True) -> Iterator[None]:
+    """Put every submodule in eval mode for the block and restore each one's own flag after."""
+    if not active:
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def modality_slices(head: nn.Module, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-modality logits of a late-linear fused head: ``W_m z_m + b / M``.
+
+    ``head.modality_logits(*features)`` when the head has it; for an ``nn.Linear`` over the
+    concatenated features, the weight is split by the features' widths.
+    """
+    if callable(getattr(head, "modality_logits", None)):
+        return list(head.modality_logits(*features))
+    widths = [feature.shape[-1] for feature in features]
+    if sum(widths) != head.weight.shape[1]:
+        raise ConfigurationError(
+            f"fusion_head is an nn.Linear with {head.weight.shape[1]} inputs but the encoders' "
+            f"features have widths {widths} (sum {sum(widths)}); pass the linear layer that "
+            "takes the concatenated features, in encoder order"
+        )
+    blocks = head.weight.split(widths, dim=1)
+    share = head.bias / len(features) if head.bias is not None else None
+    return [F.linear(feature, block, share) for feature, block in zip(features, blocks)]
+
+
+def parameter_filter(choice: ParameterChoice) -> Callable[[str, nn.Parameter], bool]:
+    """The parameter selection of ``parameters=``: every one, 4-D kernels, or a callable."""
+    if choice == "encoder":
+        return lambda name, param: True
+    if choice == "conv":
+        return lambda name, param: param.dim() == 4
+    if callable(choice):
+        return choice
+    raise ConfigurationError(
+        "parameters must be 'encoder', 'conv' (4-D kernels only, as the official OGM "
+        f"code) or a callable (name, parameter) -> bool, got {choice!r}"
+    )
+
+
+class Method(Balancer):
+    """A balancing method: the front plus ``enabled`` and a modulation window.
+
+    Not a method itself. ``enabled=False`` (or a step outside the window) trains without
+    modulation: every coefficient is 1 (for PMR the prototype weights are 0).
+
+    Args:
+        model, encoders, num_classes: as :class:`~gradbalance.Balancer`.
+        enabled: modulate at all (switch later with ``bal.enabled = False``).
+        window: ``(start, end)`` inclusive range of epochs (or steps) in which the method
+            modulates; ``end=None`` never ends.
+        window_unit: ``"epoch"`` (counted by :meth:`epoch_end`) or ``"step"``.
+        **common: the options of :class:`~gradbalance.Balancer`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        enabled: bool = True,
+        window: Sequence[int | None] = (0, None),
+        window_unit: WindowUnit = "epoch",
+        **common: Any,
+    ) -> None:
+        self.window = _checks.check_window(window, window_unit)
+        self.window_unit = window_unit
+        super().__init__(model, encoders, num_classes, **common)
+        self.__dict__["_model"] = model  # not a submodule: state_dict never holds the model
+        self.enabled = bool(enabled)
+
+    def active(self) -> bool:
+        """Whether this training step is modulated (enabled and inside the window)."""
+        if not self.enabled:
+            return False
+        start, end = self.window
+        position = self.epoch if self.window_unit == "epoch" else self.steps
+        return position >= start and (end is None or position <= end)
+
+    def _encoder_parameters(self, choice: ParameterChoice) -> dict[str, list[nn.Parameter]]:
+        """Each encoder's trainable parameters selected by ``choice`` (each parameter once)."""
+        keep = parameter_filter(choice)
+        seen: set[int] = set()
+        selected: dict[str, list[nn.Parameter]] = {}
+        for name, module in self._encoders.items():
+            selected[name] = []
+            for param_name, param in module.named_parameters():
+                if param.requires_grad and id(param) not in seen and keep(param_name, param):
+                    seen.add(id(param))
+                    selected[name].append(param)
+        return selected
+
+    def _probe_loss(self, step: Step) -> torch.Tensor:
+        """The detached probes' summed cross-entropy (it trains only the probes); 0 without."""
+        if not step.unimodal:
+            return step.logits.new_zeros(())
+        return step.head_losses(scaled=False).sum().to(step.logits.device)
+
+    def _window_repr(self) -> str:
+        return f"window={self.window} ({self.window_unit}), enabled={self.enabled}"
+
+
+class SlicedScoresMethod(Method):
+    """A method whose per-modality logits are the fused head's slices, or detached probes.
+
+    With ``fusion_head`` (a late-linear head, see :func:`modality_slices`) each modality's
+    logits are its slice of the fused logits, as the official OGM and the MLB code's MSLR
+    read them; without it, detached linear probes stand in. Not a method itself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        num_classes: int,
+        *,
+        fusion_head: nn.Module | None = None,
+        **options: Any,
+    ) -> None:
+        _checks.check_fusion_head(fusion_head)
+        super().__init__(
+            model,
+            encoders,
+            num_classes,
+            head_mode="none" if fusion_head is not None else "probe",
+            **options,
+        )
+        self.__dict__["_fusion_head"] = fusion_head  # not a submodule: it belongs to the model
+
+    @property
+    def fusion_head(self) -> nn.Module | None:
+        """The fused head whose slices give the per-modality logits (``None``: probes)."""
+        return self.__dict__["_fusion_head"]
+
+    def _slices(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's (detached) slice of the fused head's logits."""
+        with torch.no_grad():
+            logits = modality_slices(self.fusion_head, [features[n] for n in self.names])
+        return dict(zip(self.names, logits))
+
+    def _modality_logits(self, step: Step) -> list[torch.Tensor] | torch.Tensor:
+        """The slices when there is a fused head, else the probes' logits."""
+        if self.fusion_head is not None:
+            return list(self._slices(step.features).values())
+        return step.unimodal_stack()
+
+    def unimodal_logits(self) -> dict[str, torch.Tensor]:
+        """Each modality's logits on the last forward: fused-head slices or probe outputs."""
+        if self.fusion_head is not None:
+            return self._slices(self.features())
+        return super().unimodal_logits()
