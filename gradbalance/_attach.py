@@ -58,6 +58,13 @@ _LATE_WRAPPERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _REGISTRATION_HOOK: list[RemovableHandle] = []
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU without any)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def refuse_owned(encoders: Mapping[str, nn.Module]) -> None:
     """Refuse encoders that another (attached) balancer taps already."""
     for name, module in encoders.items():

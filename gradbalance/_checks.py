@@ -11,9 +11,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from gradbalance.errors import WRAP_ORDER, ConfigurationError, InputTypeError
+from gradbalance.errors import WRAP_ORDER, ConfigurationError, InputError, InputTypeError
 
 POOLS: tuple[str, ...] = ("spatial", "tokens", "cls")
 SYNCS: tuple[str, ...] = ("global", "local")
@@ -245,3 +246,91 @@ def refuse_nested(encoders: Mapping[str, nn.Module]) -> None:
                     f"encoder {other_name!r} is nested inside encoder {name!r}; "
                     "encoders must be disjoint submodules"
                 )
+
+
+def check_loss_inputs(logits: Any, target: Any, num_classes: int) -> torch.Tensor:
+    """Check ``loss(logits, target)``'s arguments; the labels as ``torch.long``.
+
+    Labels out of range are checked on the device (``torch._assert_async``, no host sync).
+
+    Raises:
+        InputTypeError: not tensors; integer logits; non-integer labels.
+        InputError: logits not ``(B, num_classes)``; an empty batch; labels of another
+            shape or device.
+    """
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise InputTypeError("loss(logits, target) takes two tensors")
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise InputError(
+            f"logits must have shape (B, num_classes={num_classes}), got {tuple(logits.shape)}"
+        )
+    if logits.shape[0] == 0:
+        raise InputError(
+            "loss() got an empty batch (B = 0): no statistic is defined on it; skip empty "
+            "batches in your loop (e.g. DataLoader(..., drop_last=True) with a small dataset)"
+        )
+    if not logits.is_floating_point():
+        raise InputTypeError(f"logits must be floating point, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise InputTypeError(
+            f"target must hold integer class indices (torch.long), got {target.dtype}"
+        )
+    if target.shape != logits.shape[:1]:
+        raise InputError(
+            f"target must have shape ({logits.shape[0]},) to match the logits, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise InputError(
+            f"target is on {target.device} but the logits are on {logits.device}: move the "
+            "labels to the logits' device (target.to(logits.device))"
+        )
+    in_range = ((target >= 0) & (target < num_classes)).all()
+    torch._assert_async(in_range, f"target labels must lie in [0, {num_classes})")
+    return target.long()
+
+
+def check_scaled_parameters(
+    parameters: Mapping[str, Any], encoders: Mapping[str, nn.Module], inside_allowed: bool
+) -> dict[str, list[nn.Parameter]]:
+    """``{modality: parameters}`` whose gradients that modality's coefficient also scales.
+
+    Raises:
+        ConfigurationError: an unknown modality; a parameter listed twice; a parameter inside
+            its encoder (already scaled) unless ``inside_allowed``.
+        InputTypeError: an entry that is not a tensor.
+    """
+    seen: set[int] = set()
+    selected: dict[str, list[nn.Parameter]] = {}
+    for name, params in parameters.items():
+        if name not in encoders:
+            raise ConfigurationError(f"unknown modality {name!r}; known: {list(encoders)}")
+        inside = {id(p) for p in encoders[name].parameters()}
+        for param in params:
+            if not isinstance(param, torch.Tensor):
+                raise InputTypeError(
+                    f"parameters for {name!r} must be tensors, got {type(param).__name__}"
+                )
+            if id(param) in seen:
+                raise ConfigurationError("a parameter is listed for more than one modality")
+            if id(param) in inside and not inside_allowed:
+                raise ConfigurationError(
+                    f"a parameter listed for {name!r} is inside that encoder; its gradient is "
+                    "scaled already"
+                )
+            seen.add(id(param))
+            selected.setdefault(name, []).append(param)
+    return selected
+
+
+def upgrade_state_dict(
+    state_dict: Mapping[str, Any], prefix: str, names: Sequence[str]
+) -> Mapping[str, Any]:
+    """A balancer state dict of the first release (one ``coefficient_<name>`` buffer per
+    encoder) in the current layout (one ``last_coefficients`` buffer); others unchanged."""
+    old = [f"{prefix}coefficient_{name}" for name in names]
+    if f"{prefix}last_coefficients" in state_dict or not all(k in state_dict for k in old):
+        return state_dict
+    upgraded = {k: v for k, v in state_dict.items() if k not in old}
+    upgraded[f"{prefix}last_coefficients"] = torch.stack([state_dict[k] for k in old])
+    return upgraded

@@ -5,11 +5,14 @@ Every function is a no-op in a single process. Nothing here synchronises with th
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from gradbalance._attach import Attachment, active_ddp
 
 
 def world_size(group: Any) -> int:
@@ -76,3 +79,44 @@ def average_gradient(grad: torch.Tensor, group: Any) -> torch.Tensor:
     grad = grad.contiguous().clone()
     dist.all_reduce(grad, group=group)
     return grad.div_(dist.get_world_size(group))
+
+
+class RankSync:
+    """A balancer's heads across ranks: same start values, averaged gradients.
+
+    Args:
+        model: the user's model (to recognise its DDP wrapper).
+        group: the process group (None: the world).
+    """
+
+    def __init__(self, model: nn.Module, group: Any) -> None:
+        self.model = model
+        self.group = group
+        self.ready = False
+        self.heads_in_ddp = False
+        self._seen: weakref.ref | None = None
+
+    def check_wrapper(self, balancer: nn.Module) -> None:
+        """At a forward: refuse a DDP wrapper made before the balancer; note whether DDP's
+        module contains the balancer (DDP then averages the heads' gradients itself)."""
+        ddp = active_ddp(self.model)
+        if ddp is None or (self._seen is not None and self._seen() is ddp):
+            return
+        self._seen = weakref.ref(ddp)
+        self.heads_in_ddp = any(module is balancer for module in ddp.module.modules())
+
+    def prepare(self, balancer: nn.Module, attachment: Attachment) -> None:
+        """First training step with several ranks: rank 0's heads everywhere, and a gradient
+        hook averaging each head parameter's gradient over the ranks."""
+        if self.ready or world_size(self.group) == 1:
+            return
+        broadcast_parameters(balancer, self.group)
+        trainable = [p for p in balancer.parameters() if p.requires_grad]
+        attachment.add_gradient_hooks(trainable, self.average)
+        self.ready = True
+
+    def average(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """Gradient hook of a head parameter: the mean over the ranks (unless DDP does it)."""
+        if self.heads_in_ddp or world_size(self.group) == 1:
+            return None
+        return average_gradient(grad, self.group)

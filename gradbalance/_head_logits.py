@@ -12,6 +12,19 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from gradbalance.errors import DeviceError
+
+
+def stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``(M, B, D)``: the features stacked when they share shape, device and dtype."""
+    tensors = list(features.values())
+    first = tensors[0]
+    uniform = all(
+        t.shape == first.shape and t.device == first.device and t.dtype == first.dtype
+        for t in tensors
+    )
+    return torch.stack(tensors) if uniform else None
+
 
 def stackable(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor]) -> bool:
     """Whether the heads are plain linear layers of one shape and the features one shape,
@@ -29,21 +42,21 @@ def stackable(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tenso
 
 
 def stacked_head_logits(
-    heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor], detach: bool
+    heads: Mapping[str, nn.Module], stacked: torch.Tensor, detach: bool
 ) -> torch.Tensor:
     """``(M, B, K)``: every head on its feature, as one batched ``baddbmm``.
 
-    Call only when :func:`stackable` holds. ``detach`` cuts the features from the graph
-    (stop-gradient probes).
+    ``stacked`` holds the M features, ``(M, B, D)``, in the heads' order (see
+    :func:`stack_if_uniform`). Call only when :func:`stackable` holds. ``detach`` cuts the
+    features from the graph (stop-gradient probes).
 
     Example:
         >>> heads = {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}
         >>> feats = {"a": torch.randn(2, 4), "b": torch.randn(2, 4)}
-        >>> out = stacked_head_logits(heads, feats, detach=False)
+        >>> out = stacked_head_logits(heads, stack_if_uniform(feats), detach=False)
         >>> torch.allclose(out[1], heads["b"](feats["b"]), atol=1e-6)
         True
     """
-    stacked = torch.stack(list(features.values()))
     if detach:
         stacked = stacked.detach()
     weights = torch.stack([h.weight for h in heads.values()])
@@ -59,3 +72,52 @@ def separate_head_logits(
         name: heads[name](feature.detach() if detach else feature)
         for name, feature in features.items()
     }
+
+
+def head_logits(
+    heads: Mapping[str, nn.Module],
+    features: Mapping[str, torch.Tensor],
+    stacked: torch.Tensor | None,
+    detach: bool,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Every head's logits: ``(stacked (M, B, K) or None, {name: (B, K)})``.
+
+    Batched when the features were stacked (``stacked``, see :func:`stack_if_uniform`) and
+    :func:`stackable` holds (the dict then holds views of the stacked logits).
+    """
+    if stacked is not None and stackable(heads, features):
+        logits = stacked_head_logits(heads, stacked, detach)
+        return logits, dict(zip(features, logits.unbind()))
+    return None, separate_head_logits(heads, features, detach)
+
+
+def prepare_heads(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor]) -> None:
+    """Make each head ready for its feature: on its device, materialised, of its dtype.
+
+    A lazy head is materialised outside inference mode (so a first ``loss()`` under
+    ``torch.inference_mode()`` does not turn its parameters into inference tensors); a head
+    follows its feature's floating dtype (``model.double()`` after the balancer) unless
+    autocast chooses the dtypes.
+
+    Raises:
+        DeviceError: a head is on another device than its feature.
+    """
+    for name, head in heads.items():
+        feature = features[name]
+        weight = next(iter(head.parameters()), None)
+        if weight is None:
+            continue
+        if weight.device != feature.device:
+            raise DeviceError(
+                f"encoder {name!r} produced its output on {feature.device} but the "
+                f"balancer's head for it is on {weight.device}: move the model to its "
+                "device(s) before creating the balancer, or move the balancer too "
+                "(bal.to(device))"
+            )
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            with torch.inference_mode(False), torch.no_grad():
+                head(torch.zeros(1, feature.shape[1], device=feature.device))
+            weight = next(iter(head.parameters()))
+        autocast = torch.is_autocast_enabled(feature.device.type)
+        if feature.is_floating_point() and weight.dtype != feature.dtype and not autocast:
+            head.to(feature.dtype)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from gradbalance.errors import CaptureError
+
 GradientWatch = Callable[[torch.Tensor], None]
 
 
@@ -106,3 +108,60 @@ class Binding:
     def write(self, coefficients: torch.Tensor) -> None:
         """Write this forward's coefficients (in place: the graph holds the views)."""
         self.values.copy_(coefficients)
+
+
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward() -> bool:
+    """Whether autograd runs a backward (activation checkpointing recomputes forwards there)."""
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
+
+
+class BackwardBindings:
+    """Which forwards' bindings the running backward covers, for per-parameter scaling.
+
+    A gradient hook on a parameter sees the sum over every use of the parameter, so it
+    cannot tell two forwards apart: it applies the binding of the one ``loss()`` whose
+    backward runs, or refuses (``CaptureError``) when two summed losses share one backward.
+    Each returned loss gets :meth:`loss_hook`, which fires when the backward reaches it.
+    """
+
+    def __init__(self) -> None:
+        self.task = -1
+        self.bindings: list[Binding] = []
+        self.latest: Binding | None = None
+
+    def loss_hook(self, binding: Binding) -> Callable[[torch.Tensor], None]:
+        """The hook to register on the loss computed with ``binding``."""
+        self.latest = binding
+
+        def reached(grad: torch.Tensor) -> None:
+            task = _GRAPH_TASK_ID() if _GRAPH_TASK_ID is not None else -1
+            if task != self.task:
+                self.task, self.bindings = task, [binding]
+            elif all(b is not binding for b in self.bindings):
+                self.bindings.append(binding)
+
+        return reached
+
+    def coefficient(self, index: int) -> torch.Tensor | None:
+        """k_index of the running backward's loss (the latest when no loss was reached)."""
+        current = _GRAPH_TASK_ID() if _GRAPH_TASK_ID is not None else -1
+        covered = self.bindings if self.task == current else []
+        if len(covered) > 1:
+            raise CaptureError(
+                "two loss() results are summed into one backward while gradients are scaled "
+                "per parameter (extra_parameters=, OGM parameters='conv'), whose coefficient "
+                "cannot be told apart per loss: call one backward per loss() (gradient "
+                "accumulation works)"
+            )
+        binding = covered[0] if covered else self.latest
+        return None if binding is None else binding.views[index]
+
+    def scale(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient hook of a parameter of modality ``index``: ``grad * k_index``."""
+        k = self.coefficient(index)
+        if k is None:
+            return grad
+        return grad * k.to(device=grad.device, dtype=grad.dtype)

@@ -13,8 +13,6 @@ with the host. The parts behind this front: validation (``_checks``), hooks and 
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -24,28 +22,20 @@ import torch
 from torch import nn
 
 from gradbalance import _checks
-from gradbalance._attach import Attachment, active_ddp, refuse_owned
+from gradbalance._attach import Attachment, module_device, refuse_owned
 from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
-from gradbalance._distributed import (
-    average_gradient,
-    broadcast_parameters,
-    local_mean,
-    reduce_mean,
-    world_size,
+from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
+from gradbalance._finite import NonFiniteGuard
+from gradbalance._head_logits import (
+    head_logits,
+    prepare_heads,
+    separate_head_logits,
+    stack_if_uniform,
 )
-from gradbalance._finite import GradientGuard, finite_flags, nonfinite_message
-from gradbalance._head_logits import separate_head_logits, stackable, stacked_head_logits
-from gradbalance._scale import Binding, scale_grad_tree
+from gradbalance._optimizer_watch import OptimizerWatch
+from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
-from gradbalance.errors import (
-    WRAP_ORDER,
-    CaptureError,
-    DeviceError,
-    InputError,
-    InputTypeError,
-    NonFiniteError,
-    OrderError,
-)
+from gradbalance.errors import WRAP_ORDER, CaptureError
 from gradbalance.history import History
 
 __all__ = ["Balancer", "pool_feature"]
@@ -55,13 +45,6 @@ HeadMode = Literal["train", "probe", "none"]
 Sync = Literal["global", "local"]
 NonFinite = Literal["raise", "skip"]
 ORDER = WRAP_ORDER
-
-_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def _in_backward() -> bool:
-    """Whether autograd runs a backward (activation checkpointing recomputes forwards there)."""
-    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
 class _AttachAfterInit(type):
@@ -165,10 +148,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
             self.head_mode = _checks.check_choice(
                 "head_mode", head_mode, ("train", "probe", "none")
             )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise _checks.ConfigurationError(
-                f"num_classes must be an int >= 2, got {num_classes!r}"
-            )
+        _checks.check_int("num_classes", num_classes, 2)
         self.sync: Sync = _checks.check_choice("sync", sync, _checks.SYNCS)
         self.nonfinite: NonFinite = _checks.check_choice("nonfinite", nonfinite, _checks.NONFINITE)
         _checks.check_int("flush_every", flush_every, 1)
@@ -181,10 +161,10 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         dims = _checks.check_feature_dims(feature_dims, self.names)
         self.num_classes = num_classes
         self.process_group = process_group
-        device = _module_device(next(iter(encoder_map.values())))
+        device = module_device(next(iter(encoder_map.values())))
         self.heads = nn.ModuleDict(
             {
-                name: self._make_head(dims[name], _module_device(encoder_map[name]))
+                name: self._make_head(dims[name], module_device(encoder_map[name]))
                 for name in self.names
             }
             if self.head_mode != "none"
@@ -196,25 +176,17 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device))
         self._history = History(self.names, flush_every, device=device)
         self.__dict__["_root_model"] = model  # not a submodule: state_dict never holds it
-        self._model_parameter_ids = frozenset(id(p) for p in model.parameters())
         self._attachment = Attachment(model, encoder_map, self)
+        self._watch = OptimizerWatch(model.parameters(), self.parameters)
+        self._guard = NonFiniteGuard(self.names, device, nonfinite, bool(check_gradients))
         self._captures = CaptureStore(self.names)
         self._index = {name: index for index, name in enumerate(self.names)}
         self._binding = Binding(torch.ones(m, device=device))
-        self._gradient_guard = GradientGuard(self.names, device) if check_gradients else None
+        self._backward = BackwardBindings()
         self._scaled_parameters: dict[str, list[nn.Parameter]] = {}
-        self._backward_bindings: tuple[int, list[Binding]] = (-1, [])
-        self._last_binding: Binding | None = None
         self._paused = 0
-        self._last_finite: torch.Tensor | None = None
-        self._nonfinite_first: torch.Tensor | None = None
-        self._defer_nonfinite_errors = False
         self._training_calls = 0
-        self._warned_eval_mode = False
-        self._stepped_model = self._stepped_heads = False
-        self._distributed_ready = False
-        self._seen_ddp: weakref.ref | None = None
-        self._heads_in_ddp = False
+        self._ranks = RankSync(model, process_group)
         self.steps = 0
         self.epoch = 0
 
@@ -229,44 +201,26 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """Called once the most-derived constructor has validated everything."""
         self._attachment.attach(self._on_output, self._on_model_forward)
         for name, params in self._scaled_parameters.items():
-            hook = partial(_scale_parameter_gradient, weakref.ref(self), self._index[name])
+            hook = partial(self._backward.scale, self._index[name])
             self._attachment.add_gradient_hooks(params, hook)
 
     def _request_parameter_scaling(self, parameters: Mapping[str, Iterable[nn.Parameter]]) -> None:
         """Validate (in a constructor) parameters whose gradients k_name also scales."""
-        seen: set[int] = set()
-        for name, params in parameters.items():
-            if name not in self._encoders:
-                raise _checks.ConfigurationError(f"unknown modality {name!r}; known: {self.names}")
-            inside = {id(p) for p in self._encoders[name].parameters()}
-            for param in params:
-                if not isinstance(param, torch.Tensor):
-                    raise InputTypeError(
-                        f"parameters for {name!r} must be tensors, got {type(param).__name__}"
-                    )
-                if id(param) in seen:
-                    raise _checks.ConfigurationError(
-                        "a parameter is listed for more than one modality"
-                    )
-                seen.add(id(param))
-                self._scaled_parameters.setdefault(name, []).append(param)
-                if id(param) in inside and self.scales_gradients:
-                    raise _checks.ConfigurationError(
-                        f"a parameter listed for {name!r} is inside that encoder; its gradient "
-                        "is scaled already"
-                    )
-        self.uses_parameter_hooks = bool(self._scaled_parameters)
+        inside_allowed = not self.scales_gradients
+        selected = _checks.check_scaled_parameters(parameters, self._encoders, inside_allowed)
+        self._scaled_parameters = selected
+        self.uses_parameter_hooks = bool(selected)
 
     def remove(self) -> None:
         """Remove every hook: the model's forward and backward are exactly as before."""
         self._attachment.detach()
         self._captures.clear()
-        self._distributed_ready = False
+        self._ranks = RankSync(self._root_model, self.process_group)
 
     def _on_model_forward(self) -> None:
         if torch.compiler.is_compiling() or self._paused:
             return
-        if not _in_backward():
+        if not in_backward():
             self._captures.model_forward()
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
@@ -280,19 +234,11 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         if torch.compiler.is_compiling():
             self._captures.record_compiled(name, output, grad, module.training, binding)
             return scale_grad_tree(output, k)
-        if not _in_backward():  # checkpointing recomputes: scale again, capture nothing
-            self._check_ddp()
+        if not in_backward():  # checkpointing recomputes: scale again, capture nothing
+            self._ranks.check_wrapper(self)
             self._captures.record(name, output, grad, module.training, binding)
-        guard = self._gradient_guard
-        watch = guard.watch(index) if guard is not None and grad else None
+        watch = self._guard.watch(index) if grad else None
         return scale_grad_tree(output, k, watch)
-
-    def _check_ddp(self) -> None:
-        ddp = active_ddp(self._root_model)
-        if ddp is None or (self._seen_ddp is not None and self._seen_ddp() is ddp):
-            return
-        self._seen_ddp = weakref.ref(ddp)
-        self._heads_in_ddp = any(module is self for module in ddp.module.modules())
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -327,30 +273,8 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
             )
         features = self.features()
         with torch.no_grad():
-            self._prepare_heads(features)
+            prepare_heads(self.heads, features)
             return separate_head_logits(self.heads, features, detach=True)
-
-    def _prepare_heads(self, features: Mapping[str, torch.Tensor]) -> None:
-        """Materialise lazy heads (outside inference mode) and follow the features' dtype."""
-        for name, head in self.heads.items():
-            feature = features[name]
-            weight = next(iter(head.parameters()), None)
-            if weight is None:
-                continue
-            if weight.device != feature.device:
-                raise DeviceError(
-                    f"encoder {name!r} produced its output on {feature.device} but the "
-                    f"balancer's head for it is on {weight.device}: move the model to its "
-                    "device(s) before creating the balancer, or move the balancer too "
-                    "(bal.to(device))"
-                )
-            if isinstance(weight, nn.parameter.UninitializedParameter):
-                with torch.inference_mode(False), torch.no_grad():
-                    head(torch.zeros(1, feature.shape[1], device=feature.device))
-                weight = next(iter(head.parameters()))
-            autocast = torch.is_autocast_enabled(feature.device.type)
-            if feature.is_floating_point() and weight.dtype != feature.dtype and not autocast:
-                head.to(feature.dtype)
 
     # --- loss -----------------------------------------------------------------------------
 
@@ -375,34 +299,24 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
-        target = self._check_inputs(logits, target)
+        target = _checks.check_loss_inputs(logits, target, self.num_classes)
         training = grad_enabled and logits.requires_grad
         if training and not any(c.train_mode for c in captures.values()):
-            self._warn_eval_mode()
+            self._captures.warn_eval_mode()
             training = False
-        features = {name: self._feature(name, c.output) for name, c in captures.items()}
+        outputs = {name: c.output for name, c in captures.items()}
+        features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
-        step = Step(
-            self,
-            logits,
-            target,
-            features,
-            {n: c.output for n, c in captures.items()},
-            training,
-            binding,
-        )
-        if self.heads:
-            self._prepare_heads(features)
-        stacked = _stack_if_uniform(features)
+        step = Step(self, logits, target, features, outputs, training, binding)
+        prepare_heads(self.heads, features)
+        stacked = stack_if_uniform(features)
         if training:
             self._begin_training_step(step, stacked)
         if self.heads:
             detach = self.head_mode == "probe"
-            if stacked is not None and stackable(self.heads, features):
-                step.stacked_unimodal = stacked_head_logits(self.heads, features, detach)
-                step.unimodal = dict(zip(self.names, step.stacked_unimodal.unbind()))
-            else:
-                step.unimodal = separate_head_logits(self.heads, features, detach)
+            step.stacked_unimodal, step.unimodal = head_logits(
+                self.heads, features, stacked, detach
+            )
         total = self._loss(step)
         if training:
             self._end_training_step(step, total)
@@ -413,172 +327,41 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:
         self._training_calls += 1
-        self._check_optimizer()
-        if world_size(self.process_group) > 1:
-            self._prepare_distributed()
-        step.finite = self._check_finite(step, stacked)
+        self._watch.check()
+        self._ranks.prepare(self, self._attachment)
+        self._guard.step = self.steps
+        step.finite = self._guard.check_inputs(
+            stacked if stacked is not None else list(step.features.values()), step.logits
+        )
         if self._training_calls % self._history.flush_every == 0:
-            self._raise_deferred()
-        if self._gradient_guard is not None:
-            self._gradient_guard.step = self.steps
-            self._gradient_guard.raise_at_once = self.raises_at_once(step.logits)
+            self._guard.raise_recorded()
 
     def _end_training_step(self, step: Step, total: torch.Tensor) -> None:
         """Bind the next forward to fresh coefficients (this forward keeps its own)."""
         values = step.stored if step.stored is not None else self.last_coefficients.clone()
-        if step.binding is not None:
-            self._last_binding = step.binding
-            if self.uses_parameter_hooks and total.requires_grad:
-                total.register_hook(partial(_note_backward, weakref.ref(self), step.binding))
+        if step.binding is not None and self.uses_parameter_hooks and total.requires_grad:
+            total.register_hook(self._backward.loss_hook(step.binding))
         self._binding = Binding(values)
 
-    def _warn_eval_mode(self) -> None:
-        if self._warned_eval_mode:
-            return
-        self._warned_eval_mode = True
-        warnings.warn(
-            "loss() was called with gradients enabled while every encoder is in eval mode: "
-            "gradbalance treats this call as evaluation and leaves the coefficients, scores and "
-            "history unchanged (a backward of it still applies the last coefficients). Call "
-            "model.train() before training steps and run evaluation under torch.no_grad(). To "
-            "train with frozen BatchNorm statistics, keep the encoders in train mode and call "
-            ".eval() on the BatchNorm layers only.",
-            stacklevel=3,
-        )
-
-    def _check_inputs(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise InputTypeError("loss(logits, target) takes two tensors")
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise InputError(
-                f"logits must have shape (B, num_classes={self.num_classes}), "
-                f"got {tuple(logits.shape)}"
-            )
-        if logits.shape[0] == 0:
-            raise InputError(
-                "loss() got an empty batch (B = 0): no statistic is defined on it; skip empty "
-                "batches in your loop (e.g. DataLoader(..., drop_last=True) with a small dataset)"
-            )
-        if not logits.is_floating_point():
-            raise InputTypeError(f"logits must be floating point, got {logits.dtype}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise InputTypeError(
-                f"target must hold integer class indices (torch.long), got {target.dtype}"
-            )
-        if target.shape != logits.shape[:1]:
-            raise InputError(
-                f"target must have shape ({logits.shape[0]},) to match the logits, "
-                f"got {tuple(target.shape)}"
-            )
-        if target.device != logits.device:
-            raise InputError(
-                f"target is on {target.device} but the logits are on {logits.device}: move the "
-                "labels to the logits' device (target.to(logits.device))"
-            )
-        in_range = ((target >= 0) & (target < self.num_classes)).all()
-        torch._assert_async(in_range, f"target labels must lie in [0, {self.num_classes})")
-        return target.long()
-
-    # --- optimizer watch ---------------------------------------------------------------------
+    # --- optimizer steps and the non-finite guard ------------------------------------------
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called before every optimizer step (a global pre-step hook watches them)."""
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if ids.isdisjoint(self._model_parameter_ids):
-            if not ids.isdisjoint(id(p) for p in self.parameters()):
-                self._stepped_heads = True
-            return
-        self._stepped_model = True
-        if not ids.isdisjoint(id(p) for p in self.parameters()):
-            self._stepped_heads = True
-        guard = self._gradient_guard
-        if guard is None:
-            return
-        finite = guard.all_finite()
-        guard.reset()
-        if self.nonfinite == "skip":
-            self.note_finite(finite & self.last_step_finite)
-            if not bool(finite):  # the documented host synchronisation of check_gradients
-                self.nonfinite_steps.add_(1)
-                for group in optimizer.param_groups:
-                    for param in group["params"]:
-                        param.grad = None
-        else:
-            self._record_first_nonfinite(finite.reshape(1), len(self.names) + 1)
-
-    def _check_optimizer(self) -> None:
-        stepped_model, stepped_heads = self._stepped_model, self._stepped_heads
-        self._stepped_model = self._stepped_heads = False
-        if stepped_model and not stepped_heads and any(p.requires_grad for p in self.parameters()):
-            raise OrderError(
-                "an optimizer stepped the model but no optimizer updates the balancer's "
-                "heads (bal.parameters()), so they would stay at their initial values. Build "
-                "the optimizer after the balancer with both: torch.optim.Adam([*model."
-                "parameters(), *bal.parameters()]) (or opt.add_param_group({'params': "
-                f"list(bal.parameters())}})). Order: {WRAP_ORDER}"
-            )
-
-    # --- non-finite guard ------------------------------------------------------------------
+        if self._watch.note(optimizer):
+            self._guard.close_step(optimizer, self.nonfinite_steps)
 
     def raises_at_once(self, tensor: torch.Tensor) -> bool:
         """Whether a non-finite step raises at once (``"raise"`` with tensors on the CPU)."""
-        return (
-            self.nonfinite == "raise"
-            and not self._defer_nonfinite_errors
-            and tensor.device.type == "cpu"
-            and self.last_scores.device.type == "cpu"
-        )
+        return self._guard.raises_at_once(tensor)
 
-    def _nonfinite_labels(self) -> list[str]:
-        labels = [f"the feature of encoder {n!r}" for n in self.names] + ["the fused logits"]
-        return labels + ["the gradients into the encoders"]
-
-    def _check_finite(self, step: Step, stacked: torch.Tensor | None) -> torch.Tensor | None:
-        """This step's finite flag (None: checked and raised at once on the CPU)."""
-        device = self.last_scores.device
-        with torch.no_grad():
-            features = stacked if stacked is not None else list(step.features.values())
-            flags = finite_flags(features, step.logits, device)
-            if self.raises_at_once(step.logits):
-                try:  # on the CPU the assertion is synchronous (and no device synchronisation)
-                    torch._assert_async(flags.all(), "non-finite")
-                except RuntimeError:
-                    label = self._nonfinite_labels()[flags.tolist().index(False)]
-                    raise NonFiniteError(nonfinite_message(label, self.steps)) from None
-                return None
-            if self.nonfinite == "raise":
-                self._record_first_nonfinite(flags, 0)
-            return flags.all()
-
-    def _record_first_nonfinite(self, flags: torch.Tensor, offset: int) -> None:
-        """Remember on the device the first step at which each checked tensor was non-finite."""
-        slots = len(self.names) + 2
-        first = self._nonfinite_first
-        if first is None or first.device != flags.device:
-            first = torch.full((slots,), -1, dtype=torch.int64, device=flags.device)
-        part = first[offset : offset + flags.numel()]
-        updated = torch.where(~flags & (part < 0), self.steps, part)
-        self._nonfinite_first = torch.cat(
-            [first[:offset], updated, first[offset + flags.numel() :]]
-        )
-
-    def _raise_deferred(self) -> None:
-        first = self._nonfinite_first
-        if first is None:
-            return
-        for label, step in zip(self._nonfinite_labels(), first.tolist()):
-            if step >= 0:
-                self._nonfinite_first = None
-                raise NonFiniteError(nonfinite_message(label, step))
+    def note_finite(self, finite: torch.Tensor) -> None:
+        """Record whether the last training step was finite (device-side)."""
+        self._guard.last_finite = finite
 
     def check_finite(self) -> None:
         """Raise now the error of a non-finite step recorded on an accelerator (one host
         synchronisation); on the CPU errors are raised at once."""
-        self._raise_deferred()
-
-    def note_finite(self, finite: torch.Tensor) -> None:
-        """Record whether the last training step was finite (device-side)."""
-        self._last_finite = finite
+        self._guard.raise_recorded()
 
     @property
     def last_step_finite(self) -> torch.Tensor:
@@ -586,13 +369,9 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
         For loops without a ``GradScaler`` and with ``nonfinite="skip"``:
         ``if bal.last_step_finite: opt.step()`` (a host synchronisation, at your choice).
-        With ``check_gradients=True`` it also covers the gradients of the last backward.
+        With ``check_gradients=True`` it also covers the gradients since the last step.
         """
-        finite = self._last_finite
-        if finite is None:
-            finite = torch.ones((), dtype=torch.bool, device=self.last_scores.device)
-        guard = self._gradient_guard
-        return finite & guard.all_finite() if guard is not None else finite
+        return self._guard.step_finite()
 
     # --- distributed ------------------------------------------------------------------------
 
@@ -606,17 +385,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         if self.sync == "global" and self.world_size() > 1:
             return reduce_mean(sums, count, self.process_group)[0]
         return local_mean(sums, count)
-
-    def _prepare_distributed(self) -> None:
-        """First training step under torch.distributed: same heads everywhere, synced grads."""
-        if self._distributed_ready:
-            return
-        broadcast_parameters(self, self.process_group)
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        self._attachment.add_gradient_hooks(
-            trainable, partial(_average_over_ranks, weakref.ref(self))
-        )
-        self._distributed_ready = True
 
     # --- results and state ------------------------------------------------------------------
 
@@ -658,16 +426,13 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def history(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-step ``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU
         (finite training steps only)."""
-        self._raise_deferred()
+        self._guard.raise_recorded()
         return self._history.as_dict()
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        old = [f"{prefix}coefficient_{name}" for name in self.names]
-        if all(key in state_dict for key in old) and f"{prefix}last_coefficients" not in state_dict:
-            state_dict = dict(state_dict)  # a checkpoint of an earlier version: one buffer each
-            state_dict[f"{prefix}last_coefficients"] = torch.stack([state_dict.pop(k) for k in old])
+        state_dict = _checks.upgrade_state_dict(state_dict, prefix, self.names)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -679,63 +444,3 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     def extra_repr(self) -> str:
         return f"encoders={self.names}, num_classes={self.num_classes}"
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    tensors = list(features.values())
-    first = tensors[0]
-    if all(
-        t.shape == first.shape and t.device == first.device and t.dtype == first.dtype
-        for t in tensors
-    ):
-        return torch.stack(tensors)
-    return None
-
-
-def _average_over_ranks(balancer: weakref.ref, grad: torch.Tensor) -> torch.Tensor | None:
-    """Gradient hook of a head parameter under torch.distributed: the mean over the ranks."""
-    bal = balancer()
-    if bal is None or bal._heads_in_ddp or bal.world_size() == 1:
-        return None
-    return average_gradient(grad, bal.process_group)
-
-
-def _note_backward(balancer: weakref.ref, binding: Binding, grad: torch.Tensor) -> None:
-    """Hook on a returned loss: which bindings the running backward covers."""
-    bal = balancer()
-    if bal is None or _GRAPH_TASK_ID is None:
-        return
-    task = _GRAPH_TASK_ID()
-    current, bindings = bal._backward_bindings
-    if current != task:
-        bal._backward_bindings = (task, [binding])
-    elif all(b is not binding for b in bindings):
-        bindings.append(binding)
-
-
-def _scale_parameter_gradient(
-    balancer: weakref.ref, index: int, grad: torch.Tensor
-) -> torch.Tensor:
-    """Gradient hook of a parameter scaled per parameter: ``grad * k_index`` of the loss()
-    whose backward is running (read at backward time)."""
-    bal = balancer()
-    if bal is None:
-        return grad
-    task, bindings = bal._backward_bindings
-    current = _GRAPH_TASK_ID() if _GRAPH_TASK_ID is not None else -1
-    if task == current and len(bindings) > 1:
-        raise CaptureError(
-            "two loss() results are summed into one backward while gradients are scaled per "
-            "parameter (extra_parameters=, OGM parameters='conv'), whose coefficient cannot be "
-            "told apart per loss: call one backward per loss() (gradient accumulation works)"
-        )
-    binding = bindings[0] if task == current and bindings else bal._last_binding
-    if binding is None:
-        return grad
-    return grad * binding.views[index].to(device=grad.device, dtype=grad.dtype)

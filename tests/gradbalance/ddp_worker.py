@@ -160,7 +160,7 @@ def balancer_inside_ddp(rank: int) -> dict:
     for step in range(3):
         inputs, target = local_batch(step, rank)
         train_step(ddp, bal, opt, inputs, target)
-    return {"parameters": flat_parameters(wrapper), "heads_in_ddp": bal._heads_in_ddp}
+    return {"parameters": flat_parameters(wrapper), "heads_in_ddp": bal._ranks.heads_in_ddp}
 
 
 def reduce_mean(rank: int) -> dict:

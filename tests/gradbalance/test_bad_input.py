@@ -87,7 +87,7 @@ def test_nonfinite_error_on_an_accelerator_is_raised_at_the_next_flush():
     """Off the CPU the check stays on the device (no host sync): the step is skipped and the
     error comes at the next history flush or check_finite(). Simulated on the CPU."""
     model, bal, opt = build(flush_every=4)
-    bal._defer_nonfinite_errors = True
+    bal._guard.defer_errors = True
     train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
     k = bal.coefficients
     bal.loss(model(*poisoned(1, float("nan"), tower=0)[0]), make_batch(INPUT_DIMS)[1])
@@ -108,7 +108,7 @@ def test_nonfinite_checks_make_no_host_sync(name, mode):
     from test_no_host_sync import FailOnHostSync
 
     model, bal, opt = build(name, nonfinite="skip" if mode == "skip" else "raise")
-    bal._defer_nonfinite_errors = mode == "deferred"
+    bal._guard.defer_errors = mode == "deferred"
     train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
     for step in range(1, 3):
         inputs, target = poisoned(step, float("nan")) if step == 1 else make_batch(INPUT_DIMS)
