@@ -39,6 +39,8 @@ def finite_flags(
 ) -> torch.Tensor:
     """``(M + 1,)`` bool on ``device``: whether each feature and the logits are all finite.
 
+    Call under ``torch.no_grad()``.
+
     Args:
         features: the M features, as a list or stacked into one ``(M, B, D)`` tensor (one
             reduction for all).
@@ -46,10 +48,10 @@ def finite_flags(
         device: where the flags live.
     """
     if isinstance(features, torch.Tensor):
-        sums = [features.detach().sum(dim=(1, 2), dtype=torch.float32).to(device)]
+        sums = [features.sum(dim=(1, 2), dtype=torch.float32).to(device)]
     else:
-        sums = [f.detach().sum(dtype=torch.float32).to(device).reshape(1) for f in features]
-    sums.append(logits.detach().sum(dtype=torch.float32).to(device).reshape(1))
+        sums = [f.sum(dtype=torch.float32).to(device).reshape(1) for f in features]
+    sums.append(logits.sum(dtype=torch.float32).to(device).reshape(1))
     return torch.cat(sums) * 0 == 0
 
 

@@ -79,15 +79,14 @@ def head_logits(
     features: Mapping[str, torch.Tensor],
     stacked: torch.Tensor | None,
     detach: bool,
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Every head's logits: ``(stacked (M, B, K) or None, {name: (B, K)})``.
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """Every head's logits: ``(stacked (M, B, K), None)`` or ``(None, {name: (B, K)})``.
 
     Batched when the features were stacked (``stacked``, see :func:`stack_if_uniform`) and
-    :func:`stackable` holds (the dict then holds views of the stacked logits).
+    :func:`stackable` holds.
     """
     if stacked is not None and stackable(heads, features):
-        logits = stacked_head_logits(heads, stacked, detach)
-        return logits, dict(zip(features, logits.unbind()))
+        return stacked_head_logits(heads, stacked, detach), None
     return None, separate_head_logits(heads, features, detach)
 
 

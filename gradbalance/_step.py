@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from gradbalance._distributed import local_mean, reduce_mean
 from gradbalance._finite import is_finite, nonfinite_message
@@ -52,8 +51,8 @@ class Step:
         self.outputs = outputs
         self.training = training
         self.binding = binding
-        self.unimodal: dict[str, torch.Tensor] = {}
         self.stacked_unimodal: torch.Tensor | None = None
+        self._unimodal: dict[str, torch.Tensor] | None = None
         self.finite: torch.Tensor | None = None
         self.finite_reduced = False
         self.stored: torch.Tensor | None = None
@@ -61,6 +60,22 @@ class Step:
     @property
     def batch_size(self) -> int:
         return self.target.shape[0]
+
+    @property
+    def unimodal(self) -> dict[str, torch.Tensor]:
+        """``{name: (B, K)}``: each head's logits (empty without heads)."""
+        if self._unimodal is None:
+            stacked = self.stacked_unimodal
+            names = self.balancer.names
+            self._unimodal = {} if stacked is None else dict(zip(names, stacked.unbind()))
+        return self._unimodal
+
+    def set_unimodal(
+        self, stacked: torch.Tensor | None, separate: dict[str, torch.Tensor] | None
+    ) -> None:
+        """The heads' logits: stacked ``(M, B, K)`` or a dict (one of the two)."""
+        self.stacked_unimodal = stacked
+        self._unimodal = separate
 
     def mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
         """Mean of per-sample statistics over the global batch (float32, detached).
@@ -92,10 +107,6 @@ class Step:
                 finite = finite & self.finite.to(new.device)
         return torch.where(finite, new, old)
 
-    def head_scores(self) -> torch.Tensor:
-        """Each head's batch-mean true-class probability, ``(M,)`` float32, detached."""
-        return self.mean(self.score_sums(self.unimodal_stack()), self.batch_size)
-
     def unimodal_stack(self) -> torch.Tensor | list[torch.Tensor]:
         """The heads' logits as one ``(M, B, K)`` tensor when stacked, else a list."""
         if self.stacked_unimodal is not None:
@@ -116,26 +127,29 @@ class Step:
             ]
         )
 
-    def head_losses(self, scaled: bool) -> torch.Tensor:
-        """``(M,)`` mean cross-entropy of each head; ``scaled`` routes the head logits through
-        this step's coefficients (gradient into head m and its encoder multiplied by k_m)."""
+    def head_terms(self, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's mean cross-entropy (with graph) and score, both ``(M,)``.
+
+        The score is the head's batch-mean true-class probability (float32, detached, over
+        all ranks with ``sync="global"``); both come from one log-softmax. ``scaled`` routes
+        the head logits through this step's coefficients (the gradient into head m and, from
+        it, into encoder m is multiplied by k_m).
+        """
         if self.stacked_unimodal is not None:
-            logits = self.stacked_unimodal
-            if scaled:
-                logits = self.scale(logits)
-            count, batch, classes = logits.shape
-            target = self.target.to(logits.device).repeat(count)
-            losses = F.cross_entropy(logits.reshape(-1, classes), target, reduction="none")
-            return losses.view(count, batch).mean(1)
-        device = self.logits.device
-        return torch.stack(
-            [
-                F.cross_entropy(self.scale(u, index) if scaled else u, self.target.to(u.device)).to(
-                    device
-                )
-                for index, u in enumerate(self.unimodal.values())
-            ]
-        )
+            logits = self.scale(self.stacked_unimodal) if scaled else self.stacked_unimodal
+            true_class = _true_class_log_probability(logits, self.target)
+        else:
+            device = self.logits.device
+            true_class = torch.stack(
+                [
+                    _true_class_log_probability(
+                        self.scale(u, index) if scaled else u, self.target
+                    ).to(device)
+                    for index, u in enumerate(self.unimodal.values())
+                ]
+            )
+        sums = true_class.detach().exp().sum(-1).to(self.balancer.last_scores.device)
+        return -true_class.mean(-1), self.mean(sums, self.batch_size)
 
     def scale(self, tensor: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """``tensor`` whose gradient is multiplied by this step's coefficient ``k_index``
@@ -183,3 +197,10 @@ class Step:
             bal.record_history(coefficients, scores, finite)
         self.stored = coefficients
         bal.steps += 1
+
+
+def _true_class_log_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., i, target[i]]`` in float32, for ``(..., B, K)`` logits."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    index = target.to(logits.device).expand(log_probs.shape[:-1]).unsqueeze(-1)
+    return log_probs.gather(-1, index).squeeze(-1)

@@ -314,9 +314,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
             self._begin_training_step(step, stacked)
         if self.heads:
             detach = self.head_mode == "probe"
-            step.stacked_unimodal, step.unimodal = head_logits(
-                self.heads, features, stacked, detach
-            )
+            step.set_unimodal(*head_logits(self.heads, features, stacked, detach))
         total = self._loss(step)
         if training:
             self._end_training_step(step, total)

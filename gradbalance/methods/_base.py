@@ -132,7 +132,7 @@ class Method(Balancer):
         """The detached probes' summed cross-entropy (it trains only the probes); 0 without."""
         if not step.unimodal:
             return step.logits.new_zeros(())
-        return step.head_losses(scaled=False).sum().to(step.logits.device)
+        return step.head_terms(scaled=False)[0].sum().to(step.logits.device)
 
     def _window_repr(self) -> str:
         return f"window={self.window} ({self.window_unit}), enabled={self.enabled}"

@@ -57,7 +57,7 @@ class Joint(Method):
         total = F.cross_entropy(step.logits, step.target)
         if not step.unimodal:
             return total
+        losses, scores = step.head_terms(scaled=False)  # detached probes: only they train
         if step.training:
-            scores = step.head_scores()
             step.store(torch.ones_like(scores), scores)
-        return total + self._probe_loss(step)
+        return total + losses.sum().to(total.device)

@@ -62,6 +62,7 @@ class MultiLoss(Method):
         )
         weights = _checks.check_weights("unimodal_weight", unimodal_weight, self.names)
         self.unimodal_weights: dict[str, float] = weights
+        self._unit_weights = self.fused_weight == 1.0 and all(w == 1.0 for w in weights.values())
         self.register_buffer(
             "_unimodal_weight_vector",
             torch.tensor(list(weights.values()), device=self.last_scores.device),
@@ -75,15 +76,15 @@ class MultiLoss(Method):
         return False
 
     def _loss(self, step: Step) -> torch.Tensor:
+        losses, scores = step.head_terms(scaled=self._scales_head_loss() and step.training)
         if step.training:
-            scores = step.head_scores()
-            step.store(
-                self._coefficients(scores) if self.active() else torch.ones_like(scores), scores
-            )
-        losses = step.head_losses(scaled=self._scales_head_loss() and step.training)
-        weights = self._unimodal_weight_vector.to(device=losses.device, dtype=losses.dtype)
+            modulated = self.active()
+            step.store(self._coefficients(scores) if modulated else torch.ones_like(scores), scores)
         fused = F.cross_entropy(step.logits, step.target)
-        return self.fused_weight * fused + (weights * losses).sum().to(fused.device)
+        if self._unit_weights:
+            return fused + losses.sum().to(fused.device)
+        weights = self._unimodal_weight_vector.to(device=losses.device, dtype=losses.dtype)
+        return self.fused_weight * fused + (losses @ weights).to(fused.device)
 
 
 class MLB(MultiLoss):
