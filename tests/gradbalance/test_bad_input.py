@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import gradbalance as gb
 
 
-def build(name="MLB", seed=0, **options):
+def build(name="mlb", seed=0, **options):
     torch.manual_seed(seed)
     model = MultiTowerNet(INPUT_DIMS)
     bal = FACTORIES[name](model, **options)
