@@ -35,49 +35,53 @@ HIDDEN = 12
 Factory = Callable[..., gb.Balancer]
 
 
-def _towers(model: nn.Module) -> list[nn.Module]:
-    return list(model.towers)
-
-
-def _dims(model: nn.Module) -> list[int]:
-    return [HIDDEN] * len(model.towers)
+def _encoders(model: nn.Module, options: dict) -> list[nn.Module]:
+    """``encoders=`` from the options (removed from them), else the model's towers."""
+    encoders = options.pop("encoders", None)
+    return list(model.towers) if encoders is None else list(encoders)
 
 
 def _fusion(model: nn.Module) -> Callable[..., torch.Tensor]:
     return lambda *features: model.fusion(torch.cat(features, dim=-1))
 
 
-def _build(method: type[gb.Balancer], model: nn.Module, defaults: dict, options: dict):
-    """``options`` override ``defaults``; ``encoders=`` overrides the model's towers."""
-    options = {**defaults, **options}
-    encoders = options.pop("encoders", None)
-    encoders = _towers(model) if encoders is None else encoders
-    return method(model, encoders, NUM_CLASSES, **options)
+def _build(method: type[gb.Balancer], model, encoders, defaults: dict, options: dict):
+    """``options`` override ``defaults``."""
+    return method(model, encoders, NUM_CLASSES, **{**defaults, **options})
 
 
 def joint(model: nn.Module, **options: Any) -> gb.Balancer:
-    return _build(gb.Joint, model, {"probes": True, "feature_dims": _dims(model)}, options)
+    encoders = _encoders(model, options)
+    defaults = {"probes": True, "feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.Joint, model, encoders, defaults, options)
 
 
 def multiloss(model: nn.Module, **options: Any) -> gb.Balancer:
-    return _build(gb.MultiLoss, model, {"feature_dims": _dims(model)}, options)
+    encoders = _encoders(model, options)
+    defaults = {"feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.MultiLoss, model, encoders, defaults, options)
 
 
 def mlb(model: nn.Module, **options: Any) -> gb.Balancer:
-    defaults = {"alpha": 2.0, "beta_max": 3.0, "feature_dims": _dims(model)}
-    return _build(gb.MLB, model, defaults, options)
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 2.0, "beta_max": 3.0, "feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.MLB, model, encoders, defaults, options)
 
 
 def ogm(model: nn.Module, **options: Any) -> gb.Balancer:
-    return _build(gb.OGM, model, {"alpha": 0.8, "fusion_head": model.fusion}, options)
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 0.8, "fusion_head": model.fusion}
+    return _build(gb.OGM, model, encoders, defaults, options)
 
 
 def ogm_ge(model: nn.Module, **options: Any) -> gb.Balancer:
-    defaults = {"alpha": 0.8, "seed": 3, "feature_dims": _dims(model)}
-    return _build(gb.OGMGE, model, defaults, options)
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 0.8, "seed": 3, "feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.OGMGE, model, encoders, defaults, options)
 
 
 def agm(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
     defaults = {
         "alpha": 1.0,
         "fusion": _fusion(model),
@@ -85,7 +89,7 @@ def agm(model: nn.Module, **options: Any) -> gb.Balancer:
         "clip_threshold": 0.05,
         "clip_max_norm": 0.5,
     }
-    return _build(gb.AGM, model, defaults, options)
+    return _build(gb.AGM, model, encoders, defaults, options)
 
 
 def prototype_batch(model: nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -97,8 +101,9 @@ def prototype_batch(model: nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]
 
 
 def pmr(model: nn.Module, **options: Any) -> gb.Balancer:
-    defaults = {"alpha": 1.0, "prototypes": "explicit", "feature_dims": _dims(model)}
-    bal = _build(gb.PMR, model, defaults, options)
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 1.0, "prototypes": "explicit", "feature_dims": [HIDDEN] * len(encoders)}
+    bal = _build(gb.PMR, model, encoders, defaults, options)
     inputs, target = prototype_batch(model)
     with torch.no_grad():
         model(*inputs)
@@ -108,9 +113,13 @@ def pmr(model: nn.Module, **options: Any) -> gb.Balancer:
 
 
 def mslr(model: nn.Module, **options: Any) -> gb.Balancer:
-    initial = [0.8, 1.25, 1.1, 0.9][: len(model.towers)]
-    defaults = {"initial": initial, "memory_epochs": 1, "feature_dims": _dims(model)}
-    return _build(gb.MSLR, model, defaults, options)
+    encoders = _encoders(model, options)
+    defaults = {
+        "initial": [0.8, 1.25, 1.1, 0.9][: len(encoders)],
+        "memory_epochs": 1,
+        "feature_dims": [HIDDEN] * len(encoders),
+    }
+    return _build(gb.MSLR, model, encoders, defaults, options)
 
 
 FACTORIES: dict[str, Factory] = {

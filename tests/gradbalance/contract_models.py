@@ -33,7 +33,7 @@ class TowerNet(nn.Module):
     Switches (plain attributes, off by default): ``skip`` (index of a tower replaced by zeros,
     so that encoder does not run), ``inplace_relu`` (``F.relu(z, inplace=True)`` on every
     tower output after the tower), ``poison`` (index of a tower whose output goes through
-    :class:`PoisonGradient`).
+    :class:`PoisonGradient`), ``repeat`` (index of a tower called twice in one forward).
     """
 
     def __init__(self, input_dims: tuple[int, ...] = (5, 7), hidden: int = 12, num_classes=4):
@@ -47,6 +47,7 @@ class TowerNet(nn.Module):
         self.skip: int | None = None
         self.inplace_relu = False
         self.poison: int | None = None
+        self.repeat: int | None = None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         features = []
@@ -55,6 +56,8 @@ class TowerNet(nn.Module):
                 features.append(x.new_zeros(x.shape[0], self.hidden))
                 continue
             z = tower(x)
+            if index == self.repeat:
+                z = z + tower(x)
             if self.inplace_relu:
                 z = F.relu(z, inplace=True)
             if index == self.poison:

@@ -12,6 +12,7 @@ from torch import nn
 
 import gradbalance as gb
 
+
 def grads_of(model):
     return [p.grad.clone() for p in model.parameters()]
 
