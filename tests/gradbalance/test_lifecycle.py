@@ -30,7 +30,7 @@ import gradbalance as gb
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
-CHANGING = ("mlb", "ogm", "ogm_ge", "agm")
+CHANGING = ("mlb", "ogm", "ogm_ge", "agm", "pmr")
 """Methods whose coefficients differ between the two batches of these tests."""
 
 
