@@ -65,6 +65,7 @@ def test_abandoned_forward_is_superseded_by_the_next_forward(name, how):
     options = {"feature_dims": None} if how == "dry-run" else {}
     (model, bal), (twin, ref) = twins(name, **options)
     opt, ref_opt = sgd(model, bal), sgd(twin, ref)
+    torch.manual_seed(2)  # lazy heads take their initial values from the global generator
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         abandon(model, how, seed=10)
@@ -72,6 +73,7 @@ def test_abandoned_forward_is_superseded_by_the_next_forward(name, how):
         abandon(model, how, seed=11)
         abandon(model, how, seed=12)
         got.append(step(model, bal, opt, seed=1))
+    torch.manual_seed(2)
     expected = [step(twin, ref, ref_opt, seed=s) for s in (0, 1)]
     for (k, grads), (ref_k, ref_grads) in zip(got, expected):
         assert k == ref_k
