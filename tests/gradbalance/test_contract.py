@@ -8,6 +8,7 @@ Every test runs over ``balancer_factories.FACTORIES`` (one entry per ``gb.METHOD
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 
@@ -85,6 +86,7 @@ def _nested_encoders(model):
 REFUSED = [
     ("joint", {"nonfinite": "ignore"}, "nonfinite"),
     ("joint", {"pool": "max"}, "pool"),
+    ("joint", {"flush_every": 0}, "flush_every"),
     ("multiloss", {"unimodal_weight": -1.0}, "weight"),
     ("multiloss", {"fused_weight": -1.0}, "weight"),
     ("mlb", {"alpha": -1.0}, "alpha"),
@@ -103,8 +105,16 @@ REFUSED = [
     ("mslr", {"initial": -1.0}, "initial"),
     ("mslr", {"memory_epochs": 0}, "memory_epochs"),
 ]
-REFUSED += [(name, {"sync": "all"}, "sync") for name in FACTORIES]
-REFUSED += [(name, _nested_encoders, "nested") for name in FACTORIES]
+REFUSED += [
+    case
+    for name in FACTORIES
+    for case in (
+        (name, {"sync": "all"}, "sync"),
+        (name, {"pool": {"nope": "tokens"}}, "unknown encoders"),
+        (name, {"feature_dims": [3]}, "feature_dims"),
+        (name, _nested_encoders, "nested"),
+    )
+]
 
 NONFINITE_HYPERPARAMETERS = [
     ("multiloss", "fused_weight", NAN),
@@ -132,6 +142,24 @@ NONFINITE_HYPERPARAMETERS = [
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""
+
+
+def _float_hyperparameters(method):
+    """The constructor options annotated as floats, over the method's classes."""
+    found = set()
+    for cls in method.__mro__:
+        if "__init__" in vars(cls) and cls.__module__.startswith("gradbalance"):
+            for parameter in inspect.signature(cls.__init__).parameters.values():
+                if "float" in str(parameter.annotation):
+                    found.add(parameter.name)
+    return found
+
+
+@pytest.mark.parametrize("name", factory_params())
+def test_every_float_hyperparameter_is_checked_with_nan(name):
+    covered = {option for method, option, value in NONFINITE_HYPERPARAMETERS if method == name}
+    checked_with_nan = {o for m, o, v in NONFINITE_HYPERPARAMETERS if m == name and v != v}
+    assert _float_hyperparameters(gb.METHODS[name]) == covered == checked_with_nan
 
 
 def _refuse_then_train(name, options, match):
