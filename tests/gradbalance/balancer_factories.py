@@ -1,12 +1,20 @@
-"""The balancers the reliability matrices run over (DDP, accumulation, AMP, compile, resume).
+"""The balancers every contract and reliability matrix runs over: one per name in ``gb.METHODS``.
 
-Each entry builds a balancer on a :class:`conftest.MultiTowerNet` with two towers (inputs of
-width 5 and 7, hidden 12, 4 classes); ``**options`` are passed on (``sync=``, ``nonfinite=``,
-...). Heads get explicit ``feature_dims`` unless an entry says otherwise.
+Each entry builds a balancer on a :class:`conftest.MultiTowerNet` (or a subclass with the same
+towers; two towers of inputs 5 and 7, hidden 12, 4 classes) with options that make its
+modulation active from the first training steps; ``**options`` override them (``sync=``,
+``nonfinite=``, ``alpha=``, ...). Heads get explicit ``feature_dims`` unless an entry says
+otherwise (pass ``feature_dims=None`` for lazy heads); ``encoders=`` replaces the towers.
 
-To cover a new method, add one line to ``FACTORIES`` (its id -> a function of the model and
-the options). The baselines' entries are guarded: they join the matrices as soon as
-``gradbalance`` exports the class.
+* ``ogm`` scores the fused head's slices (``fusion_head=model.fusion``); ``ogm_ge`` uses
+  probes, so both score sources are covered.
+* ``pmr`` uses explicit prototypes built by one ``torch.no_grad()`` pass over a fixed batch in
+  the factory (the official prototype pass): the prototype loss is active from step 0.
+* ``mslr`` starts from unequal initial factors, so its gradients are scaled from step 0.
+* ``agm`` clips (threshold low enough to trigger): non-linear work in ``after_backward()``.
+
+A new method joins every matrix with one line in ``FACTORIES`` (its ``gb.METHODS`` name -> a
+function of the model and the options); ``test_contract.py`` fails while a name is missing.
 """
 
 from __future__ import annotations
@@ -27,62 +35,109 @@ HIDDEN = 12
 Factory = Callable[..., gb.Balancer]
 
 
-def _towers(model: nn.Module) -> list[nn.Module]:
-    return list(model.towers)
+def _encoders(model: nn.Module, options: dict) -> list[nn.Module]:
+    """``encoders=`` from the options (removed from them), else the model's towers."""
+    encoders = options.pop("encoders", None)
+    return list(model.towers) if encoders is None else list(encoders)
 
 
 def _fusion(model: nn.Module) -> Callable[..., torch.Tensor]:
     return lambda *features: model.fusion(torch.cat(features, dim=-1))
 
 
-def mlb(model: nn.Module, **options: Any) -> gb.Balancer:
-    options.setdefault("feature_dims", [HIDDEN, HIDDEN])
-    return gb.MLB(model, _towers(model), NUM_CLASSES, alpha=2.0, beta_max=3.0, **options)
+def _build(method: type[gb.Balancer], model, encoders, defaults: dict, options: dict):
+    """``options`` override ``defaults``."""
+    return method(model, encoders, NUM_CLASSES, **{**defaults, **options})
+
+
+def joint(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"probes": True, "feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.Joint, model, encoders, defaults, options)
 
 
 def multiloss(model: nn.Module, **options: Any) -> gb.Balancer:
-    options.setdefault("feature_dims", [HIDDEN, HIDDEN])
-    return gb.MultiLoss(model, _towers(model), NUM_CLASSES, **options)
+    encoders = _encoders(model, options)
+    defaults = {"feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.MultiLoss, model, encoders, defaults, options)
 
 
-def joint_probes(model: nn.Module, **options: Any) -> gb.Balancer:
-    options.setdefault("feature_dims", [HIDDEN, HIDDEN])
-    return gb.Joint(model, _towers(model), NUM_CLASSES, probes=True, **options)
+def mlb(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 2.0, "beta_max": 3.0, "feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.MLB, model, encoders, defaults, options)
+
+
+def ogm(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 0.8, "fusion_head": model.fusion}
+    return _build(gb.OGM, model, encoders, defaults, options)
+
+
+def ogm_ge(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 0.8, "seed": 3, "feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.OGMGE, model, encoders, defaults, options)
+
+
+def agm(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {
+        "alpha": 1.0,
+        "fusion": _fusion(model),
+        "clip": True,
+        "clip_threshold": 0.05,
+        "clip_max_norm": 0.5,
+    }
+    return _build(gb.AGM, model, encoders, defaults, options)
+
+
+def prototype_batch(model: nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The fixed batch of PMR's prototype pass (every class present)."""
+    g = torch.Generator().manual_seed(4242)
+    device = next(model.parameters()).device
+    inputs = [torch.randn(16, tower[0].in_features, generator=g) for tower in model.towers]
+    return [x.to(device) for x in inputs], (torch.arange(16) % NUM_CLASSES).to(device)
+
+
+def pmr(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"alpha": 1.0, "prototypes": "explicit", "feature_dims": [HIDDEN] * len(encoders)}
+    bal = _build(gb.PMR, model, encoders, defaults, options)
+    inputs, target = prototype_batch(model)
+    with torch.no_grad():
+        model(*inputs)
+        bal.collect(target)
+    bal.update_prototypes()
+    return bal
+
+
+def mslr(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {
+        "initial": [0.8, 1.25, 1.1, 0.9][: len(encoders)],
+        "memory_epochs": 1,
+        "feature_dims": [HIDDEN] * len(encoders),
+    }
+    return _build(gb.MSLR, model, encoders, defaults, options)
 
 
 FACTORIES: dict[str, Factory] = {
-    "MLB": mlb,
-    "MultiLoss": multiloss,
-    "Joint": joint_probes,
+    "joint": joint,
+    "multiloss": multiloss,
+    "mlb": mlb,
+    "ogm": ogm,
+    "ogm_ge": ogm_ge,
+    "agm": agm,
+    "pmr": pmr,
+    "mslr": mslr,
 }
 
-# --- baselines (issue #7 names OGM-GE and AGM in the DDP test) --------------------------------
-# Added here once gradbalance exports them; each must pass every matrix that uses FACTORIES.
-if hasattr(gb, "OGMGE"):
+HEAD_SCORES = ("joint", "multiloss", "mlb")
+"""Methods whose scores are their heads' mean true-class probabilities."""
 
-    def ogm_ge(model: nn.Module, **options: Any) -> gb.Balancer:
-        options.setdefault("feature_dims", [HIDDEN, HIDDEN])
-        return gb.OGMGE(model, _towers(model), NUM_CLASSES, alpha=0.8, seed=3, **options)
-
-    FACTORIES["OGMGE"] = ogm_ge
-
-if hasattr(gb, "AGM"):
-
-    def agm(model: nn.Module, **options: Any) -> gb.Balancer:
-        # Clipping on (threshold low enough to trigger): non-linear work in after_backward().
-        return gb.AGM(
-            model,
-            _towers(model),
-            NUM_CLASSES,
-            alpha=1.0,
-            fusion=_fusion(model),
-            clip=True,
-            clip_threshold=0.05,
-            clip_max_norm=0.5,
-            **options,
-        )
-
-    FACTORIES["AGM"] = agm
+TWO_MODALITIES_ONLY = ("ogm", "ogm_ge", "pmr")
+"""Methods defined for exactly two encoders."""
 
 
 def factory_params(exclude: tuple[str, ...] = ()) -> list[Any]:

@@ -64,7 +64,7 @@ def scenarios() -> list[tuple[str, str, dict]]:
         for name in FACTORIES
         for sync in ("global", "local")
     ]
-    found.append(("MLB-lazy-heads", "MLB", {"feature_dims": None}))
+    found.append(("mlb-lazy-heads", "mlb", {"feature_dims": None}))
     return found
 
 
@@ -95,7 +95,7 @@ def accumulate(rank: int) -> dict:
     """Two micro-batches per optimizer step, the first under ``ddp.no_sync()``."""
     torch.manual_seed(rank)
     model = MultiTowerNet(INPUT_DIMS)
-    bal = FACTORIES["MLB"](model)
+    bal = FACTORIES["mlb"](model)
     ddp = DDP(model)
     opt = torch.optim.SGD([*ddp.parameters(), *bal.parameters()], lr=0.2)
     for step in range(3):
@@ -114,7 +114,7 @@ def skip_nonfinite(rank: int) -> dict:
     """Rank 1 sees a NaN input at step 2; with nonfinite="skip" both ranks skip that step."""
     torch.manual_seed(0)
     model = MultiTowerNet(INPUT_DIMS)
-    bal = FACTORIES["MLB"](model, nonfinite="skip")
+    bal = FACTORIES["mlb"](model, nonfinite="skip")
     ddp = DDP(model)
     opt = torch.optim.SGD([*ddp.parameters(), *bal.parameters()], lr=0.2)
     coefficients, finite = [], []
@@ -144,7 +144,7 @@ class WithBalancer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.model = MultiTowerNet(INPUT_DIMS)
-        self.balancer = FACTORIES["MLB"](self.model)
+        self.balancer = FACTORIES["mlb"](self.model)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.model(*inputs)
@@ -166,7 +166,7 @@ def balancer_inside_ddp(rank: int) -> dict:
 def reduce_mean(rank: int) -> dict:
     """The base helper with per-class sums (C, D) and counts (C, 1), unequal per rank."""
     model = MultiTowerNet(INPUT_DIMS)
-    bal = FACTORIES["MLB"](model)
+    bal = FACTORIES["mlb"](model)
     sums = torch.arange(6.0).reshape(3, 2) * (rank + 1)
     counts = torch.tensor([[1.0], [2.0], [3.0]]) + rank
     return {"mean": bal._reduce_mean(sums, counts), "scalar": bal._reduce_mean(sums, 2 + rank)}

@@ -54,6 +54,6 @@ def test_accumulated_gradient_is_the_sum_of_the_micro_batch_gradients(name):
     got = gradients(model, bal)
     for g, e1, e2 in zip(got, expected[0][0], expected[1][0]):
         torch.testing.assert_close(g, e1 + e2, rtol=1e-5, atol=1e-6)
-    if name == "MLB":  # the test is only meaningful when k changed between micro-batches
+    if name == "mlb":  # the test is only meaningful when k changed between micro-batches
         k1, k2 = expected[0][1], expected[1][1]
         assert any(abs(float(k1[n] - k2[n])) > 1e-3 for n in k1)

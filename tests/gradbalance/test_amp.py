@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from balancer_factories import FACTORIES, INPUT_DIMS, factory_params
+from balancer_factories import FACTORIES, HEAD_SCORES, INPUT_DIMS, factory_params
 from conftest import MultiTowerNet, make_batch
-
-HEAD_SCORES = ("MLB", "MultiLoss", "Joint")
-"""Methods whose scores are their heads' mean true-class probabilities."""
 
 
 def build(name, seed=0, **options):

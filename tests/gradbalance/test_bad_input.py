@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import gradbalance as gb
 
 
-def build(name="MLB", seed=0, **options):
+def build(name="mlb", seed=0, **options):
     torch.manual_seed(seed)
     model = MultiTowerNet(INPUT_DIMS)
     bal = FACTORIES[name](model, **options)
@@ -334,11 +334,3 @@ def test_lazy_heads_with_the_optimizer_in_the_documented_order():
         opt.step()
         head_opt.step()
     assert bal.heads["towers_0"].weight.shape == (4, 12)
-
-
-def test_remove_restores_the_model_completely(two_tower):
-    before = dict(vars(two_tower))
-    bal = gb.MLB(two_tower, list(two_tower.towers), num_classes=4)
-    bal.remove()
-    assert vars(two_tower).keys() == before.keys()
-    assert not two_tower._forward_pre_hooks and not two_tower.towers[0]._forward_hooks

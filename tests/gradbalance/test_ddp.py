@@ -67,7 +67,7 @@ def test_replicas_stay_bitwise_identical(ranks, name, sync):
 
 
 def test_local_sync_uses_each_ranks_own_coefficients(ranks):
-    first, second = result(ranks, "MLB-local")
+    first, second = result(ranks, "mlb-local")
     assert not torch.equal(first["coefficients"], second["coefficients"])
     assert torch.equal(first["parameters"], second["parameters"])
 
@@ -91,7 +91,7 @@ def test_global_statistics_equal_one_process_on_the_concatenated_batch(ranks, na
 
 
 def test_lazy_heads_start_equal_on_every_rank(ranks):
-    first, second = result(ranks, "MLB-lazy-heads")
+    first, second = result(ranks, "mlb-lazy-heads")
     assert torch.equal(first["state"], second["state"])
 
 

@@ -198,3 +198,45 @@ def test_errors():
     with pytest.raises(ValueError, match="prototypes"):
         gb.PMR(model, towers, num_classes=4, prototypes="eval")
     assert not any(t._forward_hooks for t in model.towers)
+
+
+@pytest.mark.parametrize("first_blend_epoch", [0, 1])
+def test_first_blend_epoch_follows_the_official_momentum_schedule(first_blend_epoch):
+    """Explicit prototypes: an initial pass before training, then each epoch trains, runs the
+    prototype pass and ends (``epoch_end()``). With ``first_blend_epoch=1`` (the official
+    schedule) the prototypes after epoch 0 are the plain class means of that pass, although the
+    initial pass gave prototypes; blending starts after epoch 1. With the default 0 the update
+    after epoch 0 already blends."""
+    torch.manual_seed(0)
+    model = MultiTowerNet((5, 7))
+    options = {"first_blend_epoch": 1} if first_blend_epoch else {}
+    bal = gb.PMR(model, list(model.towers), 4, prototypes="explicit", momentum=0.3, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def prototype_pass(seed):
+        inputs, _ = make_batch((5, 7), batch=16, seed=seed)
+        target = torch.arange(16) % 4
+        with torch.no_grad():
+            model(*inputs)
+            bal.collect(target)
+        bal.update_prototypes()
+        return [class_means(z, target, 4) for z in features_of(model, inputs)]
+
+    initial = prototype_pass(100)
+    for m, name in enumerate(bal.names):
+        torch.testing.assert_close(bal.prototypes()[name], torch.stack(initial[m]))
+    for epoch in range(2):
+        previous = bal.prototypes()
+        for step in range(2):
+            opt.zero_grad()
+            inputs, target = make_batch((5, 7), seed=10 * epoch + step)
+            bal.loss(model(*inputs), target).backward()
+            opt.step()
+        means = prototype_pass(200 + epoch)
+        blends = epoch >= first_blend_epoch
+        for m, name in enumerate(bal.names):
+            plain = torch.stack(means[m])
+            expected = 0.7 * plain + 0.3 * previous[name] if blends else plain
+            assert not torch.allclose(plain, previous[name], atol=1e-3)  # the model changed
+            torch.testing.assert_close(bal.prototypes()[name], expected, atol=1e-6, rtol=1e-5)
+        bal.epoch_end()
