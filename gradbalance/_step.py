@@ -55,7 +55,6 @@ class Step:
         self._unimodal: dict[str, torch.Tensor] | None = None
         self.finite: torch.Tensor | None = None
         self.finite_reduced = False
-        self.stored: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -195,7 +194,6 @@ class Step:
             bal.last_coefficients.copy_(coefficients)
             bal.last_scores.copy_(scores)
             bal.record_history(coefficients, scores, finite)
-        self.stored = coefficients
         bal.steps += 1
 
 

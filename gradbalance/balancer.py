@@ -266,12 +266,12 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     def unimodal_logits(self) -> dict[str, torch.Tensor]:
         """Each head's logits on the latest forward's features, detached (for evaluation)."""
+        features = self.features()
         if not self.heads:
             raise CaptureError(
                 f"{type(self).__name__} has no unimodal heads; build it with heads (e.g. "
                 "gb.Joint(..., probes=True)) to read per-modality logits"
             )
-        features = self.features()
         with torch.no_grad():
             prepare_heads(self.heads, features)
             return separate_head_logits(self.heads, features, detach=True)
@@ -336,7 +336,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     def _end_training_step(self, step: Step, total: torch.Tensor) -> None:
         """Bind the next forward to fresh coefficients (this forward keeps its own)."""
-        values = step.stored if step.stored is not None else self.last_coefficients.clone()
+        values = self.last_coefficients.clone()  # never a tensor a graph may have saved
         if step.binding is not None and self.uses_parameter_hooks and total.requires_grad:
             total.register_hook(self._backward.loss_hook(step.binding))
         self._binding = Binding(values)

@@ -96,11 +96,11 @@ class PMR(Method):
         prototypes: ``"accumulate"`` or ``"explicit"``.
         batch_norm: standardise the features with their batch statistics before prototypes and
             distances (the extra ``BatchNorm1d(affine=False)`` of the MLB authors' code).
-        first_blend_epoch: the first epoch (0-based, counted by :meth:`epoch_end`) whose
-            update blends with ``momentum``; earlier updates replace the prototypes by the new
-            class means. The default 1 blends as soon as previous prototypes exist (the first
-            update, after epoch 0, has none). The official PMR code blends for the first time
-            one epoch later: ``first_blend_epoch=2``.
+        first_blend_epoch: prototypes updated while :attr:`epoch` is below it are the plain
+            class means (no blending with ``momentum``). The default 0 blends whenever
+            previous prototypes exist; the official PMR code blends for the first time after
+            epoch 1: ``first_blend_epoch=1`` (with ``prototypes="explicit"`` and a pass before
+            training, as the official schedule).
         enabled, window, window_unit: as :class:`OGM`; outside the window no prototype loss is
             added (prototypes are still accumulated).
         **common: the options of :class:`~gradbalance.balancer.Balancer`.
@@ -132,7 +132,7 @@ class PMR(Method):
         momentum: float = 0.2,
         prototypes: PrototypeSource = "accumulate",
         batch_norm: bool = False,
-        first_blend_epoch: int = 1,
+        first_blend_epoch: int = 0,
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
         window_unit: WindowUnit = "epoch",
