@@ -7,12 +7,31 @@ not grow with the number of modalities; any other combination runs head by head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradbalance.errors import DeviceError
+
+
+class _Stack(torch.autograd.Function):
+    """``torch.stack`` whose backward is one ``unbind`` (not one ``select`` per tensor), so
+    the balancing work does not grow with the number of modalities."""
+
+    @staticmethod
+    def forward(ctx: Any, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.stack(tensors)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return grad.unbind(0)
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` with a constant-cost backward."""
+    return _Stack.apply(*tensors)
 
 
 def stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -23,7 +42,7 @@ def stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | Non
         t.shape == first.shape and t.device == first.device and t.dtype == first.dtype
         for t in tensors
     )
-    return torch.stack(tensors) if uniform else None
+    return stack(tensors) if uniform else None
 
 
 def stackable(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor]) -> bool:
@@ -59,8 +78,8 @@ def stacked_head_logits(
     """
     if detach:
         stacked = stacked.detach()
-    weights = torch.stack([h.weight for h in heads.values()])
-    biases = torch.stack([h.bias for h in heads.values()])
+    weights = stack([h.weight for h in heads.values()])
+    biases = stack([h.bias for h in heads.values()])
     return torch.baddbmm(biases.unsqueeze(1), stacked, weights.transpose(1, 2))
 
 
