@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: venv
 	$(PY) -m ruff check gradbalance reference_models benchmarks tests examples
+	$(PY) -m mypy
 	$(PY) -m pytest -n 2 --doctest-modules gradbalance tests
 	GB_BENCH_ROUNDS=1 $(PY) -m pytest benchmarks --benchmark-disable -q
 

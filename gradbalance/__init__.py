@@ -35,10 +35,10 @@ __all__ = [
     "Joint",
     "MMCosineHead",
     "MultiLoss",
+    "__version__",
     "coefficients",
     "errors",
     "make",
     "plot_history",
     "testing",
-    "__version__",
 ]

@@ -189,7 +189,7 @@ class Attachment:
             _hide(module, handle)
 
     def add_gradient_hooks(
-        self, parameters: Iterable[nn.Parameter], hook: Callable[[torch.Tensor], Any]
+        self, parameters: Iterable[torch.Tensor], hook: Callable[[torch.Tensor], Any]
     ) -> None:
         """Register ``hook`` on each parameter's gradient (removed by :meth:`detach`)."""
         for param in parameters:

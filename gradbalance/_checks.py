@@ -292,7 +292,7 @@ def check_loss_inputs(logits: Any, target: Any, num_classes: int) -> torch.Tenso
 
 def check_scaled_parameters(
     parameters: Mapping[str, Any], encoders: Mapping[str, nn.Module], inside_allowed: bool
-) -> dict[str, list[nn.Parameter]]:
+) -> dict[str, list[torch.Tensor]]:
     """``{modality: parameters}`` whose gradients that modality's coefficient also scales.
 
     Raises:
@@ -301,7 +301,7 @@ def check_scaled_parameters(
         InputTypeError: an entry that is not a tensor.
     """
     seen: set[int] = set()
-    selected: dict[str, list[nn.Parameter]] = {}
+    selected: dict[str, list[torch.Tensor]] = {}
     for name, params in parameters.items():
         if name not in encoders:
             raise ConfigurationError(f"unknown modality {name!r}; known: {list(encoders)}")

@@ -45,7 +45,9 @@ def stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | Non
     return stack(tensors) if uniform else None
 
 
-def stackable(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor]) -> bool:
+def stackable(
+    heads: Mapping[str, nn.Module] | nn.ModuleDict, features: Mapping[str, torch.Tensor]
+) -> bool:
     """Whether the heads are plain linear layers of one shape and the features one shape,
     all on one device and dtype."""
     modules = list(heads.values())
@@ -61,7 +63,7 @@ def stackable(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tenso
 
 
 def stacked_head_logits(
-    heads: Mapping[str, nn.Module], stacked: torch.Tensor, detach: bool
+    heads: Mapping[str, nn.Module] | nn.ModuleDict, stacked: torch.Tensor, detach: bool
 ) -> torch.Tensor:
     """``(M, B, K)``: every head on its feature, as one batched ``baddbmm``.
 
@@ -78,13 +80,16 @@ def stacked_head_logits(
     """
     if detach:
         stacked = stacked.detach()
-    weights = stack([h.weight for h in heads.values()])
-    biases = stack([h.bias for h in heads.values()])
+    linears = [h for h in heads.values() if isinstance(h, nn.Linear)]
+    weights = stack([h.weight for h in linears])
+    biases = stack([h.bias for h in linears])
     return torch.baddbmm(biases.unsqueeze(1), stacked, weights.transpose(1, 2))
 
 
 def separate_head_logits(
-    heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor], detach: bool
+    heads: Mapping[str, nn.Module] | nn.ModuleDict,
+    features: Mapping[str, torch.Tensor],
+    detach: bool,
 ) -> dict[str, torch.Tensor]:
     """``{name: (B, K)}``: each head on its own feature."""
     return {
@@ -94,7 +99,7 @@ def separate_head_logits(
 
 
 def head_logits(
-    heads: Mapping[str, nn.Module],
+    heads: Mapping[str, nn.Module] | nn.ModuleDict,
     features: Mapping[str, torch.Tensor],
     stacked: torch.Tensor | None,
     detach: bool,
@@ -109,7 +114,9 @@ def head_logits(
     return None, separate_head_logits(heads, features, detach)
 
 
-def prepare_heads(heads: Mapping[str, nn.Module], features: Mapping[str, torch.Tensor]) -> None:
+def prepare_heads(
+    heads: Mapping[str, nn.Module] | nn.ModuleDict, features: Mapping[str, torch.Tensor]
+) -> None:
     """Make each head ready for its feature: on its device, materialised, of its dtype.
 
     A lazy head is materialised outside inference mode (so a first ``loss()`` under

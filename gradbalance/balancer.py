@@ -117,6 +117,11 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         ['audio', 'video']
     """
 
+    last_coefficients: torch.Tensor
+    last_scores: torch.Tensor
+    nonfinite_steps: torch.Tensor
+    _root_model: nn.Module
+
     head_mode: HeadMode = "train"
     """"train": heads trained on the features, their loss reaches the encoders; "probe":
     heads on detached features (stop-gradient linear probes); "none": no heads."""
@@ -183,7 +188,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._index = {name: index for index, name in enumerate(self.names)}
         self._binding = Binding(torch.ones(m, device=device))
         self._backward = BackwardBindings()
-        self._scaled_parameters: dict[str, list[nn.Parameter]] = {}
+        self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
         self._paused = 0
         self._training_calls = 0
         self._ranks = RankSync(model, process_group)

@@ -47,8 +47,13 @@ def modality_slices(head: nn.Module, features: Sequence[torch.Tensor]) -> list[t
     ``head.modality_logits(*features)`` when the head has it; for an ``nn.Linear`` over the
     concatenated features, the weight is split by the features' widths.
     """
-    if callable(getattr(head, "modality_logits", None)):
-        return list(head.modality_logits(*features))
+    modality_logits = getattr(head, "modality_logits", None)
+    if callable(modality_logits):
+        return list(modality_logits(*features))
+    if not isinstance(head, nn.Linear):
+        raise ConfigurationError(
+            "fusion_head must be an nn.Linear or have modality_logits(*features)"
+        )
     widths = [feature.shape[-1] for feature in features]
     if sum(widths) != head.weight.shape[1]:
         raise ConfigurationError(
@@ -57,7 +62,7 @@ def modality_slices(head: nn.Module, features: Sequence[torch.Tensor]) -> list[t
             "takes the concatenated features, in encoder order"
         )
     blocks = head.weight.split(widths, dim=1)
-    share = head.bias / len(features) if head.bias is not None else None
+    share = None if head.bias is None else head.bias / len(features)
     return [F.linear(feature, block, share) for feature, block in zip(features, blocks)]
 
 
@@ -172,8 +177,11 @@ class SlicedScoresMethod(Method):
 
     def _slices(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each modality's (detached) slice of the fused head's logits."""
+        head = self.fusion_head
+        if head is None:
+            raise ConfigurationError("this balancer reads probes, not fused-head slices")
         with torch.no_grad():
-            logits = modality_slices(self.fusion_head, [features[n] for n in self.names])
+            logits = modality_slices(head, [features[n] for n in self.names])
         return dict(zip(self.names, logits))
 
     def _modality_logits(self, step: Step) -> list[torch.Tensor] | torch.Tensor:

@@ -97,6 +97,11 @@ class AGM(Method):
         (['audio', 'video'], 1)
     """
 
+    running_losses: torch.Tensor
+    running_count: torch.Tensor
+    _shapley: torch.Tensor
+    _model: nn.Module
+
     head_mode = "none"
     scales_gradients = False
 
@@ -202,7 +207,8 @@ class AGM(Method):
         if self.fusion_inputs == "features":
             inputs = [features[n] for n in self.names]
         else:
-            inputs = [self._last_outputs[n] for n in self.names]
+            outputs = self.__dict__["_last_outputs"]
+            inputs = [outputs[n] for n in self.names]
         inputs = [
             pytree.tree_map_only(torch.Tensor, torch.zeros_like, x) if n in masked else x
             for n, x in zip(self.names, inputs)

@@ -65,6 +65,12 @@ class MSLR(SlicedScoresMethod):
         >>> bal.epoch_end(accuracies={"audio": 0.5, "video": 0.5})  # or pass them yourself
     """
 
+    initial: torch.Tensor
+    epoch_coefficients: torch.Tensor
+    memory: torch.Tensor
+    accuracies: torch.Tensor
+    validation_correct: torch.Tensor
+
     head_mode = "probe"
 
     def __init__(

@@ -44,6 +44,8 @@ class MultiLoss(Method):
         tensor(1.)
     """
 
+    _unimodal_weight_vector: torch.Tensor
+
     scales_gradients = False
 
     def __init__(

@@ -119,6 +119,9 @@ class PMR(Method):
         [tensor(0.), tensor(1.)]
     """
 
+    class_counts: torch.Tensor
+    prototype_valid: torch.Tensor
+
     head_mode = "none"
     scales_gradients = False
 
