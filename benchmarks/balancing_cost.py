@@ -40,19 +40,18 @@ def prepared(model: nn.Module, encoders: list[nn.Module], inputs, target, num_cl
 def ours(bal: gb.MLB, unimodal, outputs, output_grads, target) -> None:
     """The work MLB adds to a Multi-Loss step, through the library's own code.
 
-    Its statistics, coefficients, checks, buffer and history writes, then what the backward
-    adds (one multiply per encoder output and per head's logits) and the forward's clones.
+    Its statistics (one log-softmax for the heads' scores), coefficients, checks, buffer and
+    history writes, then what the backward adds (one multiply per encoder output) and the
+    forward's clones.
     """
     stacked = torch.stack(list(unimodal.values()))
     step = Step(bal, stacked[0], target, {}, {}, training=True, binding=bal._binding)
-    step.stacked_unimodal = stacked
-    scores = step.head_scores()
+    step.set_unimodal(stacked, None)
+    _, scores = step.head_terms(scaled=True)
     step.store(bal._coefficients(scores), scores)
-    k = bal._binding.values
     for view, output, grad in zip(bal._binding.views, outputs, output_grads):
         output.clone()
         grad * view
-    stacked * k.view(-1, 1, 1)
 
 
 def compare(
