@@ -40,7 +40,8 @@ from reference_models.presets import (
     preset_name,
     render_toml,
 )
-from reference_models.train import TrainConfig, _key_values, load_config, train
+from reference_models.recipes import BACKBONES, DATASETS
+from reference_models.train import TrainConfig, key_values, load_config, train
 
 __all__ = ["Run", "main", "markdown_table", "plan_runs", "run_all", "summarise"]
 
@@ -227,8 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--table", type=int, choices=(3, 4), required=True)
-    add("--dataset", default="cremad", choices=("cremad", "ave", "ucf101", "synthetic"))
-    add("--backbone", default="resnet18", choices=("resnet18", "conformer"))
+    add("--dataset", default="cremad", choices=tuple(DATASETS))
+    add("--backbone", default="resnet18", choices=BACKBONES)
     add("--root", help="prepared dataset folder")
     add("--folds", type=int, nargs="+", default=[0, 1, 2], choices=(0, 1, 2))
     add("--methods", help="comma-separated subset of the table's methods")
@@ -258,9 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dataset != "synthetic" and not args.root:
         print("error: --root DIR (the prepared dataset) is needed", file=sys.stderr)
         return 2
-    overrides = _key_values(args.set, "--set")
+    overrides = key_values(args.set, "--set")
     if args.data_opt:
-        overrides["data_options"] = _key_values(args.data_opt, "--data-opt")
+        overrides["data_options"] = key_values(args.data_opt, "--data-opt")
     if args.device:
         overrides["device"] = args.device
     methods = args.methods.split(",") if args.methods else None

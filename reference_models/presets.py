@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from reference_models.recipes import METHODS
+
 __all__ = [
     "JOURNAL_SETTINGS",
     "PAPER_SETTINGS",
@@ -282,26 +284,12 @@ def _method_options(method: str, fusion: str, column: tuple[str, str]) -> dict[s
     return options
 
 
-_LABELS = {
-    "video_only": "Video only",
-    "audio_only": "Audio only",
-    "joint": "Joint Training",
-    "mmcosine": "MMCosine",
-    "mslr": "MSLR",
-    "ogm": "OGM",
-    "pmr": "PMR",
-    "agm": "AGM",
-    "multiloss": "Multi-Loss",
-    "mlb": "MLB",
-}
-
-
 def _paper_preset(table: str, column: tuple[str, str], fusion: str, method: str) -> dict[str, Any]:
     dataset, backbone = column
     where = {"table3": "Table 3", "table4": "Table 4"}[table]
     return {
         "description": (
-            f"{where}: {_LABELS[method]}, {dataset} {backbone}, {fusion} fusion "
+            f"{where}: {METHODS[method].label}, {dataset} {backbone}, {fusion} fusion "
             "(Table 2 hyperparameters, appendix B.2 protocol)"
         ),
         "dataset": dataset,
@@ -336,7 +324,7 @@ def _journal_presets() -> Iterator[tuple[str, dict[str, Any]]]:
                 preset_name("journal", dataset, backbone, fusion, method),
                 {
                     "description": (
-                        f"Journal (IJCV) scripts: {_LABELS[method]}, {dataset} {backbone}, "
+                        f"Journal (IJCV) scripts: {METHODS[method].label}, {dataset} {backbone}, "
                         f"{fusion} "
                         "fusion (METHODS.md §7, run.sh values)"
                     ),

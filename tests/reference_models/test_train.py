@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-import reference_models.train as train_module
+import reference_models.training.loop as train_module
 from reference_models.presets import all_presets
 from reference_models.train import (
     METHOD_NAMES,

@@ -1,0 +1,98 @@
+"""Mini-batches of a run: in-memory batches of generated sets, DataLoaders of prepared ones."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["MASK_NAMES", "InMemoryBatches", "make_loader", "to_device"]
+
+MASK_NAMES: tuple[str, ...] = ("audio_padding_mask", "video_padding_mask")
+"""The model's keyword names of the padding masks a batch may carry after its labels."""
+
+
+class InMemoryBatches:
+    """Shuffled mini-batches straight from a dataset's tensors (no per-item collation).
+
+    For datasets with ``tensors() -> (audio, video, labels)`` (the generated set): each epoch
+    draws one permutation from ``generator``, so the order is reproducible and resumable.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.tensors = [t.to(device) if device is not None else t for t in tensors]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.size = self.tensors[0].shape[0]
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=self.generator)
+        else:
+            order = torch.arange(self.size)
+        order = order.to(self.tensors[0].device)
+        for start in range(0, self.size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield tuple(t[index] for t in self.tensors)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Any:
+    """Batches of ``dataset``: shuffled with ``generator`` for training, in order otherwise.
+
+    A dataset with ``tensors()`` and no workers gives :class:`InMemoryBatches`; any other a
+    ``DataLoader`` using the dataset's own ``collate`` when it has one (padding collates).
+    """
+    if hasattr(dataset, "tensors") and workers == 0:
+        return InMemoryBatches(
+            dataset.tensors(),
+            batch_size,
+            shuffle=train,
+            generator=generator,
+            device=device if device.type == "cuda" else None,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=False,
+        collate_fn=getattr(dataset, "collate", None),
+    )
+
+
+def to_device(batch: Sequence[Any], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(audio, video, labels, *padding masks)`` on ``device`` (masks: see :data:`MASK_NAMES`)."""
+    audio, video, label, *masks = batch
+    if len(masks) > len(MASK_NAMES):
+        raise ValueError(
+            f"a batch is (audio, video, labels) and at most {len(MASK_NAMES)} padding masks, "
+            f"got {len(batch)} items"
+        )
+    tensors = (audio, video, torch.as_tensor(label), *masks)
+    return tuple(x if x is None else x.to(device, non_blocking=True) for x in tensors)
