@@ -231,7 +231,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--dataset", default="cremad", choices=tuple(DATASETS))
     add("--backbone", default="resnet18", choices=BACKBONES)
     add("--root", help="prepared dataset folder")
-    add("--folds", type=int, nargs="+", default=[0, 1, 2], choices=(0, 1, 2))
+    add(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="0-based folds (default 0 1 2, the paper's; CREMA-D also has 3 and 4)",
+    )
     add("--methods", help="comma-separated subset of the table's methods")
     add("--fusion", action="append", choices=TABLE4_FUSIONS, help="Table 4: fusion(s) to run")
     add(

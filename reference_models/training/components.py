@@ -22,6 +22,7 @@ from reference_models.unimodal import UnimodalClassifier
 
 __all__ = [
     "build_balancer",
+    "data_report",
     "build_datasets",
     "build_model_for",
     "modality_names",
@@ -56,15 +57,16 @@ def _prepared(data: DataSlice) -> tuple[Dataset, ...]:
         )
     options = dict(data.options)
     if data.dataset == "cremad":
+        # Clips of the split missing from the prepared data are left out and reported (warning,
+        # results.json), as the official loader drops them (silently).
+        options.setdefault("missing", "skip")
         return tuple(
-            datasets.CremaD(data.root, split, fold=data.fold + 1, **options) for split in SPLITS
+            datasets.CremaD(data.root, split, fold=data.fold, **options) for split in SPLITS
         )
     if data.dataset == "ave":
         return tuple(datasets.AVE(data.root, split, **options) for split in SPLITS)
     options.setdefault("seed", data.seed)
-    return tuple(
-        datasets.UCF101(data.root, split, fold=data.fold + 1, **options) for split in SPLITS
-    )
+    return tuple(datasets.UCF101(data.root, split, fold=data.fold, **options) for split in SPLITS)
 
 
 def build_datasets(config: TrainConfig | DataSlice) -> tuple[Dataset, Dataset, Dataset]:
@@ -72,6 +74,14 @@ def build_datasets(config: TrainConfig | DataSlice) -> tuple[Dataset, Dataset, D
     data = config.data if isinstance(config, TrainConfig) else config
     build = _synthetic if data.dataset == "synthetic" else _prepared
     return build(data)  # type: ignore[return-value]
+
+
+def data_report(splits: tuple[Dataset, ...]) -> dict[str, dict[str, int]]:
+    """Per split: the clips used and the clips of the split left out (missing or failed)."""
+    return {
+        name: {"clips": len(dataset), "left_out": len(getattr(dataset, "excluded", {}))}
+        for name, dataset in zip(SPLITS, splits)
+    }
 
 
 def num_classes_of(dataset: Dataset) -> int:

@@ -115,8 +115,10 @@ class TrainConfig:
         data_options: keyword options of the dataset (for ``synthetic``: ``train_size``,
             ``val_size``, ``test_size``, ``seed`` and the generator's knobs).
         fusion_options: keyword options of the fusion head.
-        fold: 0, 1 or 2 (CREMA-D and UCF101 folds 1–3; for every dataset the default seed).
-        seed: training seed; ``None``: :data:`FOLD_SEEDS` ``[fold]``.
+        fold: 0-based fold: 0, 1 or 2 (the paper's three; CREMA-D also 3 and 4, the other
+            two folds of its split file, whose key is ``fold + 1``). For every dataset it
+            also picks the default seed.
+        seed: training seed; ``None``: :data:`FOLD_SEEDS` ``[fold]`` (folds 0-2).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...
         max_epochs: at most this many epochs (1,500 in the paper).
         patience: stop after this many epochs without a better validation accuracy (300).
@@ -214,8 +216,14 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.fold not in (0, 1, 2):
-            raise ValueError(f"fold must be 0, 1 or 2, got {self.fold!r}")
+        folds = DATASETS[self.dataset].folds
+        if isinstance(self.fold, bool) or self.fold not in range(folds):
+            raise ValueError(f"fold must be 0-based in 0..{folds - 1}, got {self.fold!r}")
+        if self.seed is None and self.fold >= len(FOLD_SEEDS):
+            raise ValueError(
+                f"fold {self.fold} has no official seed (only folds 0-{len(FOLD_SEEDS) - 1} "
+                "have); set seed=N"
+            )
         if not self.lr > 0 or not self.eps > 0 or not self.weight_decay >= 0:
             raise ValueError("lr and eps must be > 0 and weight_decay >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -30,6 +30,7 @@ from reference_models.training.components import (
     build_balancer,
     build_datasets,
     build_model_for,
+    data_report,
     modality_names,
     num_classes_of,
 )
@@ -49,6 +50,7 @@ class Session:
     test_loader: Any
     generator: torch.Generator
     seed: int
+    data: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def close(self) -> None:
         """Remove the balancer's hooks now (rather than whenever it is garbage-collected)."""
@@ -154,7 +156,10 @@ def build_run(
         window_loss=zeros(()),
     )
     val_loader, test_loader = loader(val_set, False), loader(test_set, False)
-    return Session(state, train_loader, val_loader, test_loader, generator, seed)
+    splits = (train_set, val_set, test_set)
+    return Session(
+        state, train_loader, val_loader, test_loader, generator, seed, data_report(splits)
+    )
 
 
 @dataclass
@@ -369,6 +374,7 @@ def _train(session: Session, out: Path, start_time: float, verbose: bool) -> dic
             "finished": finished,
             "wall_time_s": wall_time,
             "device": str(session.state.device),
+            "data": session.data,
             "output_dir": str(out),
             "num_parameters": sum(p.numel() for p in session.state.model.parameters()),
         }

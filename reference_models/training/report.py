@@ -175,6 +175,14 @@ def summary_text(results: Mapping[str, Any]) -> str:
                     f"{_fmt(test[name][f'{kind}_accuracy']):>10}"
                     f"{_fmt(test[name][f'{kind}_ece']):>10}{_fmt(test[name][f'{kind}_loss']):>11}"
                 )
+    left_out = {
+        split: n["left_out"] for split, n in results.get("data", {}).items() if n["left_out"]
+    }
+    if left_out:
+        lines.append(
+            "clips of the split missing from the prepared data (left out): "
+            + ", ".join(f"{split} {count}" for split, count in left_out.items())
+        )
     coefficients = results.get("final_coefficients") or {}
     if coefficients:
         lines.append(

@@ -260,6 +260,25 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, method):
     assert history == (tmp_path / "a" / "run" / "history.csv").read_text().splitlines()
 
 
+def test_a_checkpoint_without_newer_fields_resumes(tmp_path):
+    config = tiny(tmp_path, method="mlb", max_epochs=2, stop_after=1)
+    train(config, verbose=False)
+    path = tmp_path / "run" / "last.pt"
+    saved = torch.load(path, weights_only=False)
+    del saved["config"]["ece_binning"]  # as written before the field existed
+    torch.save(saved, path)
+    resumed = train(config.replace(stop_after=None, resume=True), verbose=False)
+    assert resumed["epochs_run"] == 2 and resumed["finished"]
+
+
+def test_folds_are_0_based_and_cremad_has_five():
+    assert TrainConfig(dataset="cremad", root="r", fold=4, seed=1).fold == 4
+    with pytest.raises(ValueError, match="fold 3 has no official seed"):
+        TrainConfig(dataset="cremad", root="r", fold=3)
+    with pytest.raises(ValueError, match=r"fold must be 0-based in 0..2"):
+        TrainConfig(dataset="ucf101", root="r", fold=3)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     config = tiny(tmp_path, method="mlb", max_epochs=2, stop_after=1)
     train(config, verbose=False)
