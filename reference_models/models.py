@@ -10,7 +10,7 @@ encoders are the attributes ``model.audio`` and ``model.video`` and whose head i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class AudioVisualClassifier(nn.Module):
         self.video = video
         self.fusion = fusion
         self.takes_tokens = takes_tokens
+        self._last_batch: tuple[torch.Tensor | None, ...] | None = None
 
     def forward(
         self,
@@ -83,7 +84,53 @@ class AudioVisualClassifier(nn.Module):
         audio_padding_mask: torch.Tensor | None = None,
         video_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders."""
+        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders.
+
+        The batch is kept (by reference) until the next forward, for :meth:`forward_masked`.
+        """
+        self._last_batch = (audio, video, audio_padding_mask, video_padding_mask)
+        return self._logits(audio, video, audio_padding_mask, video_padding_mask)
+
+    def forward_masked(self, masked: Collection[str]) -> torch.Tensor:
+        """The logits of the last forward's batch with the inputs of ``masked`` zeroed.
+
+        AGM's input masking (the official code re-runs the whole model on the batch with a
+        modality's input set to zero): ``gb.AGM(..., masking="input",
+        forward_masked=model.forward_masked)``. Padding masks are kept.
+
+        Args:
+            masked: the modalities to zero, among ``"audio"`` and ``"video"``.
+
+        Raises:
+            ValueError: an unknown modality name.
+            RuntimeError: no forward has run yet.
+
+        Example:
+            >>> from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
+            >>> from reference_models.fusion import LateLinear
+            >>> audio, video = ResNet18AudioEncoder(width=4), ResNet18VideoEncoder(width=4)
+            >>> model = AudioVisualClassifier(audio, video, LateLinear([32, 32], 6))
+            >>> logits = model(torch.randn(2, 65, 63), torch.randn(2, 3, 2, 32, 32))
+            >>> model.forward_masked({"audio"}).shape
+            torch.Size([2, 6])
+        """
+        unknown = set(masked) - {"audio", "video"}
+        if unknown:
+            raise ValueError(f"forward_masked: unknown modalities {sorted(unknown)}")
+        if self._last_batch is None:
+            raise RuntimeError("forward_masked re-runs the last batch: call the model first")
+        audio, video, audio_mask, video_mask = self._last_batch
+        audio = torch.zeros_like(audio) if "audio" in masked else audio
+        video = torch.zeros_like(video) if "video" in masked else video
+        return self._logits(audio, video, audio_mask, video_mask)
+
+    def _logits(
+        self,
+        audio: torch.Tensor,
+        video: torch.Tensor,
+        audio_padding_mask: torch.Tensor | None,
+        video_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         audio_features = self.audio(audio, padding_mask=audio_padding_mask)
         video_features = self.video(video, padding_mask=video_padding_mask)
         if not self.takes_tokens:

@@ -123,8 +123,9 @@ def _with_probes(options: dict[str, Any], model: nn.Module, seed: int) -> None:
 
 
 def _fused_weight_blocks(options: dict[str, Any], model: nn.Module, seed: int) -> None:
-    """MLB: each modality's weight block of the fused head's first layer is scaled with it
-    (the official code's grouping, METHODS.md §1.3); ``scale_fused_weights=false`` turns it off."""
+    """MLB: each modality's weight block of the fused head's first layer (Late-Linear, MLP,
+    Gated, decision-level) is scaled with it, as the official code's parameter grouping does;
+    ``scale_fused_weights=false`` turns it off."""
     blocks = getattr(model.fusion, "modality_parameters", None)
     if options.pop("scale_fused_weights", True) and blocks is not None:
         options.setdefault("extra_parameters", dict(zip(MODALITIES, blocks())))
@@ -146,10 +147,12 @@ def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None
 
 
 def _masked_passes(options: dict[str, Any], model: nn.Module, seed: int) -> None:
-    """AGM: ``masking="feature"`` re-runs only the fusion head on zeroed encoder outputs;
-    ``masking="input"`` re-runs the whole model with a modality's input zeroed
-    (``model.forward_masked``, the official code). The clipping rule watches the fused head's
-    weights (``clip_watch``, the official ``fc_out.weight``)."""
+    """AGM: ``masking="input"`` re-runs the whole model with a modality's input zeroed
+    (``model.forward_masked``, the official code); ``masking="feature"`` (default, cheap)
+    re-runs only the fusion head on zeroed encoder outputs. The clipping rule (``clip=true``)
+    watches ``clip_watch``: ``"fused_weights"`` (default: the fused head's weight matrices, as
+    the official code watches its output layer's weight) or ``"fusion"`` (every parameter
+    outside the encoders)."""
     options.setdefault("masking", "feature")
     if options["masking"] == "feature":
         options.setdefault("fusion", model.fusion)
@@ -157,8 +160,11 @@ def _masked_passes(options: dict[str, Any], model: nn.Module, seed: int) -> None
             options.setdefault("fusion_inputs", "outputs")
     elif options["masking"] == "input":
         options.setdefault("forward_masked", model.forward_masked)
-    if options.get("clip") and "clip_watch" not in options:
+    watch = options.pop("clip_watch", "fused_weights")
+    if watch == "fused_weights":
         options["clip_watch"] = fused_head_weights(model.fusion)
+    elif watch != "fusion":
+        raise ValueError(f"clip_watch must be 'fused_weights' or 'fusion', got {watch!r}")
 
 
 def _explicit_prototypes(
@@ -167,12 +173,28 @@ def _explicit_prototypes(
     forward_passes: Callable[[float], Iterator[torch.Tensor]],
 ) -> None:
     """PMR with ``prototypes="explicit"``: class prototypes from an eval-mode pass over
-    ``prototype_fraction`` (0.1) of the training batches before each epoch (the official code)."""
+    ``prototype_fraction`` (0.1) of the training batches before each epoch (the official code).
+
+    ``momentum_schedule="official"``: the prototypes recomputed after the first epoch are not
+    blended with the previous ones (the official code passes epoch 0 there), so blending with
+    ``momentum`` starts after the second epoch; ``"constant"`` (default) blends every time.
+    """
+    schedule = options.get("momentum_schedule", "constant")
+    if schedule not in ("constant", "official"):
+        raise ValueError(f"momentum_schedule must be 'constant' or 'official', got {schedule!r}")
     if getattr(balancer, "prototype_source", None) != "explicit":
+        if schedule == "official":
+            raise ValueError("momentum_schedule='official' needs prototypes='explicit'")
         return
     for labels in forward_passes(float(options.get("prototype_fraction", 0.1))):
         balancer.collect(labels)
-    balancer.update_prototypes()
+    momentum = balancer.momentum
+    if schedule == "official" and balancer.epoch == 1:
+        balancer.momentum = 0.0
+    try:
+        balancer.update_prototypes()
+    finally:
+        balancer.momentum = momentum
 
 
 def fused_head_weights(fusion: nn.Module) -> list[nn.Parameter]:
@@ -188,7 +210,10 @@ METHODS: dict[str, MethodRecipe] = {
     "ogm_ge": MethodRecipe("OGM-GE", "ogm_ge", wire=_seeded_slices),
     "agm": MethodRecipe("AGM", "agm", wire=_masked_passes),
     "pmr": MethodRecipe(
-        "PMR", "pmr", harness_options=("prototype_fraction",), epoch_start=_explicit_prototypes
+        "PMR",
+        "pmr",
+        harness_options=("prototype_fraction", "momentum_schedule"),
+        epoch_start=_explicit_prototypes,
     ),
     "mslr": MethodRecipe("MSLR", "mslr", wire=_fused_slices),
     "mmcosine": MethodRecipe(

@@ -20,6 +20,12 @@ class InMemoryBatches:
 
     For datasets with ``tensors() -> (audio, video, labels)`` (the generated set): each epoch
     draws one permutation from ``generator``, so the order is reproducible and resumable.
+    ``drop_last`` leaves out a final incomplete batch.
+
+    Example:
+        >>> batches = InMemoryBatches([torch.arange(5)], 2, shuffle=False, drop_last=True)
+        >>> len(batches), [b[0].tolist() for b in batches]
+        (2, [[0, 1], [2, 3]])
     """
 
     def __init__(
@@ -30,14 +36,18 @@ class InMemoryBatches:
         shuffle: bool,
         generator: torch.Generator | None = None,
         device: torch.device | None = None,
+        drop_last: bool = False,
     ) -> None:
         self.tensors = [t.to(device) if device is not None else t for t in tensors]
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
         self.size = self.tensors[0].shape[0]
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self.size // self.batch_size
         return math.ceil(self.size / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -46,7 +56,7 @@ class InMemoryBatches:
         else:
             order = torch.arange(self.size)
         order = order.to(self.tensors[0].device)
-        for start in range(0, self.size, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             yield tuple(t[index] for t in self.tensors)
 
@@ -64,7 +74,10 @@ def make_loader(
 
     A dataset with ``tensors()`` and no workers gives :class:`InMemoryBatches`; any other a
     ``DataLoader`` using the dataset's own ``collate`` when it has one (padding collates).
+    A final training batch of a single sample is dropped: batch statistics (BatchNorm in
+    train mode, PMR's ``batch_norm``) are undefined for one sample.
     """
+    drop_last = train and len(dataset) % batch_size == 1
     if hasattr(dataset, "tensors") and workers == 0:
         return InMemoryBatches(
             dataset.tensors(),
@@ -72,6 +85,7 @@ def make_loader(
             shuffle=train,
             generator=generator,
             device=device if device.type == "cuda" else None,
+            drop_last=drop_last,
         )
     return DataLoader(
         dataset,
@@ -81,7 +95,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        drop_last=False,
+        drop_last=drop_last,
         collate_fn=getattr(dataset, "collate", None),
     )
 

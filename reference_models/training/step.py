@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradbalance as gb
-from gradbalance.metrics import accuracy, expected_calibration_error
+from gradbalance.metrics import BINNINGS, accuracy, expected_calibration_error
 from reference_models.schedule import WarmupCosineRestarts
 from reference_models.training.batches import MASK_NAMES, to_device
 from reference_models.training.config import TrainConfig
@@ -110,6 +110,11 @@ def _unimodal_logits(state: RunState) -> dict[str, torch.Tensor]:
 def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str, Any]:
     """Metrics of the fused prediction and of each modality on one split.
 
+    Each prediction gets ``accuracy``, ``loss`` (cross-entropy), ``ece`` (the configured
+    ``ece_binning``) and the ECE of both binnings, ``ece_classical`` (``(lo, hi]`` bins, the
+    appendix's eq. 10) and ``ece_torchmetrics`` (``[lo, hi)`` plus a bin for confidence 1,
+    what the official numbers used).
+
     With ``collect`` (the per-epoch validation) the balancer's ``loss()`` sees the batches
     under ``torch.no_grad()`` (MSLR takes its validation accuracies from them).
     """
@@ -140,14 +145,19 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
 
     def metrics(chunks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = torch.cat(chunks)
-        return {
-            "accuracy": accuracy(logits, target),
-            "ece": expected_calibration_error(
+        ece = {
+            binning: expected_calibration_error(
                 logits,
                 target,
                 config.ece_bins,
-                binning=config.ece_binning,  # type: ignore[arg-type]
-            ),
+                binning=binning,  # type: ignore[arg-type]
+            )
+            for binning in BINNINGS
+        }
+        return {
+            "accuracy": accuracy(logits, target),
+            "ece": ece[config.ece_binning],
+            **{f"ece_{binning}": value for binning, value in ece.items()},
             "loss": F.cross_entropy(logits, target),
         }
 

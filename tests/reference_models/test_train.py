@@ -463,7 +463,7 @@ def test_presets_carry_table_2_and_the_protocol():
     assert (mlb.max_epochs, mlb.patience, mlb.schedule) == (1500, 300, "step")
     conformer = load_config("table3/cremad_conformer_linear_agm")
     assert (conformer.lr, conformer.weight_decay, conformer.batch_size) == (5e-5, 1e-5, 8)
-    assert conformer.method_options == {"clip": True, "alpha": 3.0}
+    assert conformer.method_options == {"clip": True, "masking": "input", "alpha": 3.0}
     assert load_config("table3/ave_resnet18_linear_mmcosine").method_options == {"scale": 8.0}
     assert load_config("table3/ucf101_resnet18_linear_mslr").method_options == {
         "initial": [1.0, 1.0],
