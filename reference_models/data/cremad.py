@@ -29,6 +29,7 @@ __all__ = [
     "CremaD",
     "actor_of",
     "emotion_label",
+    "fold_clip_names",
     "read_split_file",
     "speaker_independent_folds",
 ]
@@ -151,6 +152,54 @@ def read_split_file(path: str | Path, fold: int) -> dict[str, list[str]]:
     }
 
 
+def fold_clip_names(
+    available: Sequence[str],
+    fold: int,
+    *,
+    split_file: str | Path | None = None,
+    seed: int = 0,
+    val_actors: int = 14,
+    test_actors: int = 14,
+    root: str | Path = "the prepared root",
+) -> dict[str, list[str]]:
+    """The clip names of each split of a fold: from a split file, or generated folds.
+
+    Args:
+        available: the prepared clips (used to generate folds; ignored with ``split_file``).
+        fold: fold number, 1-based.
+        split_file: an official VAVL split file (:func:`read_split_file`), or ``None`` for
+            :func:`speaker_independent_folds` over the actors of ``available``.
+        seed: seed of the generated folds.
+        val_actors: validation actors per generated fold.
+        test_actors: test actors per generated fold.
+        root: where ``available`` came from, for the error message.
+
+    Returns:
+        ``{"train": [names], "val": [...], "test": [...]}``.
+
+    Example:
+        >>> names = [f"{actor}_DFA_ANG_XX" for actor in range(1001, 1008)]
+        >>> split = fold_clip_names(names, 1, val_actors=2, test_actors=2)
+        >>> [len(split[key]) for key in SPLITS]
+        [3, 2, 2]
+    """
+    if split_file is not None:
+        return read_split_file(split_file, fold)
+    if not available:
+        raise ValueError(f"cremad: {root} has no prepared clips")
+    folds = speaker_independent_folds(
+        [actor_of(name) for name in available],
+        fold,
+        val_actors=val_actors,
+        test_actors=test_actors,
+        seed=seed,
+    )
+    actors = {split: set(folds[fold - 1][split]) for split in SPLITS}
+    return {
+        split: [name for name in available if actor_of(name) in actors[split]] for split in SPLITS
+    }
+
+
 class CremaD(PreparedClips):
     """CREMA-D audio-visual emotion clips: ``(spectrogram (257, 188), frames (3, 3, 224, 224),
     label)``.
@@ -204,24 +253,19 @@ class CremaD(PreparedClips):
         if fold < 1:
             raise ValueError(f"fold is 1-based (the split file's keys), got {fold}")
         root = check_prepared_root(root, "cremad")
-        if split_file is not None:
-            names = read_split_file(split_file, fold)[split]
-        else:
-            available = sorted(
-                {path.stem for path in (root / "audio").glob("*.wav")}
-                | {path.name for path in (root / "frames").iterdir() if path.is_dir()}
-            )
-            if not available:
-                raise ValueError(f"cremad: {root} has no prepared clips")
-            folds = speaker_independent_folds(
-                [actor_of(name) for name in available],
-                fold,
-                val_actors=val_actors,
-                test_actors=test_actors,
-                seed=seed,
-            )
-            actors = set(folds[fold - 1][split])
-            names = [name for name in available if actor_of(name) in actors]
+        available = sorted(
+            {path.stem for path in (root / "audio").glob("*.wav")}
+            | {path.name for path in (root / "frames").iterdir() if path.is_dir()}
+        )
+        names = fold_clip_names(
+            available,
+            fold,
+            split_file=split_file,
+            seed=seed,
+            val_actors=val_actors,
+            test_actors=test_actors,
+            root=root,
+        )[split]
         super().__init__(
             root,
             [Clip(name, emotion_label(name)) for name in names],
