@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reference_models.data.faces import FACE_IMAGE_SIZE, FaceFeatureExtractor
+from reference_models.data.faces import FACE_IMAGE_SIZE, FaceFeatureExtractor, build_face_encoder
 from reference_models.data.media import decode_audio, read_video_frames, write_wav
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def prepare_clip_faces(job: Job, out: Path, max_frames: int) -> tuple[str, str, str]:
-    """Write one clip's 16 kHz wav and face features with this process's extractor; never raises.
+    """Write one clip's 16 kHz wav and face features with this process's extractor.
+
+    A clip that cannot be prepared is reported, not raised.
 
     Returns:
         ``(name, status, detail)``, status ``"prepared"``, ``"skipped"`` or ``"failed"``.
@@ -143,9 +145,11 @@ def prepare_clip_faces(job: Job, out: Path, max_frames: int) -> tuple[str, str, 
     return job.name, "prepared", f"{len(detected)} frames, {int((~detected).sum())} without a face"
 
 
-def _check_extractor(out: Path, identity: dict) -> None:
+def _record_extractor(out: Path, identity: dict) -> None:
+    """Write ``faces/extractor.json``; refuse if features of another extractor are there."""
     path = out / "faces" / "extractor.json"
-    if path.is_file():
+    has_features = next((out / "faces").glob("*.npz"), None) is not None
+    if path.is_file() and has_features:
         recorded = json.loads(path.read_text())
         if recorded != identity:
             raise ValueError(
@@ -153,8 +157,7 @@ def _check_extractor(out: Path, identity: dict) -> None:
                 f"{identity}); remove {out / 'faces'} and {out / 'wav16k'} to re-extract, or "
                 "write to another --out"
             )
-    else:
-        path.write_text(json.dumps(identity, indent=1))
+    path.write_text(json.dumps(identity, indent=1))
 
 
 def face_report(out: Path, names: Sequence[str]) -> dict:
@@ -201,7 +204,11 @@ def prepare_faces(
     """
     for folder in ("faces", "wav16k"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    _check_extractor(out, options.identity())
+    identity = options.identity()
+    with warnings.catch_warnings():  # fail here, not in every worker, if the weights are wrong
+        warnings.filterwarnings("ignore", "face encoder with RANDOM weights")
+        build_face_encoder(options.weights)
+    _record_extractor(out, identity)
     if options.weights == "random":
         warnings.warn(
             "face features from a RANDOM EfficientNet-B2: they carry no emotion information; "

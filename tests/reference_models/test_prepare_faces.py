@@ -143,9 +143,21 @@ def test_prepare_faces_counts_fallbacks_runs_in_parallel_and_resumes(raw, tmp_pa
 
     # Other weights into the same folder are refused instead of mixing two networks' features.
     weights = tmp_path / "weights.pt"
-    torch.save({}, weights)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        torch.save(build_face_encoder("random").state_dict(), weights)  # same network, a file
     assert main(faces_command(raw, out) + ["--face-weights", str(weights)]) == 2
     assert "another extractor" in capsys.readouterr().err
+
+
+def test_wrong_weights_stop_before_any_clip_and_record_nothing(raw, tmp_path, capsys):
+    weights = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, weights)
+    out = tmp_path / "prepared"
+    assert main(faces_command(raw, out) + ["--face-weights", str(weights)]) == 2
+    assert "not timm's efficientnet_b2 layout" in capsys.readouterr().err
+    assert not list((out / "faces").glob("*")) and not list((out / "wav16k").glob("*"))
+    assert main(faces_command(raw, out) + ["--face-weights", str(tmp_path / "absent.pt")]) == 2
+    assert "absent.pt" in capsys.readouterr().err
 
 
 def test_faces_needs_weights_and_cremad(raw, tmp_path, capsys):
