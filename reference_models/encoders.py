@@ -16,7 +16,9 @@ mini-batch at each time index (METHODS.md §9, item 24); the encoders here do no
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -474,10 +476,13 @@ class Wav2Vec2ConformerEncoder(nn.Module):
     time-first batch mixing (METHODS.md §9, item 24) is not reproduced.
 
     Args:
-        front_end: a torchaudio ``Wav2Vec2Model``; ``None`` builds the default one with
-            :func:`build_wav2vec2_front_end` (``checkpoint``, ``front_end_layers``).
-        checkpoint: local wav2vec2 checkpoint for the default front end.
-        front_end_layers: transformer layers kept in the default front end.
+        front_end: a torchaudio ``Wav2Vec2Model``; ``None`` builds one with
+            :func:`build_wav2vec2_front_end` (``checkpoint``, ``front_end_layers``,
+            ``front_end_options``).
+        checkpoint: local wav2vec2 checkpoint for the built front end (``None``: random).
+        front_end_layers: transformer layers kept in the built front end.
+        front_end_options: other architecture options of :func:`build_wav2vec2_front_end`
+            (``None``: wav2vec2-large-robust's); a smaller one serves CPU smoke tests.
         freeze_feature_extractor: keep the CNN feature extractor fixed, as the recipe does.
         **conformer_options: options of :class:`ConformerEncoder` (``model_dim``,
             ``num_layers``, ``return_tokens``, ...).
@@ -499,15 +504,19 @@ class Wav2Vec2ConformerEncoder(nn.Module):
         *,
         checkpoint: str | Path | None = None,
         front_end_layers: int = 12,
+        front_end_options: Mapping[str, Any] | None = None,
         freeze_feature_extractor: bool = True,
         **conformer_options: object,
     ) -> None:
         super().__init__()
         if front_end is None:
-            front_end = build_wav2vec2_front_end(front_end_layers, checkpoint)
-        elif checkpoint is not None:
+            front_end = build_wav2vec2_front_end(
+                front_end_layers, checkpoint, **(front_end_options or {})
+            )
+        elif checkpoint is not None or front_end_options is not None:
             raise ValueError(
-                "pass either a built front_end or a checkpoint for the default one, not both"
+                "pass either a built front_end or the checkpoint and options of one to build, "
+                "not both"
             )
         self.front_end = front_end
         if freeze_feature_extractor:

@@ -245,7 +245,7 @@ class DecisionFusion(nn.Module):
         >>> a, v = torch.randn(4, 8), torch.randn(4, 6)
         >>> torch.allclose(head(a, v), sum(head.modality_logits(a, v)))
         True
-        >>> round(float(head.modality_logits(a, v)[0].std()), 4)
+        >>> round(float(head.modality_logits(a, v)[0].std().detach()), 4)
         1.0
     """
 

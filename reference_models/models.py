@@ -10,6 +10,7 @@ encoders are the attributes ``model.audio`` and ``model.video`` and whose head i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,24 @@ class AudioVisualClassifier(nn.Module):
         return self.fusion(audio_features, video_features, padding_masks=masks)
 
 
+def _wav2vec2_weights(checkpoint: str | Path | None) -> Path | None:
+    """The checkpoint path of the wav2vec2 front end, or ``None`` for ``"random"`` (warned)."""
+    if checkpoint is None:
+        raise ValueError(
+            "the conformer backbone needs wav2vec2_checkpoint: the path of a local torchaudio "
+            "state dict of wav2vec2-large-robust (see the README for the one-time conversion "
+            "from the Hugging Face weights), or 'random' for a smoke test"
+        )
+    if str(checkpoint) == "random":
+        warnings.warn(
+            "wav2vec2 front end with RANDOM weights (wav2vec2_checkpoint='random'): fine for "
+            "smoke tests, meaningless for results",
+            stacklevel=3,
+        )
+        return None
+    return Path(checkpoint)
+
+
 def build_model(
     dataset: str,
     backbone: str = "resnet18",
@@ -167,8 +186,12 @@ def build_model(
         num_classes: overrides the dataset's number of classes.
         width: ResNet-18 base width (64 = the paper's model, 512-d features; 8 or 16 give a
             reduced-width model for CPU demos). Ignored by the Conformer backbone.
-        wav2vec2_checkpoint: local wav2vec2 weights for the Conformer backbone (never
-            downloaded; see :func:`~reference_models.encoders.build_wav2vec2_front_end`).
+        wav2vec2_checkpoint: the Conformer backbone's wav2vec2-large-robust weights: a local
+            torchaudio ``Wav2Vec2Model`` state dict (never downloaded; converted once from the
+            Hugging Face model, see
+            :func:`~reference_models.encoders.build_wav2vec2_front_end`), or ``"random"`` for
+            random weights (smoke tests only; warns). Required for that backbone unless
+            ``audio_options`` passes a built ``front_end``.
         audio_options: extra keyword options of the audio encoder.
         video_options: extra keyword options of the video encoder.
         fusion_options: extra keyword options of the fusion head (e.g. ``{"scale": 8}`` for
@@ -192,7 +215,11 @@ def build_model(
         audio = ResNet18AudioEncoder(width=width, **audio_options)
         video = ResNet18VideoEncoder(width=width, **video_options)
     elif backbone == "conformer":
-        audio = Wav2Vec2ConformerEncoder(checkpoint=wav2vec2_checkpoint, **audio_options)
+        if "front_end" not in audio_options:
+            audio_options["checkpoint"] = _wav2vec2_weights(wav2vec2_checkpoint)
+        elif wav2vec2_checkpoint is not None:
+            raise ValueError("pass either wav2vec2_checkpoint or a built front_end, not both")
+        audio = Wav2Vec2ConformerEncoder(**audio_options)
         video = ConformerEncoder(**video_options)
     else:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
