@@ -286,6 +286,15 @@ def _method_options(method: str, fusion: str, column: tuple[str, str]) -> dict[s
     return options
 
 
+WAV2VEC2_CHECKPOINT = "data/wav2vec2_large_robust.pt"
+"""Where the Conformer presets look for the wav2vec2-large-robust weights (a torchaudio state
+dict converted once from the Hugging Face model; README)."""
+
+
+def _backbone_fields(backbone: str) -> dict[str, Any]:
+    return {"wav2vec2_checkpoint": WAV2VEC2_CHECKPOINT} if backbone == "conformer" else {}
+
+
 def _paper_preset(table: str, column: tuple[str, str], fusion: str, method: str) -> dict[str, Any]:
     dataset, backbone = column
     where = {"table3": "Table 3", "table4": "Table 4"}[table]
@@ -297,6 +306,7 @@ def _paper_preset(table: str, column: tuple[str, str], fusion: str, method: str)
         "dataset": dataset,
         "root": f"data/{dataset}",
         "backbone": backbone,
+        **_backbone_fields(backbone),
         "fusion": fusion,
         "method": method,
         **PROTOCOL,
@@ -355,6 +365,7 @@ def _journal_presets() -> Iterator[tuple[str, dict[str, Any]]]:
                     "dataset": dataset,
                     "root": f"data/{dataset}",
                     "backbone": backbone,
+                    **_backbone_fields(backbone),
                     "fusion": fusion,
                     "method": method,
                     **protocol,
@@ -392,6 +403,8 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table inside a table
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 

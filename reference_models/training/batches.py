@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["MASK_NAMES", "InMemoryBatches", "make_loader", "to_device"]
+__all__ = ["MASK_NAMES", "InMemoryBatches", "make_loader", "padded_batch", "to_device"]
 
 MASK_NAMES: tuple[str, ...] = ("audio_padding_mask", "video_padding_mask")
 """The model's keyword names of the padding masks a batch may carry after its labels."""
@@ -61,6 +61,15 @@ class InMemoryBatches:
             yield tuple(t[index] for t in self.tensors)
 
 
+def padded_batch(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[Any, ...]:
+    """Collate variable-length ``(waveform, faces, label)`` items for the harness: zero-padded
+    ``(waveform, faces, labels, waveform_mask, faces_mask)``, masks True = padded."""
+    from reference_models.data.padding import pad_collate
+
+    waveform, waveform_mask, faces, faces_mask, labels = pad_collate(items)
+    return waveform, faces, labels, waveform_mask, faces_mask
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -69,11 +78,12 @@ def make_loader(
     workers: int,
     generator: torch.Generator | None,
     device: torch.device,
+    collate: Callable[[Sequence[Any]], Any] | None = None,
 ) -> Any:
     """Batches of ``dataset``: shuffled with ``generator`` for training, in order otherwise.
 
     A dataset with ``tensors()`` and no workers gives :class:`InMemoryBatches`; any other a
-    ``DataLoader`` using the dataset's own ``collate`` when it has one (padding collates).
+    ``DataLoader`` with ``collate`` (e.g. :func:`padded_batch` for variable-length items).
     A final training batch of a single sample is dropped: batch statistics (BatchNorm in
     train mode, PMR's ``batch_norm``) are undefined for one sample.
     """
@@ -96,7 +106,7 @@ def make_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         drop_last=drop_last,
-        collate_fn=getattr(dataset, "collate", None),
+        collate_fn=collate,
     )
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -17,11 +18,13 @@ from torch.utils.data import Dataset
 
 import gradbalance as gb
 from reference_models.recipes import METHODS, MODALITIES
+from reference_models.training.batches import padded_batch
 from reference_models.training.config import DataSlice, MethodSlice, ModelSlice, TrainConfig
 from reference_models.unimodal import UnimodalClassifier
 
 __all__ = [
     "build_balancer",
+    "collate_for",
     "data_report",
     "build_datasets",
     "build_model_for",
@@ -49,20 +52,13 @@ def _synthetic(data: DataSlice) -> tuple[Dataset, ...]:
 def _prepared(data: DataSlice) -> tuple[Dataset, ...]:
     from reference_models import data as datasets
 
-    if data.backbone == "conformer":
-        raise NotImplementedError(
-            "the conformer backbone needs waveform and face-feature datasets, which "
-            "reference_models.data does not provide yet; the resnet18 backbone works on "
-            f"{data.dataset}"
-        )
     options = dict(data.options)
     if data.dataset == "cremad":
         # Clips of the split missing from the prepared data are left out and reported (warning,
         # results.json), as the official loader drops them (silently).
         options.setdefault("missing", "skip")
-        return tuple(
-            datasets.CremaD(data.root, split, fold=data.fold, **options) for split in SPLITS
-        )
+        dataset = datasets.CremaDWaveformFaces if data.backbone == "conformer" else datasets.CremaD
+        return tuple(dataset(data.root, split, fold=data.fold, **options) for split in SPLITS)
     if data.dataset == "ave":
         return tuple(datasets.AVE(data.root, split, **options) for split in SPLITS)
     options.setdefault("seed", data.seed)
@@ -70,7 +66,12 @@ def _prepared(data: DataSlice) -> tuple[Dataset, ...]:
 
 
 def build_datasets(config: TrainConfig | DataSlice) -> tuple[Dataset, Dataset, Dataset]:
-    """The train, validation and test splits of the configured dataset and fold."""
+    """The train, validation and test splits of the configured dataset and fold.
+
+    The Conformer backbone reads CREMA-D's waveforms and face features
+    (:class:`~reference_models.data.CremaDWaveformFaces`), the ResNet one spectrograms and
+    frames.
+    """
     data = config.data if isinstance(config, TrainConfig) else config
     build = _synthetic if data.dataset == "synthetic" else _prepared
     return build(data)  # type: ignore[return-value]
@@ -82,6 +83,12 @@ def data_report(splits: tuple[Dataset, ...]) -> dict[str, dict[str, int]]:
         name: {"clips": len(dataset), "left_out": len(getattr(dataset, "excluded", {}))}
         for name, dataset in zip(SPLITS, splits)
     }
+
+
+def collate_for(data: DataSlice) -> Callable[[Sequence[Any]], Any] | None:
+    """The batch collate of the datasets :func:`build_datasets` makes: the padding one for the
+    Conformer backbone's variable-length items, else the default."""
+    return padded_batch if data.backbone == "conformer" else None
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -115,13 +122,17 @@ def build_model_for(
     for key, default in recipe.fusion_options.items():
         fusion_options.setdefault(key, (method_options or {}).get(key, default))
     # The generated set is CREMA-D-shaped (spectrogram + frames); num_classes is explicit.
+    conformer = {"wav2vec2_checkpoint": config.wav2vec2_checkpoint}
     model = build_model(
         dataset if dataset in NUM_CLASSES else "cremad",
         config.backbone,
         recipe.fusion or config.fusion,
         num_classes=num_classes,
         width=config.width,
+        audio_options=config.audio_options,
+        video_options=config.video_options,
         fusion_options=fusion_options,
+        **(conformer if config.backbone == "conformer" else {}),
     )
     if recipe.modality is None:
         return model

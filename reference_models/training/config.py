@@ -45,6 +45,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FOLD_SEEDS: tuple[int, ...] = (109, 19, 337)
 """Seed of folds 0, 1, 2 when ``seed`` is not given (the official ``--fold k`` mapping)."""
 
+TABLE_FIELDS = (
+    "method_options",
+    "data_options",
+    "fusion_options",
+    "audio_options",
+    "video_options",
+)
+"""The fields that are tables (dicts); overrides of them are merged, not replaced."""
+
 RESUMABLE_CHANGES = frozenset(
     {
         "max_epochs",
@@ -61,6 +70,7 @@ RESUMABLE_CHANGES = frozenset(
         "description",
         "eval_batch_size",
         "plots",
+        "wav2vec2_checkpoint",
     }
 )
 """Fields of a resumed run's configuration that may differ from its checkpoint's."""
@@ -86,6 +96,9 @@ class ModelSlice:
     fusion: str
     width: int
     fusion_options: dict[str, Any]
+    wav2vec2_checkpoint: str | None = None
+    audio_options: dict[str, Any] = field(default_factory=dict)
+    video_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,12 @@ class TrainConfig:
         data_options: keyword options of the dataset (for ``synthetic``: ``train_size``,
             ``val_size``, ``test_size``, ``seed`` and the generator's knobs).
         fusion_options: keyword options of the fusion head.
+        audio_options: keyword options of the audio encoder (e.g. a smaller wav2vec2 front end
+            for CPU smoke runs of the Conformer backbone).
+        video_options: keyword options of the video encoder.
+        wav2vec2_checkpoint: the Conformer backbone's wav2vec2-large-robust weights, a local
+            torchaudio state dict (converted once from the Hugging Face model, see the README),
+            or ``"random"`` for smoke tests (warns). Needed by the Conformer backbone only.
         fold: 0-based fold: 0, 1 or 2 (the paper's three; CREMA-D also 3 and 4, the other
             two folds of its split file, whose key is ``fold + 1``). For every dataset it
             also picks the default seed.
@@ -157,6 +176,9 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
     fusion_options: dict[str, Any] = field(default_factory=dict)
+    audio_options: dict[str, Any] = field(default_factory=dict)
+    video_options: dict[str, Any] = field(default_factory=dict)
+    wav2vec2_checkpoint: str | None = None
     fold: int = 0
     seed: int | None = None
     device: str = "cpu"
@@ -232,13 +254,19 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be None or >= 1, got {self.stop_after}")
-        for name in ("method_options", "data_options", "fusion_options"):
+        for name in TABLE_FIELDS:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table (dict), got {getattr(self, name)!r}")
         if self.dataset != "synthetic" and not self.root:
             raise ValueError(
                 f"dataset {self.dataset!r} needs root=DIR, the prepared dataset "
                 f"(python -m reference_models.data.prepare {self.dataset} ...)"
+            )
+        if self.backbone == "conformer" and not self.wav2vec2_checkpoint:
+            raise ValueError(
+                "the conformer backbone needs wav2vec2_checkpoint: a local torchaudio state dict "
+                "of wav2vec2-large-robust (see the README for the one-time conversion), or "
+                "'random' for a smoke test"
             )
         if self.backbone not in DATASETS[self.dataset].backbones:
             raise ValueError(
@@ -266,7 +294,15 @@ class TrainConfig:
     @property
     def model(self) -> ModelSlice:
         """The model's slice of the configuration."""
-        return ModelSlice(self.backbone, self.fusion, self.width, dict(self.fusion_options))
+        return ModelSlice(
+            self.backbone,
+            self.fusion,
+            self.width,
+            dict(self.fusion_options),
+            self.wav2vec2_checkpoint,
+            dict(self.audio_options),
+            dict(self.video_options),
+        )
 
     @property
     def method_slice(self) -> MethodSlice:
@@ -297,7 +333,7 @@ class TrainConfig:
                 f"unknown configuration key(s) {sorted(unknown)}; known: {sorted(known)}"
             )
         values = dict(data)
-        for name in ("method_options", "data_options", "fusion_options"):
+        for name in TABLE_FIELDS:
             if name in values:
                 values[name] = dict(values[name])
         return cls(**values)
@@ -306,7 +342,7 @@ class TrainConfig:
         """A copy with some fields changed (validated again)."""
         data = self.to_dict()
         for name, value in changes.items():
-            if name in ("method_options", "data_options", "fusion_options"):
+            if name in TABLE_FIELDS:
                 value = {**data[name], **dict(value)}
             data[name] = value
         return TrainConfig.from_dict(data)
@@ -351,7 +387,7 @@ def load_config(preset: str | Path | None = None, **overrides: Any) -> TrainConf
     if preset is not None:
         data = _read_toml(resolve_preset(preset))
     for name, value in overrides.items():
-        if name in ("method_options", "data_options", "fusion_options"):
+        if name in TABLE_FIELDS:
             data[name] = {**data.get(name, {}), **dict(value)}
         else:
             data[name] = value

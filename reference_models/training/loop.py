@@ -30,6 +30,7 @@ from reference_models.training.components import (
     build_balancer,
     build_datasets,
     build_model_for,
+    collate_for,
     data_report,
     modality_names,
     num_classes_of,
@@ -129,6 +130,7 @@ def build_run(
             workers=config.workers,
             generator=generator if train else None,
             device=device,
+            collate=collate_for(config.data),
         )
 
     train_loader = loader(train_set, True)

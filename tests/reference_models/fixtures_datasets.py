@@ -95,3 +95,28 @@ def prepared_ucf101(root: Path) -> Path:
 
 PREPARED = {"cremad": prepared_cremad, "ave": prepared_ave, "ucf101": prepared_ucf101}
 """Layout writer of each dataset: ``PREPARED[dataset](root) -> root``."""
+
+
+def prepared_cremad_faces(root: Path) -> Path:
+    """The Conformer layout (``wav16k/``, ``faces/``) for the clips of :func:`cremad_fold0_clips`:
+    0.2-0.3 s waveforms and 3-6 random face-feature frames."""
+    import numpy as np
+    from fixtures_media import tone, write_face_clip
+
+    generator = np.random.default_rng(0)
+    for names in cremad_fold0_clips().values():
+        for index, name in enumerate(names):
+            samples = tone(0.2 + 0.01 * index, 16000, 300 + 90 * index)
+            features = generator.standard_normal((3 + index % 4, 1408)).astype(np.float32)
+            write_face_clip(root, name, samples, features)
+    return root
+
+
+TINY_CONFORMER = {
+    "audio_options": "{front_end_layers = 1, model_dim = 16, num_layers = 1, num_heads = 2, "
+    "front_end_options = {embed_dim = 16, num_heads = 2, ffn_dim = 32, "
+    "conv_layers = [[8, 10, 5], [8, 3, 2]], pos_conv_kernel = 4, pos_conv_groups = 2}}",
+    "video_options": "{model_dim = 16, num_layers = 1, num_heads = 2}",
+    "wav2vec2_checkpoint": "random",
+}
+"""``--set`` values of a tiny Conformer model (random weights) for CPU runs of every cell."""

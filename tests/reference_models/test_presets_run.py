@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from fixtures_datasets import PREPARED, TINY_DATA_OPTIONS
+from fixtures_datasets import PREPARED, TINY_CONFORMER, TINY_DATA_OPTIONS, prepared_cremad_faces
 
 from benchmarks import reproduce
 from reference_models.presets import (
@@ -89,3 +89,22 @@ def test_resnet_cells_run_one_epoch_and_reproduce_prints_the_table(
     if dataset == "cremad":  # the paper's folds: the fixture holds 8/4/4 of their clips
         left_out = {"train": 4043 - 8, "val": 878 - 4, "test": 899 - 4}
         assert all(r["data"][s]["left_out"] == n for r in results for s, n in left_out.items())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:wav2vec2 front end with RANDOM weights")
+@pytest.mark.parametrize(("table", "cells"), [(3, 10), (4, 16)])
+def test_conformer_cells_run_one_epoch_with_a_tiny_random_model(tmp_path, capsys, table, cells):
+    root = prepared_cremad_faces(tmp_path / "cremad")
+    out = tmp_path / "runs"
+    args = ["--table", str(table), "--dataset", "cremad", "--backbone", "conformer"]
+    args += ["--root", str(root), "--folds", "0", "--out", str(out)]
+    for key, value in {**TINY_RUN, **TINY_CONFORMER}.items():
+        args += ["--set", f"{key}={value}"]
+    assert reproduce.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| cremad conformer" in line]
+    assert len(rows) == cells and all(row.split("|")[6].strip() != "–" for row in rows)
+    results = [json.loads(path.read_text()) for path in out.rglob("results.json")]
+    assert len(results) == cells
+    assert all(r["finished"] and r["steps"] == 1 for r in results)
+    assert all(r["data"]["train"]["clips"] == 8 for r in results)
