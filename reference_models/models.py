@@ -22,9 +22,9 @@ from reference_models.encoders import (
     ConformerEncoder,
     ResNet18AudioEncoder,
     ResNet18VideoEncoder,
-    Wav2Vec2ConformerEncoder,
 )
 from reference_models.fusion import build_fusion
+from reference_models.wav2vec2 import Wav2Vec2ConformerEncoder
 
 __all__ = ["BACKBONES", "NUM_CLASSES", "AudioVisualClassifier", "build_model"]
 
@@ -189,7 +189,7 @@ def build_model(
         wav2vec2_checkpoint: the Conformer backbone's wav2vec2-large-robust weights: a local
             torchaudio ``Wav2Vec2Model`` state dict (never downloaded; converted once from the
             Hugging Face model, see
-            :func:`~reference_models.encoders.build_wav2vec2_front_end`), or ``"random"`` for
+            :func:`~reference_models.wav2vec2.build_wav2vec2_front_end`), or ``"random"`` for
             random weights (smoke tests only; warns). Required for that backbone unless
             ``audio_options`` passes a built ``front_end``.
         audio_options: extra keyword options of the audio encoder.

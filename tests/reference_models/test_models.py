@@ -11,13 +11,10 @@ import torchvision
 
 import gradbalance as gb
 from reference_models.data.padding import pad_collate
-from reference_models.encoders import (
-    ResNet18AudioEncoder,
-    ResNet18VideoEncoder,
-    build_wav2vec2_front_end,
-)
+from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
 from reference_models.fusion import FUSIONS, LateLinear, TransformerFusion
 from reference_models.models import NUM_CLASSES, AudioVisualClassifier, build_model
+from reference_models.wav2vec2 import build_wav2vec2_front_end
 
 FUSION_NAMES = [*FUSIONS, "mmcosine"]
 
@@ -215,6 +212,7 @@ def test_reference_resnet_late_linear_parameter_count(dataset):
     "module",
     [
         "reference_models.encoders",
+        "reference_models.wav2vec2",
         "reference_models.fusion",
         "reference_models.models",
         "reference_models.data.audio",
