@@ -55,6 +55,10 @@ class DatasetRecipe:
         backbones: the backbones its items feed.
         folds: its number of folds (``fold`` is 0-based: ``0 .. folds - 1``; CREMA-D has the
             five of its split file, of which the paper reports the first three).
+
+    Example:
+        >>> DATASETS["cremad"].backbones, DATASETS["cremad"].folds
+        (('resnet18', 'conformer'), 5)
     """
 
     label: str
@@ -92,6 +96,13 @@ class MethodRecipe:
         wire: fills the method's options from the model (see :data:`Wiring`).
         harness_options: method options read by the harness, not passed to the library.
         epoch_start: work before each training epoch (see :data:`EpochStart`).
+
+    Example:
+        >>> from reference_models.models import build_model
+        >>> model = build_model("cremad", "resnet18", "linear", width=2)
+        >>> options = METHODS["ogm"].library_options({"alpha": 0.8}, model, seed=0)
+        >>> options["alpha"], options["fusion_head"] is model.fusion
+        (0.8, True)
     """
 
     label: str

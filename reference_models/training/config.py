@@ -78,7 +78,12 @@ RESUMABLE_CHANGES = frozenset(
 
 @dataclass(frozen=True)
 class DataSlice:
-    """What the datasets are built from."""
+    """What the datasets are built from (:attr:`TrainConfig.data`).
+
+    Example:
+        >>> TrainConfig(dataset="cremad", root="data/cremad", fold=1).data.seed
+        19
+    """
 
     dataset: str
     root: str | None
@@ -90,7 +95,13 @@ class DataSlice:
 
 @dataclass(frozen=True)
 class ModelSlice:
-    """What the model is built from (before a method forces its fusion head)."""
+    """What the model is built from (:attr:`TrainConfig.model`), before a method forces its
+    fusion head.
+
+    Example:
+        >>> TrainConfig(fusion="film", width=8).model.fusion
+        'film'
+    """
 
     backbone: str
     fusion: str
@@ -103,7 +114,12 @@ class ModelSlice:
 
 @dataclass(frozen=True)
 class MethodSlice:
-    """What the balancer is built from."""
+    """What the balancer is built from (:attr:`TrainConfig.method_slice`).
+
+    Example:
+        >>> TrainConfig(method="mlb", method_options={"alpha": 2.0}).method_slice.options
+        {'alpha': 2.0}
+    """
 
     method: str
     options: dict[str, Any]

@@ -43,7 +43,8 @@ __all__ = ["Session", "build_run", "train"]
 
 @dataclass
 class Session:
-    """A run ready to train: its state, loaders and shuffling generator (see :func:`build_run`)."""
+    """A run ready to train: its state, loaders and shuffling generator (see :func:`build_run`,
+    whose example builds one); ``data`` counts each split's clips and those left out."""
 
     state: RunState
     train_loader: Any
@@ -166,7 +167,12 @@ def build_run(
 
 @dataclass
 class Progress:
-    """Where a run stands between epochs; saved in ``last.pt`` and restored by ``--resume``."""
+    """Where a run stands between epochs; saved in ``last.pt`` and restored by ``--resume``.
+
+    Example:
+        >>> Progress().best
+        {'accuracy': -1.0, 'epoch': -1}
+    """
 
     epoch: int = 0
     step: int = 0

@@ -476,3 +476,22 @@ def test_presets_carry_table_2_and_the_protocol():
         "beta_max": 0.5,
         "alpha": 2.0,
     }
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "reference_models.recipes",
+        "reference_models.unimodal",
+        "reference_models.coefficients_figure",
+        "reference_models.training.config",
+        "reference_models.training.batches",
+        "reference_models.training.loop",
+    ],
+)
+def test_harness_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
