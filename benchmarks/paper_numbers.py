@@ -9,21 +9,12 @@ Late-Linear column (PAPER.md); it is kept under ``"mlp"`` as printed.
 
 from __future__ import annotations
 
+from reference_models.recipes import METHODS
+
 __all__ = ["METHOD_LABELS", "TABLE3", "TABLE4", "paper_accuracy"]
 
-METHOD_LABELS: dict[str, str] = {
-    "video_only": "Video only",
-    "audio_only": "Audio only",
-    "joint": "Joint Training",
-    "mmcosine": "MMCosine",
-    "mslr": "MSLR",
-    "ogm": "OGM",
-    "ogm_ge": "OGM-GE",
-    "pmr": "PMR",
-    "agm": "AGM",
-    "multiloss": "Multi-Loss",
-    "mlb": "MLB",
-}
+METHOD_LABELS: dict[str, str] = {name: recipe.label for name, recipe in METHODS.items()}
+"""The paper's row label of each method."""
 
 _T3_ROWS = {
     # method: (CREMA-D ResNet, CREMA-D Conformer, AVE ResNet, UCF101 ResNet)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from reference_models.coefficients_figure import plot_coefficients, read_history
 from reference_models.train import TrainConfig, train
 
 __all__ = ["DEMO_CONFIG", "DEMO_METHODS", "format_table", "main", "run_demo"]
@@ -119,57 +120,6 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def _read_history(path: Path) -> dict[str, list[float]]:
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    names = lines[0].split(",")
-    columns: dict[str, list[float]] = {name: [] for name in names}
-    for line in lines[1:]:
-        for name, value in zip(names, line.split(",")):
-            columns[name].append(float(value))
-    return columns
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    if len(values) < window or window < 2:
-        return values
-    tensor = torch.tensor(values)
-    kernel = torch.ones(window) / window
-    padded = torch.nn.functional.pad(
-        tensor[None, None], (window // 2, window - 1 - window // 2), mode="replicate"
-    )
-    return torch.nn.functional.conv1d(padded, kernel[None, None])[0, 0].tolist()
-
-
-def plot_coefficients(histories: dict[str, dict[str, list[float]]], path: Path) -> Path | None:
-    """Appendix Figure 7 on the demo: each method's k per modality over the training steps."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - plot extra missing
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for axis, modality in zip(axes, ("audio", "video")):
-        for label, columns in histories.items():
-            values = columns.get(f"k_{modality}")
-            if values:
-                window = max(1, len(values) // 25)
-                axis.plot(_smooth(values, window), label=label)
-        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        axis.set_title(f"{modality} encoder: coefficient k (smoothed)")
-        axis.set_xlabel("training step")
-    axes[0].set_ylabel("k")
-    axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def _train_one(config: dict[str, Any]) -> dict[str, Any]:
     """One demo run (in a worker process when ``jobs > 1``)."""
     start = time.perf_counter()
@@ -251,7 +201,7 @@ def run_demo(
     histories: dict[str, dict[str, list[float]]] = {}
     for label, method, _ in chosen:
         per_seed = [finished[(method, seed)] for seed in seeds]
-        histories[label] = _read_history(Path(configs[(method, seeds[0])]["out"]) / "history.csv")
+        histories[label] = read_history(Path(configs[(method, seeds[0])]["out"]) / "history.csv")
         test = [r["test_last"] for r in per_seed]
         best = [r["test"] for r in per_seed]
         row: dict[str, Any] = {
@@ -284,9 +234,17 @@ def run_demo(
         rows.append(row)
     table = format_table(rows, seeds)
     # Figure 7 compares the methods whose k scales the encoders' gradients.
-    scaling = {label for label, method, _ in chosen if method in _SCALING_METHODS}
-    plotted = {k: v for k, v in histories.items() if v and k in scaling}
-    plot = plot_coefficients(plotted, out / "coefficients.png") if plotted else None
+    plotted = {
+        label: (method, histories[label])
+        for label, method, _ in chosen
+        if method in _SCALING_METHODS and histories[label]
+    }
+    steps = max((len(h.get("step", [])) for _, h in plotted.values()), default=0)
+    plot = (
+        plot_coefficients(plotted, out / "coefficients.png", kernel=max(1, steps // 25))
+        if plotted
+        else None
+    )
     wall = time.perf_counter() - start
     summary = {
         "rows": rows,

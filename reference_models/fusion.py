@@ -1,11 +1,12 @@
-"""Fusion heads of the paper: Late-Linear, MLP, FiLM, Gated, Transformer fusion, MMCosine.
+"""Fusion heads of the paper: Late-Linear, MLP, FiLM, Gated, Transformer, decision-level,
+MMCosine.
 
 Every head is called as ``fusion(*features)`` with one tensor per modality, in the order of
 ``feature_dims``, and returns logits ``(B, K)``. All heads except :class:`TransformerFusion` take
 pooled features ``(B, D_m)``; the Transformer fusion takes token sequences ``(B, T_m, D_m)``.
-Heads with a per-modality decomposition (:class:`LateLinear` and the library's
-``gradbalance.MMCosineHead``) expose ``modality_logits(*features)``, whose sum is the forward
-output (METHODS.md §1.2 U2, §3.3).
+Heads with a per-modality decomposition (:class:`LateLinear`, :class:`DecisionFusion` and the
+library's ``gradbalance.MMCosineHead``) expose ``modality_logits(*features)``, whose sum is the
+forward output (METHODS.md §1.2 U2, §3.3).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from reference_models.encoders import MaskedConformer
 
 __all__ = [
     "FUSIONS",
+    "DecisionFusion",
     "FiLMFusion",
     "GatedFusion",
     "LateLinear",
@@ -139,6 +141,10 @@ class MLPFusion(nn.Module):
             nn.Linear(hidden_dim, num_classes),
         )
 
+    def modality_parameters(self) -> list[list[nn.Parameter]]:
+        """Each modality's weight block ``[[W_m]]`` of the first layer (scaled with it by MLB)."""
+        return self.project.modality_parameters()
+
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.project(*features))
 
@@ -208,10 +214,68 @@ class GatedFusion(nn.Module):
         self.value = nn.Linear(gated, hidden_dim)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
+    def modality_parameters(self) -> list[list[nn.Parameter]]:
+        """Each modality's first-layer weight: ``[[gate.weight], [value.weight]]`` (scaled
+        with its modality by MLB, as the official code's name match does)."""
+        return [[self.gate.weight], [self.value.weight]]
+
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         _check_features(features, self.feature_dims, type(self).__name__)
         gating, gated = features
         return self.classifier(torch.sigmoid(self.gate(gating)) * self.value(gated))
+
+
+class DecisionFusion(nn.Module):
+    """Decision-level fusion: each modality's own linear head, batch-standardised, summed.
+
+    ``u_m = Linear(D_m, K)(z_m)`` and ``logits = sum_m std(u_m)`` with
+    ``std(t) = (t - mean(t)) / std(t)`` over all ``B·K`` entries of the batch (one scalar mean
+    and standard deviation, from the batch also in eval mode): the authors' CREMA-D ResNet
+    "Joint" configuration (``norm_decision: standardization``). With ``standardize=False`` the
+    heads' logits are summed as they are.
+
+    Args:
+        feature_dims: feature width of each modality.
+        num_classes: number of classes K.
+        standardize: standardise each head's logits over the batch.
+        eps: added to the standard deviation.
+
+    Example:
+        >>> head = DecisionFusion([8, 6], num_classes=3)
+        >>> a, v = torch.randn(4, 8), torch.randn(4, 6)
+        >>> torch.allclose(head(a, v), sum(head.modality_logits(a, v)))
+        True
+        >>> round(float(head.modality_logits(a, v)[0].std().detach()), 4)
+        1.0
+    """
+
+    def __init__(
+        self,
+        feature_dims: Sequence[int],
+        num_classes: int,
+        standardize: bool = True,
+        eps: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.feature_dims = _checked_dims(feature_dims, type(self).__name__)
+        self.heads = nn.ModuleList([nn.Linear(dim, num_classes) for dim in self.feature_dims])
+        self.standardize = bool(standardize)
+        self.eps = float(eps)
+
+    def modality_logits(self, *features: torch.Tensor) -> list[torch.Tensor]:
+        """Each modality's (standardised) head logits ``(B, K)``; they sum to forward."""
+        _check_features(features, self.feature_dims, type(self).__name__)
+        logits = [head(feature) for head, feature in zip(self.heads, features)]
+        if not self.standardize:
+            return logits
+        return [(u - u.mean()) / (u.std() + self.eps) for u in logits]
+
+    def modality_parameters(self) -> list[list[nn.Parameter]]:
+        """Each modality's head ``[[W_m, b_m]]`` (part of its encoder in the official code)."""
+        return [[head.weight, head.bias] for head in self.heads]
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return sum(self.modality_logits(*features))
 
 
 class TransformerFusion(nn.Module):
@@ -325,6 +389,7 @@ FUSIONS: dict[str, type[nn.Module]] = {
     "film": FiLMFusion,
     "gated": GatedFusion,
     "tf": TransformerFusion,
+    "decision": DecisionFusion,
 }
 """The fusion heads by name; ``"mmcosine"`` (``gradbalance.MMCosineHead``) is added by
 :func:`build_fusion`."""
@@ -333,7 +398,8 @@ FUSIONS: dict[str, type[nn.Module]] = {
 def build_fusion(
     name: str, feature_dims: Sequence[int], num_classes: int, **options: object
 ) -> nn.Module:
-    """Build a fusion head by name: ``linear``, ``mlp``, ``film``, ``gated``, ``tf``, ``mmcosine``.
+    """Build a fusion head by name: ``linear``, ``mlp``, ``film``, ``gated``, ``tf``,
+    ``decision`` or ``mmcosine``.
 
     Args:
         name: the head's name (``cls_type`` of the official configs; ``mmcosine`` is the

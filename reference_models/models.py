@@ -10,7 +10,8 @@ encoders are the attributes ``model.audio`` and ``model.video`` and whose head i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from reference_models.encoders import (
     ConformerEncoder,
     ResNet18AudioEncoder,
     ResNet18VideoEncoder,
-    Wav2Vec2ConformerEncoder,
 )
 from reference_models.fusion import build_fusion
+from reference_models.wav2vec2 import Wav2Vec2ConformerEncoder
 
 __all__ = ["BACKBONES", "NUM_CLASSES", "AudioVisualClassifier", "build_model"]
 
@@ -74,6 +75,7 @@ class AudioVisualClassifier(nn.Module):
         self.video = video
         self.fusion = fusion
         self.takes_tokens = takes_tokens
+        self._last_batch: tuple[torch.Tensor | None, ...] | None = None
 
     def forward(
         self,
@@ -83,7 +85,53 @@ class AudioVisualClassifier(nn.Module):
         audio_padding_mask: torch.Tensor | None = None,
         video_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders."""
+        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders.
+
+        The batch is kept (by reference) until the next forward, for :meth:`forward_masked`.
+        """
+        self._last_batch = (audio, video, audio_padding_mask, video_padding_mask)
+        return self._logits(audio, video, audio_padding_mask, video_padding_mask)
+
+    def forward_masked(self, masked: Collection[str]) -> torch.Tensor:
+        """The logits of the last forward's batch with the inputs of ``masked`` zeroed.
+
+        AGM's input masking (the official code re-runs the whole model on the batch with a
+        modality's input set to zero): ``gb.AGM(..., masking="input",
+        forward_masked=model.forward_masked)``. Padding masks are kept.
+
+        Args:
+            masked: the modalities to zero, among ``"audio"`` and ``"video"``.
+
+        Raises:
+            ValueError: an unknown modality name.
+            RuntimeError: no forward has run yet.
+
+        Example:
+            >>> from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
+            >>> from reference_models.fusion import LateLinear
+            >>> audio, video = ResNet18AudioEncoder(width=4), ResNet18VideoEncoder(width=4)
+            >>> model = AudioVisualClassifier(audio, video, LateLinear([32, 32], 6))
+            >>> logits = model(torch.randn(2, 65, 63), torch.randn(2, 3, 2, 32, 32))
+            >>> model.forward_masked({"audio"}).shape
+            torch.Size([2, 6])
+        """
+        unknown = set(masked) - {"audio", "video"}
+        if unknown:
+            raise ValueError(f"forward_masked: unknown modalities {sorted(unknown)}")
+        if self._last_batch is None:
+            raise RuntimeError("forward_masked re-runs the last batch: call the model first")
+        audio, video, audio_mask, video_mask = self._last_batch
+        audio = torch.zeros_like(audio) if "audio" in masked else audio
+        video = torch.zeros_like(video) if "video" in masked else video
+        return self._logits(audio, video, audio_mask, video_mask)
+
+    def _logits(
+        self,
+        audio: torch.Tensor,
+        video: torch.Tensor,
+        audio_padding_mask: torch.Tensor | None,
+        video_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         audio_features = self.audio(audio, padding_mask=audio_padding_mask)
         video_features = self.video(video, padding_mask=video_padding_mask)
         if not self.takes_tokens:
@@ -93,6 +141,24 @@ class AudioVisualClassifier(nn.Module):
             self.video.token_padding_mask(video_padding_mask),
         ]
         return self.fusion(audio_features, video_features, padding_masks=masks)
+
+
+def _wav2vec2_weights(checkpoint: str | Path | None) -> Path | None:
+    """The checkpoint path of the wav2vec2 front end, or ``None`` for ``"random"`` (warned)."""
+    if checkpoint is None:
+        raise ValueError(
+            "the conformer backbone needs wav2vec2_checkpoint: the path of a local torchaudio "
+            "state dict of wav2vec2-large-robust (see the README for the one-time conversion "
+            "from the Hugging Face weights), or 'random' for a smoke test"
+        )
+    if str(checkpoint) == "random":
+        warnings.warn(
+            "wav2vec2 front end with RANDOM weights (wav2vec2_checkpoint='random'): fine for "
+            "smoke tests, meaningless for results",
+            stacklevel=3,
+        )
+        return None
+    return Path(checkpoint)
 
 
 def build_model(
@@ -120,8 +186,12 @@ def build_model(
         num_classes: overrides the dataset's number of classes.
         width: ResNet-18 base width (64 = the paper's model, 512-d features; 8 or 16 give a
             reduced-width model for CPU demos). Ignored by the Conformer backbone.
-        wav2vec2_checkpoint: local wav2vec2 weights for the Conformer backbone (never
-            downloaded; see :func:`~reference_models.encoders.build_wav2vec2_front_end`).
+        wav2vec2_checkpoint: the Conformer backbone's wav2vec2-large-robust weights: a local
+            torchaudio ``Wav2Vec2Model`` state dict (never downloaded; converted once from the
+            Hugging Face model, see
+            :func:`~reference_models.wav2vec2.build_wav2vec2_front_end`), or ``"random"`` for
+            random weights (smoke tests only; warns). Required for that backbone unless
+            ``audio_options`` passes a built ``front_end``.
         audio_options: extra keyword options of the audio encoder.
         video_options: extra keyword options of the video encoder.
         fusion_options: extra keyword options of the fusion head (e.g. ``{"scale": 8}`` for
@@ -145,7 +215,11 @@ def build_model(
         audio = ResNet18AudioEncoder(width=width, **audio_options)
         video = ResNet18VideoEncoder(width=width, **video_options)
     elif backbone == "conformer":
-        audio = Wav2Vec2ConformerEncoder(checkpoint=wav2vec2_checkpoint, **audio_options)
+        if "front_end" not in audio_options:
+            audio_options["checkpoint"] = _wav2vec2_weights(wav2vec2_checkpoint)
+        elif wav2vec2_checkpoint is not None:
+            raise ValueError("pass either wav2vec2_checkpoint or a built front_end, not both")
+        audio = Wav2Vec2ConformerEncoder(**audio_options)
         video = ConformerEncoder(**video_options)
     else:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")

@@ -194,7 +194,8 @@ class PreparedClips(Dataset):
             return clips
         if missing == "error":
             raise FileNotFoundError(
-                f"{dataset}: {len(absent)} listed clip(s) of {self.root} lack files: "
+                f"{dataset}: {len(absent)} of {len(clips)} listed clip(s) of {self.root} lack "
+                f"files: "
                 f"{_name_list(absent)}. Re-run prepare (its report says why they failed), or "
                 "pass missing='skip' to leave them out"
             )

@@ -5,16 +5,20 @@ emotion code: NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, ANG 5. Audio: 22,050 Hz, tiled 
 clipped to [-1, 1], :func:`~reference_models.data.audio.log_spectrogram` with n_fft 512 and hop
 353 → 257×188. Video: the first 3 frames (1 fps), 224×224, ImageNet normalisation.
 
-Splits are speaker independent: either the official VAVL split file (JSON
-``{"1": {"train": [wav names], "val": [...], "test": [...]}, ...}``, 63/14/14 actors per fold,
-covering 5,820 of the 7,442 clips) or folds generated here from a seed with the same actor
-counts over all clips (:func:`speaker_independent_folds`).
+Splits are speaker independent. By default they are the paper's: the five folds of Goncalves
+et al. shipped with this package (:data:`PAPER_FOLDS`; 63/14/14 actors per fold over 5,820 of
+the 7,442 clips; the paper reports folds 0, 1 and 2). A split file of the official VAVL format
+(JSON ``{"1": {"train": [wav names], "val": [...], "test": [...]}, ...}``) can replace them,
+and ``split_file="generated"`` asks for folds generated from a seed with the same actor counts
+over all prepared clips (:func:`speaker_independent_folds`). Folds are 0-based everywhere;
+fold ``k`` is the key ``str(k + 1)`` of a split file (as the authors' loader reads it). Every
+split is checked for actors shared between train, validation and test.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -25,10 +29,14 @@ from reference_models.data.clips import Clip, PreparedClips, check_prepared_root
 
 __all__ = [
     "EMOTIONS",
+    "GENERATED",
+    "PAPER_FOLDS",
     "SPLITS",
     "CremaD",
     "actor_of",
+    "check_speaker_independent",
     "emotion_label",
+    "fold_clip_names",
     "read_split_file",
     "speaker_independent_folds",
 ]
@@ -37,6 +45,14 @@ EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 """Emotion codes in label order."""
 
 SPLITS = ("train", "val", "test")
+
+PAPER_FOLDS = Path(__file__).resolve().with_name("cremad_folds.json")
+"""The paper's five speaker-independent folds (Goncalves et al.), shipped with the package:
+``{"clips": [5,820 names], "folds": {"1": {"val_actors": [...], "test_actors": [...]}, ...}}``;
+a clip belongs to the split of its actor."""
+
+GENERATED = "generated"
+"""``split_file=GENERATED``: seeded folds over the prepared clips instead of a split file."""
 
 
 def emotion_label(name: str) -> int:
@@ -118,12 +134,18 @@ def speaker_independent_folds(
 
 
 def read_split_file(path: str | Path, fold: int) -> dict[str, list[str]]:
-    """Clip names of one fold of an official CREMA-D split file (VAVL JSON format).
+    """Clip names of one fold of a CREMA-D split file.
 
-    The file maps fold keys ``"1"``, ``"2"``, ... to ``{"train": [...], "val": [...],
+    Two formats are read: the package's :data:`PAPER_FOLDS` (``"clips"`` and, per fold key,
+    ``"val_actors"`` and ``"test_actors"``; the other actors train), and the official VAVL
+    format mapping fold keys ``"1"``, ``"2"``, ... to ``{"train": [...], "val": [...],
     "test": [...]}`` lists of wav names (``1001_DFA_ANG_XX.wav``); an entry may also be a list
     whose first element is the name (anything after it is ignored; labels always come from the
     name).
+
+    Args:
+        path: the split file.
+        fold: the fold's key in the file (``1`` for the 0-based fold 0).
 
     Returns:
         ``{"train": [clip names], "val": [...], "test": [...]}`` without the ``.wav`` suffix.
@@ -139,15 +161,124 @@ def read_split_file(path: str | Path, fold: int) -> dict[str, list[str]]:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"CREMA-D split file {path} is not valid JSON: {error}") from error
-    if not isinstance(content, dict) or str(fold) not in content:
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+    folds = content.get("folds", content) if isinstance(content, dict) else content
+    if not isinstance(folds, dict) or str(fold) not in folds:
+        keys = sorted(folds) if isinstance(folds, dict) else type(folds).__name__
         raise ValueError(f"CREMA-D split file {path} has no fold {str(fold)!r} (found {keys})")
-    entry = content[str(fold)]
+    entry = folds[str(fold)]
+    if isinstance(entry, dict) and {"val_actors", "test_actors"} <= set(entry):
+        return _actor_split(content.get("clips", []), entry, path, fold)
     if not isinstance(entry, dict) or any(split not in entry for split in SPLITS):
         raise ValueError(f"fold {fold} of {path} must have 'train', 'val' and 'test' lists")
     return {
         split: [Path(item[0] if isinstance(item, list) else item).stem for item in entry[split]]
         for split in SPLITS
+    }
+
+
+def _actor_split(
+    clips: Sequence[str], entry: Mapping[str, Sequence[str]], path: Path, fold: int
+) -> dict[str, list[str]]:
+    """The clips of a fold given by its validation and test actors (the others train)."""
+    held_out = {"val": {int(a) for a in entry["val_actors"]}}
+    held_out["test"] = {int(a) for a in entry["test_actors"]}
+    shared = held_out["val"] & held_out["test"]
+    if shared:
+        raise ValueError(
+            f"fold {fold} of {path} puts actors {sorted(shared)} in both val and test; a split "
+            "must be speaker independent"
+        )
+    names = [Path(name).stem for name in clips]
+    split_of = {
+        name: next((s for s, actors in held_out.items() if actor_of(name) in actors), "train")
+        for name in names
+    }
+    return {split: [name for name in names if split_of[name] == split] for split in SPLITS}
+
+
+def check_speaker_independent(splits: Mapping[str, Sequence[str]], source: str) -> None:
+    """Refuse a split whose train, validation and test clips share actors.
+
+    Raises:
+        ValueError: naming each shared actor and the splits it is in.
+
+    Example:
+        >>> check_speaker_independent({"train": ["1001_DFA_ANG_XX"], "val": ["1001_IEO_SAD_LO"],
+        ...                            "test": []}, "my split")
+        Traceback (most recent call last):
+        ...
+        ValueError: my split is not speaker independent: actor 1001 in train and val; ...
+    """
+    actors = {split: {actor_of(name) for name in names} for split, names in splits.items()}
+    shared = []
+    for index, first in enumerate(SPLITS):
+        for second in SPLITS[index + 1 :]:
+            both = actors.get(first, set()) & actors.get(second, set())
+            shared += [f"actor {actor} in {first} and {second}" for actor in sorted(both)]
+    if shared:
+        raise ValueError(
+            f"{source} is not speaker independent: {'; '.join(shared)}; each actor must be in "
+            "one split only (fix the split file)"
+        )
+
+
+def fold_clip_names(
+    available: Sequence[str],
+    fold: int,
+    *,
+    split_file: str | Path | None = None,
+    seed: int = 0,
+    val_actors: int = 14,
+    test_actors: int = 14,
+    root: str | Path = "the prepared root",
+) -> dict[str, list[str]]:
+    """The clip names of each split of a fold, checked to be speaker independent.
+
+    Args:
+        available: the prepared clips (used only to generate folds).
+        fold: fold number, 0-based (key ``fold + 1`` of a split file).
+        split_file: ``None`` (the paper's folds, :data:`PAPER_FOLDS`), a split file
+            (:func:`read_split_file`), or :data:`GENERATED` for
+            :func:`speaker_independent_folds` over the actors of ``available``.
+        seed: seed of the generated folds.
+        val_actors: validation actors per generated fold.
+        test_actors: test actors per generated fold.
+        root: where ``available`` came from, for the error message.
+
+    Returns:
+        ``{"train": [names], "val": [...], "test": [...]}``.
+
+    Raises:
+        ValueError: a negative fold, no prepared clips to generate folds from, or actors shared
+            between splits (named).
+
+    Example:
+        >>> [len(names) for names in fold_clip_names([], 0).values()]
+        [4043, 878, 899]
+        >>> names = [f"{actor}_DFA_ANG_XX" for actor in range(1001, 1008)]
+        >>> split = fold_clip_names(names, 0, split_file=GENERATED, val_actors=2, test_actors=2)
+        >>> [len(split[key]) for key in SPLITS]
+        [3, 2, 2]
+    """
+    if fold < 0:
+        raise ValueError(f"fold is 0-based (key fold + 1 of the split file), got {fold}")
+    if str(split_file) != GENERATED:
+        path = PAPER_FOLDS if split_file is None else Path(split_file)
+        names = read_split_file(path, fold + 1)
+        check_speaker_independent(names, f"fold {fold} (key {fold + 1!r}) of {path}")
+        return names
+    if not available:
+        raise ValueError(f"cremad: {root} has no prepared clips")
+    folds = speaker_independent_folds(
+        [actor_of(name) for name in available],
+        fold + 1,
+        val_actors=val_actors,
+        test_actors=test_actors,
+        seed=seed,
+    )
+    actors = {split: set(folds[fold][split]) for split in SPLITS}
+    return {
+        split: [name for name in available if actor_of(name) in actors[split]] for split in SPLITS
     }
 
 
@@ -158,9 +289,12 @@ class CremaD(PreparedClips):
     Args:
         root: the prepared dataset (``python -m reference_models.data.prepare cremad``).
         split: ``"train"``, ``"val"`` or ``"test"``.
-        fold: fold number, 1-based (the official file's key; the paper uses folds 1–3).
-        split_file: an official VAVL split file; ``None`` generates speaker-independent folds
-            over all prepared clips with :func:`speaker_independent_folds`.
+        fold: fold number, 0-based (the paper reports folds 0, 1, 2; key ``fold + 1`` of the
+            split file).
+        split_file: ``None``: the paper's folds (:data:`PAPER_FOLDS`); a split file of the
+            official VAVL format; or ``"generated"``: speaker-independent folds over all
+            prepared clips from ``seed`` (:func:`speaker_independent_folds`). Clips of the
+            split missing from the prepared data are reported by name (see ``missing``).
         seed: seed of the generated folds.
         val_actors: validation actors per generated fold.
         test_actors: test actors per generated fold.
@@ -174,7 +308,7 @@ class CremaD(PreparedClips):
         missing: ``"error"`` or ``"skip"`` for listed clips without files.
 
     Example:
-        >>> train = CremaD("data/cremad", "train", fold=1)  # doctest: +SKIP
+        >>> train = CremaD("data/cremad", "train", fold=0)  # doctest: +SKIP
         >>> spectrogram, frames, label = train[0]           # doctest: +SKIP
         >>> spectrogram.shape, frames.shape                 # doctest: +SKIP
         (torch.Size([257, 188]), torch.Size([3, 3, 224, 224]))
@@ -184,7 +318,7 @@ class CremaD(PreparedClips):
         self,
         root: str | Path,
         split: str = "train",
-        fold: int = 1,
+        fold: int = 0,
         *,
         split_file: str | Path | None = None,
         seed: int = 0,
@@ -201,27 +335,22 @@ class CremaD(PreparedClips):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if fold < 1:
-            raise ValueError(f"fold is 1-based (the split file's keys), got {fold}")
         root = check_prepared_root(root, "cremad")
-        if split_file is not None:
-            names = read_split_file(split_file, fold)[split]
-        else:
+        available = []
+        if str(split_file) == GENERATED:
             available = sorted(
                 {path.stem for path in (root / "audio").glob("*.wav")}
                 | {path.name for path in (root / "frames").iterdir() if path.is_dir()}
             )
-            if not available:
-                raise ValueError(f"cremad: {root} has no prepared clips")
-            folds = speaker_independent_folds(
-                [actor_of(name) for name in available],
-                fold,
-                val_actors=val_actors,
-                test_actors=test_actors,
-                seed=seed,
-            )
-            actors = set(folds[fold - 1][split])
-            names = [name for name in available if actor_of(name) in actors]
+        names = fold_clip_names(
+            available,
+            fold,
+            split_file=split_file,
+            seed=seed,
+            val_actors=val_actors,
+            test_actors=test_actors,
+            root=root,
+        )[split]
         super().__init__(
             root,
             [Clip(name, emotion_label(name)) for name in names],

@@ -1,4 +1,4 @@
-"""Decoding raw videos and audio with PyAV for the prepare step: 1 fps JPEG frames, 16-bit wav.
+"""Decoding raw videos and audio with PyAV for the prepare step: frames, 16-bit wav.
 
 These functions use no torch, so ``prepare`` can run them in forked worker processes safely.
 """
@@ -13,7 +13,7 @@ import av
 import numpy as np
 import soundfile
 
-__all__ = ["MediaError", "decode_audio", "extract_frames", "write_wav"]
+__all__ = ["MediaError", "decode_audio", "extract_frames", "read_video_frames", "write_wav"]
 
 
 class MediaError(RuntimeError):
@@ -111,3 +111,29 @@ def extract_frames(
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return written
+
+
+def read_video_frames(path: str | Path, max_frames: int) -> np.ndarray:
+    """The first ``max_frames`` frames of a video at its native rate, as RGB ``(T, H, W, 3)``.
+
+    Raises:
+        FileNotFoundError: the video does not exist.
+        MediaError: the video cannot be decoded or has no frames.
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    path = Path(path)
+    frames = []
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path} has no video stream")
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == max_frames:
+                    break
+        except av.error.FFmpegError as error:
+            raise MediaError(f"cannot decode the video of {path}: {error}") from error
+    if not frames:
+        raise MediaError(f"{path} has no decodable video frames")
+    return np.stack(frames)

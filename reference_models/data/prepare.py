@@ -4,6 +4,8 @@ Usage::
 
     python -m reference_models.data.prepare {cremad,ave,ucf101} --raw RAW_DIR --out OUT_DIR \\
         [--workers N] [--fps 1] [--sample-rate HZ]
+    python -m reference_models.data.prepare cremad --raw RAW_DIR --out OUT_DIR \\
+        --faces --face-weights enet_b2_8_state_dict.pt [--face-device cuda]
 
 Raw layouts (as downloaded and unpacked):
 
@@ -20,6 +22,10 @@ parallel worker processes with a progress bar. The run is resumable: a clip whos
 exists is complete (frames are renamed into place last) and is skipped. Every clip that cannot
 be prepared (missing input, corrupt file) is reported by name with the reason, counted, and
 written to ``OUT/prepare_report.json``; the exit status is 1 when any clip failed.
+
+``--faces`` (CREMA-D) adds the inputs of the Conformer setting: 16 kHz wav files and per-frame
+face features (``reference_models.data.prepare_faces``), resumable in the same way; the report's
+``"faces"`` entry counts the frames without a detected face (centre-cropped instead).
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from reference_models.data.ave import SPLIT_FILES, parse_split_line
+from reference_models.data.faces import FACE_IMAGE_SIZE
 from reference_models.data.media import decode_audio, extract_frames, write_wav
+from reference_models.data.prepare_faces import FaceOptions, face_report, prepare_faces
 
 __all__ = ["DATASETS", "Job", "RawLayout", "main", "prepare", "prepare_clip"]
 
@@ -179,6 +187,7 @@ def prepare(
     workers: int = 1,
     fps: float = 1.0,
     sample_rate: int | None = None,
+    faces: FaceOptions | None = None,
     progress: bool = True,
 ) -> dict:
     """Prepare a whole dataset; returns the report that is also written to the output folder.
@@ -190,16 +199,23 @@ def prepare(
         workers: parallel worker processes (1 runs in this process).
         fps: frames per second extracted.
         sample_rate: output audio rate; ``None`` is the dataset's (22,050 or 16,000 Hz).
+        faces: also write 16 kHz wavs and face features with these options (CREMA-D only).
         progress: show a progress bar.
 
     Returns:
-        ``{"dataset", "counts", "failed": {name: reason}, "no_audio": [names]}``.
+        ``{"dataset", "counts", "failed": {name: reason}, "no_audio": [names]}``, plus
+        ``"faces"`` (counts and :func:`~reference_models.data.prepare_faces.face_report`) when
+        ``faces`` is given.
 
     Raises:
-        FileNotFoundError: ``raw`` lacks the dataset's files.
+        FileNotFoundError: ``raw`` lacks the dataset's files, or the face weights are missing.
+        ValueError: unknown dataset, faces asked for another dataset than CREMA-D, or the
+            output holds features of another face extractor.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    if faces is not None and dataset != "cremad":
+        raise ValueError(f"face features are for CREMA-D's Conformer setting, not {dataset}")
     raw, out = Path(raw), Path(out)
     layout = DATASETS[dataset](_require(raw, dataset, "the unpacked raw dataset"))
     rate = layout.sample_rate if sample_rate is None else sample_rate
@@ -222,6 +238,11 @@ def prepare(
                 results.append(future.result())
                 bar.update()
     bar.close()
+    face_results = None
+    if faces is not None:
+        failed = {name for name, status, _ in results if status == "failed"}
+        face_jobs = [job for job in layout.jobs if job.name not in failed]
+        face_results = prepare_faces(face_jobs, out, faces, workers=workers, progress=progress)
     counts = Counter(status for _, status, _ in results)
     no_audio = sorted(
         job.name
@@ -241,10 +262,26 @@ def prepare(
         "failed": {name: detail for name, status, detail in sorted(results) if status == "failed"},
         "no_audio": no_audio,
     }
+    if face_results is not None:
+        _add_face_report(report, face_results, out, [job.name for job in layout.jobs])
     temporary = out / ".prepare_report.json.tmp"
     temporary.write_text(json.dumps(report, indent=1))
     os.replace(temporary, out / "prepare_report.json")
     return report
+
+
+def _add_face_report(
+    report: dict, results: list[tuple[str, str, str]], out: Path, names: list[str]
+) -> None:
+    counts = Counter(status for _, status, _ in results)
+    failed = {name: detail for name, status, detail in sorted(results) if status == "failed"}
+    report["faces"] = {
+        "counts": {key: counts[key] for key in ("prepared", "skipped", "failed")},
+        **face_report(out, names),
+        "extractor": json.loads((out / "faces" / "extractor.json").read_text()),
+    }
+    report["failed"] = dict(sorted({**failed, **report["failed"]}.items()))
+    report["counts"]["failed"] = len(report["failed"])
 
 
 def _print_report(report: dict, out: Path) -> None:
@@ -254,6 +291,13 @@ def _print_report(report: dict, out: Path) -> None:
         f"{counts['skipped']} already done, {counts['no_audio']} without audio, "
         f"{counts['failed']} failed"
     )
+    if "faces" in report:
+        faces = report["faces"]
+        print(
+            f"faces: {faces['clips']} clips, {faces['frames']} frames, "
+            f"{faces['fallback_frames']} without a detected face (centre crop), "
+            f"{len(faces['clips_without_face'])} clips without any"
+        )
     for name, reason in report["failed"].items():
         print(f"  FAILED {name}: {reason}")
     print(f"report: {out / 'prepare_report.json'}")
@@ -278,7 +322,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sample-rate", type=int, default=None, help="audio rate (default: the dataset's)"
     )
+    faces = parser.add_argument_group("face features (cremad, the Conformer setting)")
+    faces.add_argument(
+        "--faces", action="store_true", help="also write 16 kHz wavs and face features"
+    )
+    faces.add_argument(
+        "--face-weights",
+        help="EfficientNet-B2 state dict in timm's layout (HSEmotion's enet_b2_8), or 'random'",
+    )
+    faces.add_argument("--face-device", default="cpu", help="device of the face network")
+    faces.add_argument(
+        "--face-size", type=int, default=FACE_IMAGE_SIZE, help="face crop side in pixels"
+    )
     args = parser.parse_args(argv)
+    if args.faces and not args.face_weights:
+        parser.error("--faces needs --face-weights PATH (or 'random' for a smoke test)")
+    face_options = None
+    if args.faces:
+        face_options = FaceOptions(
+            args.face_weights, image_size=args.face_size, device=args.face_device
+        )
     try:
         report = prepare(
             args.dataset,
@@ -287,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             fps=args.fps,
             sample_rate=args.sample_rate,
+            faces=face_options,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

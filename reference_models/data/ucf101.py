@@ -1,7 +1,8 @@
 """UCF101 with audio: the 51 action classes whose videos have sound (METHODS.md §4.3).
 
 Official lists ``splits/trainlist0{f}.txt`` (``Class/v_Class_gXX_cYY.avi label``) and
-``splits/testlist0{f}.txt`` for folds f = 1, 2, 3, class order from ``splits/classInd.txt``.
+``splits/testlist0{f}.txt`` for f = 1, 2, 3 (folds are 0-based: fold k reads f = k + 1), class
+order from ``splits/classInd.txt``.
 The classes are those with at least one video with an audio track (``prepare`` writes no wav for
 a silent video and lists it under ``no_audio`` in ``prepare_report.json``); they are numbered
 0..50 in ``classInd`` order. Validation is 10% of the training *groups* (``Class_gXX``, all clips
@@ -89,9 +90,9 @@ class UCF101(PreparedClips):
     Args:
         root: the prepared dataset (``python -m reference_models.data.prepare ucf101``).
         split: ``"train"``, ``"val"`` or ``"test"``.
-        fold: official split 1, 2 or 3.
+        fold: 0, 1 or 2: the official split files ``trainlist0{fold + 1}.txt``.
         val_fraction: fraction of training groups held out for validation.
-        seed: seed of the validation split (the paper uses 109, 19, 337 for folds 1–3).
+        seed: seed of the validation split (the paper uses 109, 19, 337 for folds 0–2).
         augment: random crop/flip per clip; default: on for ``"train"`` only.
         num_frames: frames per clip; clips with fewer are left out.
         image_size: frame size.
@@ -102,7 +103,7 @@ class UCF101(PreparedClips):
         missing: ``"error"`` or ``"skip"`` for listed clips without files.
 
     Example:
-        >>> val = UCF101("data/ucf101", "val", fold=1, seed=109)   # doctest: +SKIP
+        >>> val = UCF101("data/ucf101", "val", fold=0, seed=109)   # doctest: +SKIP
         >>> val.num_classes                                        # doctest: +SKIP
         51
     """
@@ -111,7 +112,7 @@ class UCF101(PreparedClips):
         self,
         root: str | Path,
         split: str = "train",
-        fold: int = 1,
+        fold: int = 0,
         *,
         val_fraction: float = 0.1,
         seed: int = 0,
@@ -126,12 +127,14 @@ class UCF101(PreparedClips):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if fold not in (1, 2, 3):
-            raise ValueError(f"UCF101 has official folds 1, 2 and 3, got {fold}")
+        if fold not in (0, 1, 2):
+            raise ValueError(
+                f"UCF101 has folds 0, 1 and 2 (the official split files 1-3, 0-based), got {fold}"
+            )
         root = check_prepared_root(root, "ucf101")
         splits = root / "splits"
-        train = read_lines(splits / f"trainlist0{fold}.txt", "ucf101")
-        test = read_lines(splits / f"testlist0{fold}.txt", "ucf101")
+        train = read_lines(splits / f"trainlist0{fold + 1}.txt", "ucf101")
+        test = read_lines(splits / f"testlist0{fold + 1}.txt", "ucf101")
         silent = self._videos_without_audio(root)
         with_audio = {_class_of(entry) for entry in train + test if _clip_name(entry) not in silent}
         all_classes = [line.split()[1] for line in read_lines(splits / "classInd.txt", "ucf101")]

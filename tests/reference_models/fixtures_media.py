@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import soundfile
 from PIL import Image
@@ -77,6 +78,44 @@ def write_video(
     return path
 
 
+def drawn_face(size: tuple[int, int] = (160, 120)) -> np.ndarray:
+    """An RGB frame with a drawn frontal face (skin oval, brows, eyes, nose, mouth) in the centre.
+
+    OpenCV's frontal-face Haar cascade detects it, also after video compression.
+    """
+    width, height = size
+    frame = np.full((height, width, 3), 200, dtype=np.uint8)
+    cx, cy, s = width // 2, height // 2, min(width, height) / 160
+    cv2.ellipse(frame, (cx, cy), (round(40 * s), round(52 * s)), 0, 0, 360, (190, 150, 120), -1)
+    thick = max(1, round(3 * s))
+    for dx in (-17, 17):
+        eye = (cx + round(dx * s), cy - round(12 * s))
+        cv2.ellipse(frame, eye, (round(9 * s), round(4 * s)), 0, 0, 360, (30, 30, 30), -1)
+        brow_y = cy - round(24 * s)
+        brow = (cx + round((dx - 10) * s), brow_y), (cx + round((dx + 10) * s), brow_y)
+        cv2.line(frame, *brow, (40, 40, 40), thick)
+    cv2.line(frame, (cx, cy - round(5 * s)), (cx, cy + round(12 * s)), (140, 100, 80), thick)
+    mouth = (cx, cy + round(26 * s))
+    cv2.ellipse(frame, mouth, (round(16 * s), round(5 * s)), 0, 0, 360, (110, 40, 40), -1)
+    return frame
+
+
+def write_face_video(
+    path: Path, face_frames: int, blank_frames: int, *, fps: int = 30, size=(160, 120)
+) -> Path:
+    """A video of ``face_frames`` frames showing :func:`drawn_face`, then ``blank_frames`` grey."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    face = drawn_face(size)
+    blank = np.full_like(face, 128)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("flv" if path.suffix == ".flv" else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for image in [face] * face_frames + [blank] * blank_frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
 def write_frames(folder: Path, seconds: Iterable[int], size: tuple[int, int] = (32, 24)) -> None:
     """Prepared frames ``<second:04d>.jpg`` of the colours of those seconds."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,6 +139,19 @@ def write_prepared_clip(
     write_wav(root / "audio" / f"{name}.wav", samples, sample_rate)
     count = int(np.ceil(seconds)) if num_frames is None else num_frames
     write_frames(root / "frames" / name, range(count))
+
+
+def write_face_clip(
+    root: Path, name: str, samples: np.ndarray, features: np.ndarray, sample_rate: int = 16000
+) -> None:
+    """One clip of the Conformer layout: ``wav16k/<name>.wav`` and ``faces/<name>.npz``."""
+    write_wav(root / "wav16k" / f"{name}.wav", samples, sample_rate)
+    (root / "faces").mkdir(parents=True, exist_ok=True)
+    detected = np.ones(len(features), dtype=bool)
+    np.savez(root / "faces" / f"{name}.npz", features=features, detected=detected)
+    extractor = root / "faces" / "extractor.json"
+    if not extractor.is_file():
+        extractor.write_text(json.dumps({"weights_sha256": "fixture", "frames": 150}))
 
 
 def cremad_name(actor: int, emotion: str, sentence: str = "DFA") -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fixtures_media import cremad_name, write_json, write_prepared_clip
@@ -10,16 +12,18 @@ from hypothesis import strategies as st
 
 from reference_models.data.cremad import (
     EMOTIONS,
+    PAPER_FOLDS,
     CremaD,
     actor_of,
     emotion_label,
+    fold_clip_names,
     read_split_file,
     speaker_independent_folds,
 )
 
 ACTORS = range(1001, 1092)  # the 91 CREMA-D actors
 FIXTURE_ACTORS = range(1001, 1008)
-SMALL = dict(val_actors=2, test_actors=2, image_size=16)
+SMALL = dict(split_file="generated", val_actors=2, test_actors=2, image_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,7 @@ def test_official_split_file_format(tmp_path):
 
 
 def test_items_have_the_paper_shapes_and_dtypes(prepared):
-    dataset = CremaD(prepared, "test", fold=1, **SMALL)
+    dataset = CremaD(prepared, "test", fold=0, **SMALL)
     spectrogram, frames, label = dataset[0]
     assert spectrogram.shape == (257, 188) and spectrogram.dtype == torch.float32
     assert frames.shape == (3, 3, 16, 16) and frames.dtype == torch.float32
@@ -109,15 +113,15 @@ def test_items_have_the_paper_shapes_and_dtypes(prepared):
 
 
 def test_generated_splits_are_speaker_independent_and_cover_the_clips(prepared):
-    splits = {split: CremaD(prepared, split, fold=2, **SMALL) for split in ("train", "val", "test")}
+    splits = {split: CremaD(prepared, split, fold=1, **SMALL) for split in ("train", "val", "test")}
     actors = {split: {actor_of(c.name) for c in data.clips} for split, data in splits.items()}
     assert (len(actors["train"]), len(actors["val"]), len(actors["test"])) == (3, 2, 2)
     assert not actors["train"] & actors["val"] and not actors["train"] & actors["test"]
     assert not actors["val"] & actors["test"]
     assert sum(len(data) for data in splits.values()) == 2 * len(FIXTURE_ACTORS)
-    again = CremaD(prepared, "val", fold=2, **SMALL)
+    again = CremaD(prepared, "val", fold=1, **SMALL)
     assert again.clips == splits["val"].clips
-    reseeded = [CremaD(prepared, "val", fold=2, seed=seed, **SMALL).clips for seed in range(1, 6)]
+    reseeded = [CremaD(prepared, "val", fold=1, seed=seed, **SMALL).clips for seed in range(1, 6)]
     assert any(clips != again.clips for clips in reseeded)
 
 
@@ -167,3 +171,71 @@ def test_batches_from_worker_processes(prepared):
     assert spectrograms.shape == (4, 257, 188) and frames.shape == (4, 3, 3, 16, 16)
     assert labels.dtype == torch.int64
     assert labels.tolist() == [clip.label for clip in dataset.clips[:4]]
+
+
+# The paper's folds (Goncalves et al.): clips per split of the first three fold keys.
+PAPER_COUNTS = {0: (4043, 878, 899), 1: (4024, 881, 915), 2: (4017, 869, 934)}
+
+
+def test_the_shipped_paper_folds_are_the_default_and_speaker_independent():
+    content = json.loads(PAPER_FOLDS.read_text())
+    clips = set(content["clips"])
+    assert len(clips) == 5820 and sorted(content["folds"]) == ["1", "2", "3", "4", "5"]
+    for fold in range(5):
+        names = fold_clip_names([], fold)
+        assert names == read_split_file(PAPER_FOLDS, fold + 1)
+        if fold in PAPER_COUNTS:
+            assert (
+                tuple(len(names[split]) for split in ("train", "val", "test"))
+                == (PAPER_COUNTS[fold])
+            )
+        actors = {split: {actor_of(n) for n in names[split]} for split in names}
+        assert [len(actors[s]) for s in ("train", "val", "test")] == [63, 14, 14]
+        assert not actors["train"] & actors["val"] and not actors["train"] & actors["test"]
+        assert not actors["val"] & actors["test"]
+        assert set().union(*names.values()) == clips
+        assert {str(a) for a in actors["test"]} == set(
+            content["folds"][str(fold + 1)]["test_actors"]
+        )
+    with pytest.raises(ValueError, match="0-based"):
+        fold_clip_names([], -1)
+    with pytest.raises(ValueError, match="no fold '6'"):
+        fold_clip_names([], 5)
+
+
+def test_paper_folds_report_the_clips_missing_from_the_prepared_data(prepared):
+    fixture = {cremad_name(actor, e) for actor in FIXTURE_ACTORS for e in ("ANG", "NEU")}
+    listed = json.loads(PAPER_FOLDS.read_text())["folds"]["1"]
+    expected = sorted(
+        name
+        for name in fixture & set(json.loads(PAPER_FOLDS.read_text())["clips"])
+        if str(actor_of(name)) in listed["test_actors"]
+    )
+    absent = 899 - len(expected)
+    with pytest.raises(FileNotFoundError, match=rf"{absent} of 899 listed clip\(s\).*lack"):
+        CremaD(prepared, "test", image_size=16)
+    with pytest.warns(UserWarning, match=f"{absent} clip\\(s\\) left out"):
+        dataset = CremaD(prepared, "test", image_size=16, missing="skip")
+    assert expected and sorted(clip.name for clip in dataset.clips) == expected
+    assert len(dataset.excluded) == absent
+
+
+def test_split_files_sharing_actors_are_refused_naming_them(tmp_path):
+    vavl = {
+        "1": {
+            "train": ["1001_DFA_ANG_XX.wav", "1002_DFA_NEU_XX.wav"],
+            "val": ["1001_IEO_SAD_LO.wav"],
+            "test": ["1002_IEO_HAP_HI.wav", "1003_DFA_ANG_XX.wav"],
+        }
+    }
+    path = write_json(tmp_path / "shared.json", vavl)
+    with pytest.raises(
+        ValueError, match="actor 1001 in train and val; actor 1002 in train and test"
+    ):
+        fold_clip_names([], 0, split_file=path)
+    actors = {
+        "clips": ["1001_DFA_ANG_XX"],
+        "folds": {"1": {"val_actors": ["1001", "1005"], "test_actors": ["1005"]}},
+    }
+    with pytest.raises(ValueError, match=r"actors \[1005\] in both val and test"):
+        fold_clip_names([], 0, split_file=write_json(tmp_path / "actors.json", actors))

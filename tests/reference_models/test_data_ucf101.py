@@ -112,8 +112,8 @@ def test_items_have_the_paper_shapes(prepared):
 
 
 def test_errors(prepared, tmp_path):
-    with pytest.raises(ValueError, match="folds 1, 2 and 3"):
-        UCF101(prepared, fold=4)
+    with pytest.raises(ValueError, match="folds 0, 1 and 2"):
+        UCF101(prepared, fold=3)
     with pytest.raises(FileNotFoundError, match="reference_models.data.prepare ucf101"):
         UCF101(tmp_path / "nowhere")
     root = tmp_path / "copy"
@@ -124,4 +124,4 @@ def test_errors(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_report.json"):
         UCF101(root)
     with pytest.raises(FileNotFoundError, match="trainlist02.txt"):
-        UCF101(prepared, fold=2)
+        UCF101(prepared, fold=1)

@@ -14,10 +14,9 @@ from reference_models.encoders import (
     MaskedConformer,
     ResNet18AudioEncoder,
     ResNet18VideoEncoder,
-    Wav2Vec2ConformerEncoder,
-    build_wav2vec2_front_end,
     masked_mean,
 )
+from reference_models.wav2vec2 import Wav2Vec2ConformerEncoder, build_wav2vec2_front_end
 
 TINY_FRONT_END = dict(
     embed_dim=32,

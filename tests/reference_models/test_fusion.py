@@ -155,7 +155,7 @@ def test_transformer_fusion_depends_on_every_modality():
 
 
 def test_build_fusion_knows_every_head_and_mmcosine(features):
-    assert set(FUSIONS) == {"linear", "mlp", "film", "gated", "tf"}
+    assert set(FUSIONS) == {"linear", "mlp", "film", "gated", "tf", "decision"}
     for name in ("linear", "mlp", "film", "gated"):
         assert build_fusion(name, DIMS, 3)(*features).shape == (5, 3)
     with pytest.raises(ValueError, match="mmcosine"):
@@ -174,3 +174,27 @@ def test_mmcosine_is_the_library_head(features):
     torch.testing.assert_close(sum(head.modality_logits(audio, video)), expected)
     three = build_fusion("mmcosine", [8, 6, 4], 4)
     assert three(audio, video, torch.randn(5, 4)).shape == (5, 4)
+
+
+def test_decision_fusion_sums_batch_standardised_heads():
+    from reference_models.fusion import DecisionFusion
+
+    torch.manual_seed(0)
+    head = DecisionFusion([4, 3], num_classes=2)
+    a, v = torch.randn(5, 4), torch.randn(5, 3)
+
+    def standardised(u):
+        values = u.flatten().tolist()
+        mean = sum(values) / len(values)
+        std = (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
+        return (u - mean) / std
+
+    heads = [a @ head.heads[0].weight.T + head.heads[0].bias]
+    heads.append(v @ head.heads[1].weight.T + head.heads[1].bias)
+    expected = standardised(heads[0]) + standardised(heads[1])
+    torch.testing.assert_close(head(a, v), expected)
+    torch.testing.assert_close(head.eval()(a, v), expected)  # batch statistics in eval too
+    raw = DecisionFusion([4, 3], num_classes=2, standardize=False)
+    raw.load_state_dict(head.state_dict())
+    torch.testing.assert_close(raw(a, v), heads[0] + heads[1])
+    assert [len(block) for block in head.modality_parameters()] == [2, 2]

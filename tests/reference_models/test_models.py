@@ -10,13 +10,11 @@ import torch
 import torchvision
 
 import gradbalance as gb
-from reference_models.encoders import (
-    ResNet18AudioEncoder,
-    ResNet18VideoEncoder,
-    build_wav2vec2_front_end,
-)
+from reference_models.data.padding import pad_collate
+from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
 from reference_models.fusion import FUSIONS, LateLinear, TransformerFusion
 from reference_models.models import NUM_CLASSES, AudioVisualClassifier, build_model
+from reference_models.wav2vec2 import build_wav2vec2_front_end
 
 FUSION_NAMES = [*FUSIONS, "mmcosine"]
 
@@ -143,6 +141,59 @@ def test_conformer_backbone_with_padding_masks():
         torch.testing.assert_close(logits[1:], alone, atol=1e-4, rtol=1e-4)
 
 
+TINY_WAV2VEC2 = dict(
+    embed_dim=32,
+    num_heads=2,
+    ffn_dim=64,
+    conv_layers=[(16, 10, 5), (16, 3, 2)],
+    pos_conv_kernel=16,
+    pos_conv_groups=4,
+)
+
+
+def test_conformer_model_trains_on_padded_batches_of_the_dataset_layout():
+    small = {"model_dim": 16, "num_layers": 1, "num_heads": 2, "kernel_size": 3}
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        model = build_model(
+            "cremad",
+            "conformer",
+            wav2vec2_checkpoint="random",
+            audio_options={"front_end_layers": 2, "front_end_options": TINY_WAV2VEC2, **small},
+            video_options=small,
+        )
+    lengths = [(3200, 7), (2000, 3), (2600, 5)]
+    items = [(torch.randn(s), torch.randn(t, 1408), label) for label, (s, t) in enumerate(lengths)]
+    waveform, waveform_mask, faces, faces_mask, labels = pad_collate(items)
+    logits = model(waveform, faces, audio_padding_mask=waveform_mask, video_padding_mask=faces_mask)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    front_end = model.audio.front_end
+    assert all(
+        p.grad is None and not p.requires_grad for p in front_end.feature_extractor.parameters()
+    )
+    assert front_end.encoder.transformer.layers[1].attention.k_proj.weight.grad.abs().sum() > 0
+    assert model.video.bottleneck.weight.grad.abs().sum() > 0
+    model.eval()  # each clip's logits do not depend on the padding of the batch
+    with torch.no_grad():
+        padded = model(
+            waveform, faces, audio_padding_mask=waveform_mask, video_padding_mask=faces_mask
+        )
+        alone = model(items[1][0].unsqueeze(0), items[1][1].unsqueeze(0))
+    torch.testing.assert_close(padded[1:2], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_conformer_backbone_needs_explicit_wav2vec2_weights(tmp_path):
+    with pytest.raises(ValueError, match="wav2vec2_checkpoint.*'random'"):
+        build_model("cremad", "conformer")
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        build_model("cremad", "conformer", wav2vec2_checkpoint=tmp_path / "absent.pt")
+    tiny = build_wav2vec2_front_end(1, **TINY_WAV2VEC2)
+    with pytest.raises(ValueError, match="not both"):
+        build_model(
+            "cremad", "conformer", wav2vec2_checkpoint="random", audio_options={"front_end": tiny}
+        )
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -161,11 +212,16 @@ def test_reference_resnet_late_linear_parameter_count(dataset):
     "module",
     [
         "reference_models.encoders",
+        "reference_models.wav2vec2",
         "reference_models.fusion",
         "reference_models.models",
         "reference_models.data.audio",
         "reference_models.data.frames",
         "reference_models.data.cremad",
+        "reference_models.data.faces",
+        "reference_models.data.normalisation",
+        "reference_models.data.padding",
+        "reference_models.data.prepare_faces",
         "reference_models.data.ucf101",
     ],
 )

@@ -86,7 +86,9 @@ def test_cremad_end_to_end_with_failures_and_resume(cremad_raw, tmp_path, capsys
     assert (out / "audio" / f"{name}.wav").stat().st_mtime_ns == stamp
 
     with pytest.warns(UserWarning, match=f"1 clip.* failed to prepare.*{NO_VIDEO}"):
-        dataset = CremaD(out, "train", val_actors=2, test_actors=2, image_size=16)
+        dataset = CremaD(
+            out, "train", split_file="generated", val_actors=2, test_actors=2, image_size=16
+        )
     spectrogram, clip, _ = dataset[0]
     assert spectrogram.shape == (257, 188) and clip.shape == (3, 3, 16, 16)
 

@@ -150,3 +150,18 @@ def test_gpu_smoke_script_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "mlb_fp32 step" in out or "mlb_bf16 step" in out
     assert "MLB overhead" in out
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "conformer"])
+def test_journal_presets_cover_every_cell_of_tables_3_and_4(tmp_path, backbone):
+    kwargs = dict(root="x", out=tmp_path, group="journal", folds=[0])
+    table3 = reproduce.plan_runs(3, "cremad", backbone, **kwargs)
+    assert [r.method for r in table3] == list(TABLE3_METHODS)
+    pmr = next(r for r in table3 if r.method == "pmr").config
+    assert "Table 2's values" in pmr.description and pmr.patience == 100
+    table4 = reproduce.plan_runs(4, "cremad", backbone, **kwargs)
+    assert len(table4) == 16 and {r.config.fusion for r in table4} == {"mlp", "film", "gated", "tf"}
+    film_agm = next(r for r in table4 if r.method == "agm" and r.config.fusion == "film").config
+    assert film_agm.method_options["alpha"] == 3.0 and "Late-Linear value" in film_agm.description
+    for dataset in ("ave", "ucf101"):
+        assert len(reproduce.plan_runs(3, dataset, "resnet18", **kwargs)) == len(TABLE3_METHODS)

@@ -1,0 +1,244 @@
+"""The training harness's components as one table: datasets, backbones, fusions and methods.
+
+Every name the harness accepts is listed here once; the configuration's validation, the
+command line, the presets and the reproduction tables read their choices from these tables.
+Each entry says how its component is built from its own slice of a run's configuration:
+
+* :data:`DATASETS`: ``name -> DatasetRecipe`` (the dataset classes and the backbones they feed);
+* :data:`BACKBONES`, :data:`FUSIONS`: the model choices of
+  :func:`reference_models.models.build_model`;
+* :data:`METHODS`: ``name -> MethodRecipe``: the library method it makes, the fusion it forces,
+  the options it takes from the model (fused-head slices, weight blocks, masked forward) and
+  the per-epoch work it needs from the harness.
+
+Example:
+    >>> METHODS["mmcosine"].balancer, METHODS["mmcosine"].fusion
+    ('joint', 'mmcosine')
+    >>> METHODS["video_only"].modality, METHODS["mlb"].label
+    ('video', 'MLB')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from reference_models.fusion import FUSIONS as _FUSION_CLASSES
+from reference_models.models import BACKBONES
+
+__all__ = [
+    "BACKBONES",
+    "DATASETS",
+    "FUSIONS",
+    "METHODS",
+    "MODALITIES",
+    "DatasetRecipe",
+    "MethodRecipe",
+]
+
+MODALITIES: tuple[str, ...] = ("audio", "video")
+
+FUSIONS: tuple[str, ...] = (*_FUSION_CLASSES, "mmcosine")
+"""Fusion heads by name (``mmcosine`` is :class:`gradbalance.MMCosineHead`)."""
+
+
+@dataclass(frozen=True)
+class DatasetRecipe:
+    """A dataset of the harness.
+
+    Attributes:
+        label: the name printed in tables.
+        backbones: the backbones its items feed.
+        folds: its number of folds (``fold`` is 0-based: ``0 .. folds - 1``; CREMA-D has the
+            five of its split file, of which the paper reports the first three).
+
+    Example:
+        >>> DATASETS["cremad"].backbones, DATASETS["cremad"].folds
+        (('resnet18', 'conformer'), 5)
+    """
+
+    label: str
+    backbones: tuple[str, ...]
+    folds: int = 3
+
+
+DATASETS: dict[str, DatasetRecipe] = {
+    "synthetic": DatasetRecipe("generated", ("resnet18",)),
+    "cremad": DatasetRecipe("CREMA-D", ("resnet18", "conformer"), folds=5),
+    "ave": DatasetRecipe("AVE", ("resnet18",)),
+    "ucf101": DatasetRecipe("UCF101", ("resnet18",)),
+}
+
+
+Wiring = Callable[[dict[str, Any], nn.Module, int], None]
+"""``wire(options, model, seed)``: fill a method's options from the model, in place."""
+
+EpochStart = Callable[[Any, dict[str, Any], Callable[[float], Iterator[torch.Tensor]]], None]
+"""``epoch_start(balancer, options, forward_passes)``: work a method needs before each epoch;
+``forward_passes(fraction)`` runs eval-mode forwards without gradients over that fraction of
+the training batches and yields each batch's labels."""
+
+
+@dataclass(frozen=True)
+class MethodRecipe:
+    """A method of the harness and how it is wired to a reference model.
+
+    Attributes:
+        label: the row label of the paper's tables.
+        balancer: the ``gradbalance.make`` name; ``None`` for the unimodal baselines.
+        fusion: the fusion head this method forces (``mmcosine``), else the run's.
+        fusion_options: method options that are options of that head, with their defaults.
+        modality: the single modality of a unimodal baseline.
+        wire: fills the method's options from the model (see :data:`Wiring`).
+        harness_options: method options read by the harness, not passed to the library.
+        epoch_start: work before each training epoch (see :data:`EpochStart`).
+
+    Example:
+        >>> from reference_models.models import build_model
+        >>> model = build_model("cremad", "resnet18", "linear", width=2)
+        >>> options = METHODS["ogm"].library_options({"alpha": 0.8}, model, seed=0)
+        >>> options["alpha"], options["fusion_head"] is model.fusion
+        (0.8, True)
+    """
+
+    label: str
+    balancer: str | None
+    fusion: str | None = None
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    modality: str | None = None
+    wire: Wiring | None = None
+    harness_options: tuple[str, ...] = ()
+    epoch_start: EpochStart | None = None
+
+    def library_options(
+        self, options: dict[str, Any], model: nn.Module, seed: int
+    ) -> dict[str, Any]:
+        """The keyword options of ``gb.make`` for ``model``: the run's, completed by wiring."""
+        options = {
+            key: tuple(value) if key == "window" and isinstance(value, list) else value
+            for key, value in options.items()
+            if key not in self.harness_options and key not in self.fusion_options
+        }
+        if self.wire is not None:
+            self.wire(options, model, seed)
+        return options
+
+
+def _with_probes(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """Joint training: detached linear probes measure each modality."""
+    options.setdefault("probes", True)
+
+
+def _fused_weight_blocks(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """MLB: each modality's weight block of the fused head's first layer (Late-Linear, MLP,
+    Gated, decision-level) is scaled with it, as the official code's parameter grouping does;
+    ``scale_fused_weights=false`` turns it off."""
+    blocks = getattr(model.fusion, "modality_parameters", None)
+    if options.pop("scale_fused_weights", True) and blocks is not None:
+        options.setdefault("extra_parameters", dict(zip(MODALITIES, blocks())))
+
+
+def _fused_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """OGM, MSLR: scores from the fused head's per-modality slices when it has them
+    (Late-Linear, MMCosine), else detached probes; ``fused_slices=false`` forces probes."""
+    if options.pop("fused_slices", True) and callable(
+        getattr(model.fusion, "modality_logits", None)
+    ):
+        options.setdefault("fusion_head", model.fusion)
+
+
+def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """OGM-GE: as OGM, with its noise seeded by the run seed."""
+    _fused_slices(options, model, seed)
+    options.setdefault("seed", seed)
+
+
+def _masked_passes(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """AGM: ``masking="input"`` re-runs the whole model with a modality's input zeroed
+    (``model.forward_masked``, the official code); ``masking="feature"`` (default, cheap)
+    re-runs only the fusion head on zeroed encoder outputs. The clipping rule (``clip=true``)
+    watches ``clip_watch``: ``"fused_weights"`` (default: the fused head's weight matrices, as
+    the official code watches its output layer's weight) or ``"fusion"`` (every parameter
+    outside the encoders)."""
+    options.setdefault("masking", "feature")
+    if options["masking"] == "feature":
+        options.setdefault("fusion", model.fusion)
+        if getattr(model, "takes_tokens", False):
+            options.setdefault("fusion_inputs", "outputs")
+    elif options["masking"] == "input":
+        options.setdefault("forward_masked", model.forward_masked)
+    watch = options.pop("clip_watch", "fused_weights")
+    if watch == "fused_weights":
+        options["clip_watch"] = fused_head_weights(model.fusion)
+    elif watch != "fusion":
+        raise ValueError(f"clip_watch must be 'fused_weights' or 'fusion', got {watch!r}")
+
+
+def _explicit_prototypes(
+    balancer: Any,
+    options: dict[str, Any],
+    forward_passes: Callable[[float], Iterator[torch.Tensor]],
+) -> None:
+    """PMR with ``prototypes="explicit"``: class prototypes from an eval-mode pass over
+    ``prototype_fraction`` (0.1) of the training batches before each epoch (the official code).
+
+    ``momentum_schedule="official"``: the prototypes recomputed after the first epoch are not
+    blended with the previous ones (the official code passes epoch 0 there), so blending with
+    ``momentum`` starts after the second epoch; ``"constant"`` (default) blends every time.
+    """
+    schedule = options.get("momentum_schedule", "constant")
+    if schedule not in ("constant", "official"):
+        raise ValueError(f"momentum_schedule must be 'constant' or 'official', got {schedule!r}")
+    if getattr(balancer, "prototype_source", None) != "explicit":
+        if schedule == "official":
+            raise ValueError("momentum_schedule='official' needs prototypes='explicit'")
+        return
+    for labels in forward_passes(float(options.get("prototype_fraction", 0.1))):
+        balancer.collect(labels)
+    momentum = balancer.momentum
+    if schedule == "official" and balancer.epoch == 1:
+        balancer.momentum = 0.0
+    try:
+        balancer.update_prototypes()
+    finally:
+        balancer.momentum = momentum
+
+
+def fused_head_weights(fusion: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices of a fusion head (its parameters of two or more dimensions)."""
+    return [p for p in fusion.parameters() if p.dim() >= 2]
+
+
+METHODS: dict[str, MethodRecipe] = {
+    "joint": MethodRecipe("Joint Training", "joint", wire=_with_probes),
+    "multiloss": MethodRecipe("Multi-Loss", "multiloss"),
+    "mlb": MethodRecipe("MLB", "mlb", wire=_fused_weight_blocks),
+    "ogm": MethodRecipe("OGM", "ogm", wire=_fused_slices),
+    "ogm_ge": MethodRecipe("OGM-GE", "ogm_ge", wire=_seeded_slices),
+    "agm": MethodRecipe("AGM", "agm", wire=_masked_passes),
+    "pmr": MethodRecipe(
+        "PMR",
+        "pmr",
+        harness_options=("prototype_fraction", "momentum_schedule"),
+        epoch_start=_explicit_prototypes,
+    ),
+    "mslr": MethodRecipe("MSLR", "mslr", wire=_fused_slices),
+    "mmcosine": MethodRecipe(
+        "MMCosine", "joint", fusion="mmcosine", fusion_options={"scale": 10.0}, wire=_with_probes
+    ),
+    "audio_only": MethodRecipe("Audio only", None, fusion="linear", modality="audio"),
+    "video_only": MethodRecipe("Video only", None, fusion="linear", modality="video"),
+}
+"""Every method the harness trains, by the name used in configurations and presets."""
+
+METHOD_ALIASES: dict[str, str] = {
+    "multi_loss": "multiloss",
+    "ogmge": "ogm_ge",
+    "audio": "audio_only",
+    "video": "video_only",
+}
+"""Other spellings accepted for a method name."""

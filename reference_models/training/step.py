@@ -1,0 +1,196 @@
+"""One training step and one evaluation pass of a run, with no host synchronisation per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradbalance as gb
+from gradbalance.metrics import BINNINGS, accuracy, expected_calibration_error
+from reference_models.schedule import WarmupCosineRestarts
+from reference_models.training.batches import MASK_NAMES, to_device
+from reference_models.training.config import TrainConfig
+
+__all__ = ["RunState", "evaluate", "forward_passes", "train_step"]
+
+
+@dataclass
+class RunState:
+    """What a training step touches: model, balancer, probes, optimizer, schedule, device."""
+
+    config: TrainConfig
+    model: nn.Module
+    balancer: gb.Balancer | None
+    probes: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosineRestarts
+    device: torch.device
+    names: list[str]
+    # Device-side accumulators, read at logging steps and at the end of each epoch.
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    coefficient_sum: torch.Tensor
+    score_sum: torch.Tensor
+    window_loss: torch.Tensor
+    window_samples: int = 0
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+
+def _features(state: RunState) -> dict[str, torch.Tensor]:
+    if state.balancer is None:
+        return state.model.last_features  # type: ignore[union-attr,return-value]
+    return state.balancer.features()
+
+
+def _forward(
+    state: RunState, audio: torch.Tensor, video: torch.Tensor, masks: tuple[Any, ...]
+) -> torch.Tensor:
+    return state.model(audio, video, **dict(zip(MASK_NAMES, masks)))
+
+
+def train_step(
+    state: RunState, audio: torch.Tensor, video: torch.Tensor, y: torch.Tensor, *masks: Any
+) -> None:
+    """One optimizer step; no host synchronisation (everything stays on the device).
+
+    ``masks``: the batch's padding masks (audio, then video; True = padded), if any.
+    """
+    with state.autocast():
+        logits = _forward(state, audio, video, masks)
+        if state.balancer is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            loss = state.balancer.loss(logits, y)
+        total = loss
+        if state.probes:
+            features = _features(state)
+            for name, probe in state.probes.items():
+                probe_logits = probe(features[name].detach().float())
+                total = total + F.cross_entropy(probe_logits.float(), y)
+    state.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    after_backward = getattr(state.balancer, "after_backward", None)
+    if after_backward is not None:
+        after_backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    with torch.no_grad():
+        batch_loss = loss.detach().float() * y.shape[0]
+        state.loss_sum += batch_loss
+        state.window_loss += batch_loss
+        state.correct += (logits.detach().argmax(dim=1) == y).sum()
+        if state.balancer is not None:
+            coefficients = torch.stack(
+                [state.balancer.coefficient_buffer(n).detach().float() for n in state.names]
+            )
+            state.coefficient_sum += coefficients.to(state.coefficient_sum.device)
+            state.score_sum += (
+                state.balancer.last_scores.detach().float().to(state.score_sum.device)
+            )
+
+
+def _unimodal_logits(state: RunState) -> dict[str, torch.Tensor]:
+    """Heads (MLB, Multi-Loss), fused-head slices (OGM, MSLR) or Joint's probes; else {}."""
+    bal = state.balancer
+    if bal is None:
+        return {}
+    if len(bal.heads) == 0 and getattr(bal, "fusion_head", None) is None:
+        return {}
+    return bal.unimodal_logits()
+
+
+@torch.no_grad()
+def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str, Any]:
+    """Metrics of the fused prediction and of each modality on one split.
+
+    Each prediction gets ``accuracy``, ``loss`` (cross-entropy), ``ece`` (the configured
+    ``ece_binning``) and the ECE of both binnings, ``ece_classical`` (``(lo, hi]`` bins, the
+    appendix's eq. 10) and ``ece_torchmetrics`` (``[lo, hi)`` plus a bin for confidence 1,
+    what the official numbers used).
+
+    With ``collect`` (the per-epoch validation) the balancer's ``loss()`` sees the batches
+    under ``torch.no_grad()`` (MSLR takes its validation accuracies from them).
+    """
+    model, config = state.model, state.config
+    was_training = model.training
+    model.eval()
+    state.probes.eval()
+    fused: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    probes: dict[str, list[torch.Tensor]] = {n: [] for n in state.probes}
+    heads: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        audio, video, y, *masks = to_device(batch, state.device)
+        with state.autocast():
+            logits = _forward(state, audio, video, tuple(masks))
+            if collect and state.balancer is not None:
+                state.balancer.loss(logits, y)
+            features = _features(state)
+            for name, probe in state.probes.items():
+                probes[name].append(probe(features[name].float()).float())
+            for name, head_logits in _unimodal_logits(state).items():
+                heads.setdefault(name, []).append(head_logits.float())
+        fused.append(logits.float())
+        targets.append(y)
+    model.train(was_training)
+    state.probes.train(was_training)
+    target = torch.cat(targets)
+
+    def metrics(chunks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = torch.cat(chunks)
+        ece = {
+            binning: expected_calibration_error(
+                logits,
+                target,
+                config.ece_bins,
+                binning=binning,  # type: ignore[arg-type]
+            )
+            for binning in BINNINGS
+        }
+        return {
+            "accuracy": accuracy(logits, target),
+            "ece": ece[config.ece_binning],
+            **{f"ece_{binning}": value for binning, value in ece.items()},
+            "loss": F.cross_entropy(logits, target),
+        }
+
+    result: dict[str, Any] = {"fused": metrics(fused)}
+    for name in state.names:
+        entry: dict[str, torch.Tensor] = {}
+        if name in probes:
+            entry.update({f"probe_{k}": v for k, v in metrics(probes[name]).items()})
+        if name in heads:
+            entry.update({f"head_{k}": v for k, v in metrics(heads[name]).items()})
+        if getattr(model, "modality", None) == name:  # a unimodal classifier's own head
+            entry.update({f"head_{k}": v for k, v in result["fused"].items()})
+        result[name] = entry
+    # One host synchronisation for the whole split.
+    flat = [(outer, inner) for outer, entry in result.items() for inner in entry]
+    values = torch.stack([result[o][i].double().cpu() for o, i in flat]).tolist()
+    out: dict[str, Any] = {outer: {} for outer in result}
+    for (outer, inner), value in zip(flat, values):
+        out[outer][inner] = value
+    return out
+
+
+def forward_passes(state: RunState, loader: Any, fraction: float) -> Iterator[torch.Tensor]:
+    """Eval-mode forwards without gradients over the first ``fraction`` of ``loader``'s batches
+    (at least one); yields each batch's labels after its forward."""
+    batches = max(1, int(len(loader) * fraction))
+    state.model.eval()
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            if index >= batches:
+                break
+            audio, video, y, *masks = to_device(batch, state.device)
+            with state.autocast():
+                _forward(state, audio, video, tuple(masks))
+            yield y
+    state.model.train()
