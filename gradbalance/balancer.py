@@ -21,9 +21,21 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradbalance import _checks
 from gradbalance._attach import Attachment, module_device, refuse_owned
 from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
+from gradbalance._checks import (
+    NONFINITE,
+    SYNCS,
+    check_choice,
+    check_feature_dims,
+    check_feature_functions,
+    check_int,
+    check_loss_inputs,
+    check_pools,
+    check_scaled_parameters,
+    resolve_encoders,
+    upgrade_state_dict,
+)
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._head_logits import (
@@ -150,20 +162,18 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     ) -> None:
         super().__init__()
         if head_mode is not None:
-            self.head_mode = _checks.check_choice(
-                "head_mode", head_mode, ("train", "probe", "none")
-            )
-        _checks.check_int("num_classes", num_classes, 2)
-        self.sync: Sync = _checks.check_choice("sync", sync, _checks.SYNCS)
-        self.nonfinite: NonFinite = _checks.check_choice("nonfinite", nonfinite, _checks.NONFINITE)
-        _checks.check_int("flush_every", flush_every, 1)
-        encoder_map = _checks.resolve_encoders(model, encoders)
+            self.head_mode = check_choice("head_mode", head_mode, ("train", "probe", "none"))
+        check_int("num_classes", num_classes, 2)
+        self.sync: Sync = check_choice("sync", sync, SYNCS)
+        self.nonfinite: NonFinite = check_choice("nonfinite", nonfinite, NONFINITE)
+        check_int("flush_every", flush_every, 1)
+        encoder_map = resolve_encoders(model, encoders)
         refuse_owned(encoder_map)
         self.names: list[str] = list(encoder_map)
         self._encoders = encoder_map
-        self._pool = _checks.check_pools(pool, self.names)
-        self._features = _checks.check_feature_functions(features, self.names)
-        dims = _checks.check_feature_dims(feature_dims, self.names)
+        self._pool = check_pools(pool, self.names)
+        self._features = check_feature_functions(features, self.names)
+        dims = check_feature_dims(feature_dims, self.names)
         self.num_classes = num_classes
         self.process_group = process_group
         device = module_device(next(iter(encoder_map.values())))
@@ -212,7 +222,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def _request_parameter_scaling(self, parameters: Mapping[str, Iterable[nn.Parameter]]) -> None:
         """Validate (in a constructor) parameters whose gradients k_name also scales."""
         inside_allowed = not self.scales_gradients
-        selected = _checks.check_scaled_parameters(parameters, self._encoders, inside_allowed)
+        selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
         self._scaled_parameters = selected
         self.uses_parameter_hooks = bool(selected)
 
@@ -304,7 +314,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
-        target = _checks.check_loss_inputs(logits, target, self.num_classes)
+        target = check_loss_inputs(logits, target, self.num_classes)
         training = grad_enabled and logits.requires_grad
         if training and not any(c.train_mode for c in captures.values()):
             self._captures.warn_eval_mode()
@@ -435,7 +445,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        state_dict = _checks.upgrade_state_dict(state_dict, prefix, self.names)
+        state_dict = upgrade_state_dict(state_dict, prefix, self.names)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:

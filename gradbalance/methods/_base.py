@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance import _checks
+from gradbalance._checks import check_fusion_head, check_window
 from gradbalance._step import Step
 from gradbalance.balancer import Balancer
 from gradbalance.errors import ConfigurationError
@@ -106,7 +106,7 @@ class Method(Balancer):
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        self.window = _checks.check_window(window, window_unit)
+        self.window = check_window(window, window_unit)
         self.window_unit = window_unit
         super().__init__(model, encoders, num_classes, **common)
         self.__dict__["_model"] = model  # not a submodule: state_dict never holds the model
@@ -160,7 +160,7 @@ class SlicedScoresMethod(Method):
         fusion_head: nn.Module | None = None,
         **options: Any,
     ) -> None:
-        _checks.check_fusion_head(fusion_head)
+        check_fusion_head(fusion_head)
         super().__init__(
             model,
             encoders,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from gradbalance import _checks
+from gradbalance._checks import check_alpha, check_choice, check_number
 from gradbalance._step import Step
 from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
 from gradbalance.errors import ConfigurationError
@@ -129,7 +129,7 @@ class AGM(Method):
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        alpha = _checks.check_alpha(alpha)
+        alpha = check_alpha(alpha)
         if masking == "feature":
             if not callable(fusion):
                 raise ConfigurationError(
@@ -143,17 +143,13 @@ class AGM(Method):
                     "encoder names) -> fused logits of the model with those inputs zeroed"
                 )
         else:
-            _checks.check_choice("masking", masking, ("feature", "input"))
-        _checks.check_choice("fusion_inputs", fusion_inputs, ("features", "outputs"))
-        max_exponent = _checks.check_number("max_exponent", max_exponent, minimum=0.0, strict=True)
+            check_choice("masking", masking, ("feature", "input"))
+        check_choice("fusion_inputs", fusion_inputs, ("features", "outputs"))
+        max_exponent = check_number("max_exponent", max_exponent, minimum=0.0, strict=True)
         if min_coefficient is not None:
-            min_coefficient = _checks.check_number("min_coefficient", min_coefficient, minimum=0.0)
-        clip_threshold = _checks.check_number(
-            "clip_threshold", clip_threshold, minimum=0.0, strict=True
-        )
-        clip_max_norm = _checks.check_number(
-            "clip_max_norm", clip_max_norm, minimum=0.0, strict=True
-        )
+            min_coefficient = check_number("min_coefficient", min_coefficient, minimum=0.0)
+        clip_threshold = check_number("clip_threshold", clip_threshold, minimum=0.0, strict=True)
+        clip_max_norm = check_number("clip_max_norm", clip_max_norm, minimum=0.0, strict=True)
         encoder_params = {
             id(p) for module in _encoder_modules(model, encoders) for p in module.parameters()
         }

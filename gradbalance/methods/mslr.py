@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance import _checks
+from gradbalance._checks import check_int, check_number, per_encoder
 from gradbalance._step import Step
 from gradbalance.coefficients import mslr_coefficients
 from gradbalance.errors import InputError, OrderError
@@ -85,7 +85,7 @@ class MSLR(SlicedScoresMethod):
         enabled: bool = True,
         **common: Any,
     ) -> None:
-        _checks.check_int("memory_epochs", memory_epochs, 1)
+        check_int("memory_epochs", memory_epochs, 1)
         super().__init__(
             model,
             encoders,
@@ -95,10 +95,8 @@ class MSLR(SlicedScoresMethod):
             **common,
         )
         factors = {
-            name: _checks.check_number(
-                f"initial factor for {name!r}", value, minimum=0.0, strict=True
-            )
-            for name, value in _checks.per_encoder(initial, self.names, "initial").items()
+            name: check_number(f"initial factor for {name!r}", value, minimum=0.0, strict=True)
+            for name, value in per_encoder(initial, self.names, "initial").items()
         }
         self.memory_epochs = memory_epochs
         device = self.last_scores.device

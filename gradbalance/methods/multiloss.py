@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance import _checks
+from gradbalance._checks import check_alpha, check_choice, check_number, check_weights
 from gradbalance._step import Step
 from gradbalance.coefficients import mlb_coefficients
 from gradbalance.methods._base import Method
@@ -59,10 +59,8 @@ class MultiLoss(Method):
         **common: Any,
     ) -> None:
         super().__init__(model, encoders, num_classes, **common)
-        self.fused_weight = _checks.check_number(
-            "loss weight fused_weight", fused_weight, minimum=0.0
-        )
-        weights = _checks.check_weights("unimodal_weight", unimodal_weight, self.names)
+        self.fused_weight = check_number("loss weight fused_weight", fused_weight, minimum=0.0)
+        weights = check_weights("unimodal_weight", unimodal_weight, self.names)
         self.unimodal_weights: dict[str, float] = weights
         self._unit_weights = self.fused_weight == 1.0 and all(w == 1.0 for w in weights.values())
         self.register_buffer(
@@ -142,9 +140,9 @@ class MLB(MultiLoss):
         enabled: bool = True,
         **options: Any,
     ) -> None:
-        alpha = _checks.check_alpha(alpha)
-        beta_max = _checks.check_number("beta_max", beta_max, minimum=0.0, strict=True)
-        _checks.check_choice("scale", scale, ("all", "multimodal"))
+        alpha = check_alpha(alpha)
+        beta_max = check_number("beta_max", beta_max, minimum=0.0, strict=True)
+        check_choice("scale", scale, ("all", "multimodal"))
         super().__init__(model, encoders, num_classes, enabled=enabled, **options)
         self.alpha = alpha
         self.beta_max = beta_max

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance import _checks
+from gradbalance._checks import check_alpha, require_two
 from gradbalance._step import Step
 from gradbalance.coefficients import ogm_coefficients
 from gradbalance.methods._base import (
@@ -89,8 +89,8 @@ class OGM(SlicedScoresMethod):
         **common: Any,
     ) -> None:
         if hasattr(encoders, "__len__"):
-            _checks.require_two(len(encoders), type(self).__name__)
-        alpha = _checks.check_alpha(alpha)
+            require_two(len(encoders), type(self).__name__)
+        alpha = check_alpha(alpha)
         parameter_filter(parameters)
         # "encoder": scale the encoder's output gradient; otherwise per-parameter hooks only.
         self.scales_gradients = parameters == "encoder"

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance import _checks
+from gradbalance._checks import (
+    check_alpha,
+    check_choice,
+    check_feature_dims,
+    check_int,
+    check_number,
+    require_two,
+)
 from gradbalance._step import Step
 from gradbalance.coefficients import pmr_weights
 from gradbalance.errors import ConfigurationError, InputError
@@ -142,13 +149,13 @@ class PMR(Method):
         **common: Any,
     ) -> None:
         if hasattr(encoders, "__len__"):
-            _checks.require_two(len(encoders), type(self).__name__)
-        alpha = _checks.check_alpha(alpha)
-        momentum = _checks.check_number("momentum", momentum, minimum=0.0)
+            require_two(len(encoders), type(self).__name__)
+        alpha = check_alpha(alpha)
+        momentum = check_number("momentum", momentum, minimum=0.0)
         if momentum >= 1.0:
             raise ConfigurationError(f"momentum must be in [0, 1), got {momentum!r}")
-        _checks.check_choice("prototypes", prototypes, ("accumulate", "explicit"))
-        _checks.check_int("first_blend_epoch", first_blend_epoch, 0)
+        check_choice("prototypes", prototypes, ("accumulate", "explicit"))
+        check_int("first_blend_epoch", first_blend_epoch, 0)
         super().__init__(
             model,
             encoders,
@@ -163,7 +170,7 @@ class PMR(Method):
         self.first_blend_epoch = first_blend_epoch
         self.prototype_source = prototypes
         self.batch_norm = bool(batch_norm)
-        dims = _checks.check_feature_dims(common.get("feature_dims"), self.names)
+        dims = check_feature_dims(common.get("feature_dims"), self.names)
         device = self.last_scores.device
         for name in self.names:
             dim = dims[name] or 0
