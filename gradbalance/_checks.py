@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -246,6 +247,42 @@ def refuse_nested(encoders: Mapping[str, nn.Module]) -> None:
                     f"encoder {other_name!r} is nested inside encoder {name!r}; "
                     "encoders must be disjoint submodules"
                 )
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """The validated options every balancer takes."""
+
+    encoders: dict[str, nn.Module]
+    pools: dict[str, str | None]
+    features: dict[str, Any]
+    dims: dict[str, int | None]
+
+
+def check_common(
+    model: Any,
+    encoders: Any,
+    num_classes: Any,
+    feature_dims: Any,
+    pool: Any,
+    features: Any,
+    flush_every: Any,
+    sync: Any,
+    nonfinite: Any,
+) -> CommonOptions:
+    """Validate the options of :class:`~gradbalance.Balancer` (see its docstring)."""
+    check_int("num_classes", num_classes, 2)
+    check_choice("sync", sync, SYNCS)
+    check_choice("nonfinite", nonfinite, NONFINITE)
+    check_int("flush_every", flush_every, 1)
+    resolved = resolve_encoders(model, encoders)
+    names = list(resolved)
+    return CommonOptions(
+        resolved,
+        check_pools(pool, names),
+        check_feature_functions(features, names),
+        check_feature_dims(feature_dims, names),
+    )
 
 
 def check_loss_inputs(logits: Any, target: Any, num_classes: int) -> torch.Tensor:

@@ -24,16 +24,10 @@ from torch import nn
 from gradbalance._attach import Attachment, module_device, refuse_owned
 from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
 from gradbalance._checks import (
-    NONFINITE,
-    SYNCS,
     check_choice,
-    check_feature_dims,
-    check_feature_functions,
-    check_int,
+    check_common,
     check_loss_inputs,
-    check_pools,
     check_scaled_parameters,
-    resolve_encoders,
     upgrade_state_dict,
 )
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
@@ -47,7 +41,7 @@ from gradbalance._head_logits import (
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
-from gradbalance.errors import WRAP_ORDER, CaptureError
+from gradbalance.errors import CaptureError
 from gradbalance.history import History
 
 __all__ = ["Balancer", "pool_feature"]
@@ -56,7 +50,6 @@ Pool = Literal["spatial", "tokens", "cls"]
 HeadMode = Literal["train", "probe", "none"]
 Sync = Literal["global", "local"]
 NonFinite = Literal["raise", "skip"]
-ORDER = WRAP_ORDER
 
 
 class _AttachAfterInit(type):
@@ -72,11 +65,9 @@ class _AttachAfterInit(type):
 class Balancer(nn.Module, metaclass=_AttachAfterInit):
     """Base class of every balancing method: taps, heads, coefficients, history.
 
-    Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); everything a user
-    touches (construction checks, ``loss()``, ``coefficients``, ``scores``, ``history``,
-    ``state_dict``, ``remove()``) is shared. The balancer is an ``nn.Module`` that holds its
-    heads and running state, never the model's parameters: optimise
-    ``[*model.parameters(), *bal.parameters()]``.
+    Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); all a user touches is
+    shared. The balancer is an ``nn.Module`` that holds its heads and running state, never
+    the model's parameters: optimise ``[*model.parameters(), *bal.parameters()]``.
 
     Lifecycle: nothing is attached until every argument is validated; one balancer per
     encoder (``remove()`` the old one first); each forward of the model is bound to its own
@@ -163,17 +154,16 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         super().__init__()
         if head_mode is not None:
             self.head_mode = check_choice("head_mode", head_mode, ("train", "probe", "none"))
-        check_int("num_classes", num_classes, 2)
-        self.sync: Sync = check_choice("sync", sync, SYNCS)
-        self.nonfinite: NonFinite = check_choice("nonfinite", nonfinite, NONFINITE)
-        check_int("flush_every", flush_every, 1)
-        encoder_map = resolve_encoders(model, encoders)
+        options = check_common(
+            model, encoders, num_classes, feature_dims, pool, features, flush_every, sync, nonfinite
+        )
+        encoder_map = options.encoders
         refuse_owned(encoder_map)
         self.names: list[str] = list(encoder_map)
         self._encoders = encoder_map
-        self._pool = check_pools(pool, self.names)
-        self._features = check_feature_functions(features, self.names)
-        dims = check_feature_dims(feature_dims, self.names)
+        self._pool, self._features, dims = options.pools, options.features, options.dims
+        self.sync: Sync = sync
+        self.nonfinite: NonFinite = nonfinite
         self.num_classes = num_classes
         self.process_group = process_group
         device = module_device(next(iter(encoder_map.values())))
