@@ -11,7 +11,7 @@ encoders are the attributes ``model.audio`` and ``model.video`` and whose head i
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from reference_models.encoders import (
     ConformerEncoder,
     ResNet18AudioEncoder,
     ResNet18VideoEncoder,
+    masked_mean,
 )
 from reference_models.fusion import build_fusion
 from reference_models.wav2vec2 import Wav2Vec2ConformerEncoder
@@ -76,6 +77,7 @@ class AudioVisualClassifier(nn.Module):
         self.fusion = fusion
         self.takes_tokens = takes_tokens
         self._last_batch: tuple[torch.Tensor | None, ...] | None = None
+        self.token_padding_masks: dict[str, torch.Tensor | None] = {}
 
     def forward(
         self,
@@ -91,6 +93,29 @@ class AudioVisualClassifier(nn.Module):
         """
         self._last_batch = (audio, video, audio_padding_mask, video_padding_mask)
         return self._logits(audio, video, audio_padding_mask, video_padding_mask)
+
+    def pooled_tokens(self, modality: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A balancer's ``features`` callable for token-returning encoders (Transformer
+        fusion): the mean of ``modality``'s valid tokens in the last forward, padding left out.
+
+        Example:
+            >>> from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
+            >>> from reference_models.fusion import TransformerFusion
+            >>> audio = ResNet18AudioEncoder(width=2, return_tokens=True)
+            >>> video = ResNet18VideoEncoder(width=2, return_tokens=True)
+            >>> head = TransformerFusion([16, 16], 6, num_heads=2)
+            >>> model = AudioVisualClassifier(audio, video, head)
+            >>> logits = model(torch.randn(2, 65, 63), torch.randn(2, 3, 2, 32, 32))
+            >>> model.pooled_tokens("audio")(torch.ones(2, 5, 16)).shape
+            torch.Size([2, 16])
+        """
+        if modality not in ("audio", "video"):
+            raise ValueError(f"pooled_tokens: unknown modality {modality!r}")
+
+        def pool(tokens: torch.Tensor) -> torch.Tensor:
+            return masked_mean(tokens, self.token_padding_masks.get(modality))
+
+        return pool
 
     def forward_masked(self, masked: Collection[str]) -> torch.Tensor:
         """The logits of the last forward's batch with the inputs of ``masked`` zeroed.
@@ -140,6 +165,7 @@ class AudioVisualClassifier(nn.Module):
             self.audio.token_padding_mask(audio_padding_mask),
             self.video.token_padding_mask(video_padding_mask),
         ]
+        self.token_padding_masks = {"audio": masks[0], "video": masks[1]}
         return self.fusion(audio_features, video_features, padding_masks=masks)
 
 

@@ -144,7 +144,14 @@ class CremaDWaveformFaces(Dataset):
                 f"{_names(list(failed))}; see {self.root / 'prepare_report.json'}",
                 stacklevel=3,
             )
-        return json.loads((self.root / "faces" / "extractor.json").read_text())
+        extractor = json.loads((self.root / "faces" / "extractor.json").read_text())
+        if extractor.get("weights_sha256") == "random":
+            warnings.warn(
+                f"cremad: the face features of {self.root} come from a RANDOM EfficientNet-B2 "
+                "(prepare --face-weights random): fine for smoke tests, meaningless for results",
+                stacklevel=3,
+            )
+        return extractor
 
     def _missing_file(self, name: str) -> str | None:
         if not (self.root / "faces" / f"{name}.npz").is_file():

@@ -152,7 +152,7 @@ def build_balancer(
 
     The method's recipe wires it to the model (:data:`reference_models.recipes.METHODS`);
     every balancer gets the encoders' feature widths, and token-returning encoders (Transformer
-    fusion) are pooled by their mean.
+    fusion) are pooled by the mean of their valid tokens (padding left out).
     """
     method = config.method_slice if isinstance(config, TrainConfig) else config
     recipe = METHODS[method.method]
@@ -165,5 +165,5 @@ def build_balancer(
         "flush_every": max(method.log_every, 64),
     }
     if getattr(model, "takes_tokens", False):
-        common["pool"] = "tokens"
+        common["features"] = {name: model.pooled_tokens(name) for name in encoders}
     return gb.make(recipe.balancer, model, encoders, num_classes=num_classes, **common, **options)

@@ -136,7 +136,10 @@ def test_prepare_faces_counts_fallbacks_runs_in_parallel_and_resumes(raw, tmp_pa
         np.testing.assert_allclose(archive["features"], features, rtol=1e-5, atol=1e-5)
 
     # The datasets read it: 4 actors, one each for validation and test.
-    train = CremaDWaveformFaces(out, "train", split_file="generated", val_actors=1, test_actors=1)
+    with pytest.warns(UserWarning, match="RANDOM EfficientNet-B2"):
+        train = CremaDWaveformFaces(
+            out, "train", split_file="generated", val_actors=1, test_actors=1
+        )
     waveform, features, label = train[0]
     assert len(train) == 2 and label == emotion_label(train.clips[0][0])
     assert waveform.shape == (8000,) and features.shape[1] == FACE_FEATURE_DIM

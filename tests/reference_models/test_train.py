@@ -130,7 +130,13 @@ def test_wiring_follows_the_fusion(session_of):
     assert film.fusion_head is None and sorted(film.heads) == ["audio", "video"]
     # Transformer fusion: encoders return tokens; the balancer pools them.
     tokens = session_of(method="mlb", fusion="tf").state
-    assert tokens.model.takes_tokens and tokens.balancer._pool["audio"] == "tokens"
+    audio, video, y = next(iter(session_of(method="joint").train_loader))
+    tokens.model.eval()
+    with torch.no_grad():
+        tokens.balancer.loss(tokens.model(audio, video), y)
+        expected = tokens.model.audio(audio).mean(dim=1)
+    assert tokens.model.takes_tokens
+    torch.testing.assert_close(tokens.balancer.features()["audio"], expected)
     mmcosine = session_of(method="mmcosine", method_options={"scale": 7.0})
     assert type(mmcosine.state.model.fusion).__name__ == "MMCosineHead"
     assert mmcosine.state.model.fusion.scale == 7.0

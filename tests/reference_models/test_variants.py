@@ -222,3 +222,40 @@ def test_figure7_combines_runs_per_method(tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG" and "left out" in capsys.readouterr().out
     assert figure7.main([str(tmp_path / "nowhere")]) == 2
     json.loads((runs[0].output_dir / "results.json").read_text())  # untouched
+
+
+@pytest.mark.filterwarnings("ignore:wav2vec2 front end with RANDOM weights")
+def test_token_features_of_padded_conformer_batches_leave_the_padding_out():
+    from reference_models.encoders import masked_mean
+    from reference_models.models import build_model
+    from reference_models.training.components import build_balancer
+    from reference_models.training.config import MethodSlice
+
+    torch.manual_seed(0)
+    tiny = {"model_dim": 16, "num_layers": 1, "num_heads": 2}
+    front_end = {"embed_dim": 16, "num_heads": 2, "ffn_dim": 32, "conv_layers": [(8, 10, 5)]}
+    front_end.update(pos_conv_kernel=4, pos_conv_groups=2)
+    model = build_model(
+        "cremad",
+        "conformer",
+        "tf",
+        wav2vec2_checkpoint="random",
+        audio_options={**tiny, "front_end_layers": 1, "front_end_options": front_end},
+        video_options=tiny,
+        fusion_options={"num_heads": 2},
+    )
+    balancer = build_balancer(MethodSlice("mlb", {}, 0, 50), model, 6)
+    waveform, faces = torch.randn(2, 800), torch.randn(2, 7, 1408)
+    wave_mask = torch.zeros(2, 800, dtype=torch.bool)
+    wave_mask[1, 400:] = True
+    face_mask = torch.zeros(2, 7, dtype=torch.bool)
+    face_mask[0, 3:] = True
+    model.eval()
+    with torch.no_grad():
+        logits = model(waveform, faces, audio_padding_mask=wave_mask, video_padding_mask=face_mask)
+        balancer.loss(logits, torch.tensor([0, 1]))
+        video_tokens = model.video(faces, padding_mask=face_mask)
+    features = balancer.features()["video"]
+    torch.testing.assert_close(features, masked_mean(video_tokens, face_mask))
+    assert not torch.allclose(features[0], video_tokens[0].mean(dim=0))  # padding matters
+    balancer.remove()
