@@ -178,34 +178,34 @@ def _masked_passes(options: dict[str, Any], model: nn.Module, seed: int) -> None
         raise ValueError(f"clip_watch must be 'fused_weights' or 'fusion', got {watch!r}")
 
 
+def _official_momentum(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """PMR's ``momentum_schedule``: ``"official"`` maps to the library's
+    ``first_blend_epoch=2``: the prototypes recomputed before epoch 1 (after the first epoch)
+    are the plain class means (the official code passes epoch 0 there), so blending with
+    ``momentum`` starts with those recomputed before epoch 2; ``"constant"`` (default) blends
+    whenever previous prototypes exist."""
+    schedule = options.pop("momentum_schedule", "constant")
+    if schedule not in ("constant", "official"):
+        raise ValueError(f"momentum_schedule must be 'constant' or 'official', got {schedule!r}")
+    if schedule == "official":
+        if options.get("prototypes", "accumulate") != "explicit":
+            raise ValueError("momentum_schedule='official' needs prototypes='explicit'")
+        options["first_blend_epoch"] = 2
+
+
 def _explicit_prototypes(
     balancer: Any,
     options: dict[str, Any],
     forward_passes: Callable[[float], Iterator[torch.Tensor]],
 ) -> None:
     """PMR with ``prototypes="explicit"``: class prototypes from an eval-mode pass over
-    ``prototype_fraction`` (0.1) of the training batches before each epoch (the official code).
-
-    ``momentum_schedule="official"``: the prototypes recomputed after the first epoch are not
-    blended with the previous ones (the official code passes epoch 0 there), so blending with
-    ``momentum`` starts after the second epoch; ``"constant"`` (default) blends every time.
-    """
-    schedule = options.get("momentum_schedule", "constant")
-    if schedule not in ("constant", "official"):
-        raise ValueError(f"momentum_schedule must be 'constant' or 'official', got {schedule!r}")
+    ``prototype_fraction`` (0.1) of the training batches before each epoch (the official
+    code)."""
     if getattr(balancer, "prototype_source", None) != "explicit":
-        if schedule == "official":
-            raise ValueError("momentum_schedule='official' needs prototypes='explicit'")
         return
     for labels in forward_passes(float(options.get("prototype_fraction", 0.1))):
         balancer.collect(labels)
-    momentum = balancer.momentum
-    if schedule == "official" and balancer.epoch == 1:
-        balancer.momentum = 0.0
-    try:
-        balancer.update_prototypes()
-    finally:
-        balancer.momentum = momentum
+    balancer.update_prototypes()
 
 
 def fused_head_weights(fusion: nn.Module) -> list[nn.Parameter]:
@@ -223,7 +223,8 @@ METHODS: dict[str, MethodRecipe] = {
     "pmr": MethodRecipe(
         "PMR",
         "pmr",
-        harness_options=("prototype_fraction", "momentum_schedule"),
+        harness_options=("prototype_fraction",),
+        wire=_official_momentum,
         epoch_start=_explicit_prototypes,
     ),
     "mslr": MethodRecipe("MSLR", "mslr", wire=_fused_slices),
