@@ -1,6 +1,6 @@
 """A faithful re-implementation of the official code's balancing step, for comparison only.
 
-Written from the description in METHODS.md §2.3 and §9 (items 26-27), not from its source:
+Written from a description of the official code, not from its source:
 after ``loss.backward()`` the trainer moves labels and unimodal logits to the CPU, computes each
 modality's true-class probability with a per-sample Python loop that recomputes the softmax
 for every sample, derives the MLB coefficients on tensors, converts them for logging, and then

@@ -1,10 +1,10 @@
-"""The paper's published test accuracies (%, mean ± std over 3 folds): appendix E, PAPER.md.
+"""The paper's published test accuracies (%, mean ± std over 3 folds): appendix E of the paper.
 
 ``TABLE3[(dataset, backbone)][method]`` and ``TABLE4[(fusion, backbone)][method]`` are
 ``(mean, std)`` pairs; method keys are the training harness's method names.
 
 Table 4's first block is labelled "MLP" in the appendix, but its numbers equal Table 3's
-Late-Linear column (PAPER.md); it is kept under ``"mlp"`` as printed.
+Late-Linear column; it is kept under ``"mlp"`` as printed.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], title: str) -> str:
     if any(row["setting"].endswith(" mlp") and row["paper"] is not None for row in rows):
         lines[2] += (
             " The paper's Table 4 'MLP' block repeats its Table 3 Late-Linear numbers"
-            " (PAPER.md); the runs here use the MLP fusion its label names."
+            "; the runs here use the MLP fusion its label names."
         )
     for row in rows:
         paper = "–" if row["paper"] is None else f"{row['paper'][0]:.1f} ± {row['paper'][1]:.1f}"
@@ -250,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
         "--presets",
         choices=("paper", "journal"),
         default="paper",
-        help="paper: Table 2's hyperparameters; journal: the IJCV scripts' (METHODS.md §7)",
+        help="paper: Table 2's hyperparameters; journal: the IJCV scripts'",
     )
     add("--jobs", type=int, default=1, help="trainings at once")
     add("--device", help="cpu, cuda, ...")

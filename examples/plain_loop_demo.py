@@ -1,6 +1,6 @@
 """Joint vs Multi-Loss vs MLB in a plain PyTorch loop, on generated two-modality data.
 
-The data reproduce the imbalance MLB addresses (DESIGN.md §6): the "audio" modality is
+The data reproduce the imbalance MLB addresses: the "audio" modality is
 low-dimensional, linearly separable and noisy (learned in a few epochs), the "video" modality
 carries its class information at a low signal-to-noise ratio in more dimensions and partly
 through a non-linear interaction (learned slowly). Each run prints the fused accuracy, each

@@ -50,7 +50,7 @@ DEMO_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 """(label, method, method options) of each demo row. Hyperparameters: Table 2's CREMA-D ResNet
 column where it fits this short run (OGM α 1, AGM α 3 with its clipping, PMR α 2, MSLR λ
-(0.7, 1.3), MMCosine s 10); MLB α 2 and β_max 3 (DESIGN.md §6); MSLR's memory shortened to 3
+(0.7, 1.3), MMCosine s 10); MLB α 2 and β_max 3; MSLR's memory shortened to 3
 epochs for a 12-epoch run; PMR's prototypes accumulated from the training steps (the library's
 default, no extra pass)."""
 

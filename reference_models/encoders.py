@@ -4,13 +4,13 @@ Every encoder maps one modality to either pooled features ``(B, feature_dim)`` o
 ``return_tokens=True``, the unpooled token sequence ``(B, tokens, feature_dim)`` that the
 Transformer fusion needs. All encoders share the call signature
 ``encoder(x, padding_mask=None)`` and the method ``token_padding_mask(padding_mask)``, so a model
-can treat them alike (METHODS.md §3).
+can treat them alike.
 
 The ResNet-18 encoders are assembled from ``torchvision``'s ``BasicBlock`` and trained from
 scratch (no downloaded weights). The Conformer encoders use ``torchaudio.models.Conformer``
 batch-first, with padding masks. The official MLB/VAVL code feeds ``(time, batch, dim)`` to a
 batch-first Conformer, so attention, the depthwise convolution and BatchNorm mix the samples of a
-mini-batch at each time index (METHODS.md §9, item 24); the encoders here do not copy that bug.
+mini-batch at each time index; the encoders here do not copy that bug.
 The wav2vec2 audio encoder of the Conformer setting is in :mod:`reference_models.wav2vec2`.
 """
 
@@ -36,7 +36,7 @@ __all__ = [
 def _resnet18_body(in_channels: int, width: int) -> nn.Sequential:
     """ResNet-18 without its pooling and classifier, base width ``width`` (64 = torchvision's).
 
-    Initialised as the MLB code (METHODS.md §3.1): convolutions kaiming-normal (fan_out, relu),
+    Initialised as the MLB code: convolutions kaiming-normal (fan_out, relu),
     BatchNorm weights ~ N(1, 0.02) and biases 0.
     """
     if width < 1:
@@ -296,10 +296,10 @@ class ConformerEncoder(nn.Module):
     z-normalised with training-fold statistics) go through a bias-free 1×1 projection to
     ``bottleneck_dim`` (50), a linear projection to ``model_dim`` (512) with dropout, and
     ``num_layers`` (5) :class:`MaskedConformer` blocks; the result is mean-pooled over the valid
-    frames to ``(B, model_dim)`` (METHODS.md §3.2).
+    frames to ``(B, model_dim)``.
 
     Batch-first throughout, unlike the official code, which feeds ``(time, batch, dim)`` and so
-    mixes samples of a mini-batch (METHODS.md §9, item 24): here each sample is encoded on its
+    mixes samples of a mini-batch: here each sample is encoded on its
     own, and padded frames are masked in attention, zeroed before every convolution and left out
     of the mean.
 

@@ -6,7 +6,7 @@ Every head is called as ``fusion(*features)`` with one tensor per modality, in t
 pooled features ``(B, D_m)``; the Transformer fusion takes token sequences ``(B, T_m, D_m)``.
 Heads with a per-modality decomposition (:class:`LateLinear`, :class:`DecisionFusion` and the
 library's ``gradbalance.MMCosineHead``) expose ``modality_logits(*features)``, whose sum is the
-forward output (METHODS.md §1.2 U2, §3.3).
+forward output.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class MLPFusion(nn.Module):
     """MLP ("mid-concat") fusion: a Late-Linear layer to ``hidden_dim``, then a small MLP.
 
     ``h = sum_m W_m z_m + b`` (64 wide), then ReLU → Dropout → Linear(64, 64) → ReLU →
-    Dropout → Linear(64, K) (METHODS.md §3.3, ``nonlinear``).
+    Dropout → Linear(64, K).
 
     Args:
         feature_dims: feature width of each modality.
@@ -153,7 +153,7 @@ class FiLMFusion(nn.Module):
     """FiLM fusion for two modalities: the first modality conditions the second.
 
     ``[gamma, beta] = split(Linear(D_0, 2 D_1)(z_0))`` and
-    ``logits = Linear(D_1, K)(gamma * z_1 + beta)`` (METHODS.md §3.3; audio conditions video).
+    ``logits = Linear(D_1, K)(gamma * z_1 + beta)`` (audio conditions video).
 
     Args:
         feature_dims: ``[D_0, D_1]``, the conditioning and the conditioned modality.
@@ -186,7 +186,7 @@ class GatedFusion(nn.Module):
     """Gated fusion for two modalities: the first modality gates the second.
 
     ``gate = sigmoid(Linear(D_0, H)(z_0))`` and
-    ``logits = Linear(H, K)(gate * Linear(D_1, H)(z_1))`` (METHODS.md §3.3).
+    ``logits = Linear(H, K)(gate * Linear(D_1, H)(z_1))``.
 
     Args:
         feature_dims: ``[D_0, D_1]``, the gating and the gated modality.
@@ -285,7 +285,7 @@ class TransformerFusion(nn.Module):
     ``D_m == model_dim``, as for the 512-d reference encoders), get a learned modality embedding,
     and are concatenated after a learned CLS token (randn-initialised); a batch-first
     :class:`~reference_models.encoders.MaskedConformer` runs over the sequence and the CLS output
-    goes through ``Linear(model_dim, K)`` (METHODS.md §3.3, ``tf``). Works for any number of
+    goes through ``Linear(model_dim, K)``. Works for any number of
     modalities. Optional per-modality padding masks ``(B, T_m)`` (True = padded) are honoured:
     each sample's valid tokens are packed ahead of all padding, so in eval mode the logits are
     those of the same sample without padding.

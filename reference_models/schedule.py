@@ -1,6 +1,6 @@
 """The paper's learning-rate schedule: a constant warm-up, then cosine annealing with warm restarts.
 
-Two readings are offered (METHODS.md §5, appendix B.2):
+Two readings are offered (appendix B.2):
 
 * ``"step"`` (the official code): for optimizer step ``t`` (0-based) the LR is ``lr`` while
   ``t < warmup_steps``; afterwards it is SGDR (``CosineAnnealingWarmRestarts``, T_0 = 4,

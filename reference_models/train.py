@@ -14,7 +14,7 @@ One run trains one method × fusion × backbone × dataset × fold and writes, u
 * ``summary.txt``: the one-screen summary printed at the end;
 * ``last.pt`` (every epoch, for ``--resume``) and ``best.pt`` (best validation accuracy).
 
-The protocol (PAPER.md, METHODS.md §5): Adam (β 0.9/0.999, ε 1e-7, L2 weight decay), a
+The protocol (the paper's appendix B.2): Adam (β 0.9/0.999, ε 1e-7, L2 weight decay), a
 constant warm-up then cosine annealing with warm restarts (T_0 = 4, T_mult = 2; the official
 step-indexed behaviour or the appendix's epoch reading, :mod:`reference_models.schedule`),
 validation every epoch, early stopping on the fused validation accuracy (strictly better

@@ -3,7 +3,7 @@
 :func:`build_wav2vec2_front_end` builds the front end with ``torchaudio.models.wav2vec2_model``
 (the architecture of ``facebook/wav2vec2-large-robust``, truncated to its first 12 transformer
 layers) and loads local weights; :class:`Wav2Vec2ConformerEncoder` puts the
-:class:`~reference_models.encoders.ConformerEncoder` of the recipe on top (METHODS.md §3.2). It
+:class:`~reference_models.encoders.ConformerEncoder` of the recipe on top. It
 shares the encoders' interface: ``encoder(waveform, padding_mask=None)`` and
 ``token_padding_mask(padding_mask)``.
 """
@@ -130,8 +130,8 @@ class Wav2Vec2ConformerEncoder(nn.Module):
     the batch's longest clip) goes through the wav2vec2 front end (its CNN feature extractor
     frozen by default; the transformer layers are fine-tuned), giving about 50 frames per second,
     then through the same bias-free bottleneck, projection, Conformer blocks and masked mean as
-    the face encoder (METHODS.md §3.2). Batch-first with padding masks: the official code's
-    time-first batch mixing (METHODS.md §9, item 24) is not reproduced.
+    the face encoder. Batch-first with padding masks: the official code's
+    time-first batch mixing is not reproduced.
 
     Args:
         front_end: a torchaudio ``Wav2Vec2Model``; ``None`` builds one with

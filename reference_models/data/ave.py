@@ -1,4 +1,4 @@
-"""AVE: 28 audio-visual event classes, official train/val/test split files (METHODS.md §4.2).
+"""AVE: 28 audio-visual event classes, official train/val/test split files.
 
 Split files ``splits/{trainSet,valSet,testSet}.txt`` have lines
 ``Category&VideoID&Quality&StartSecond&EndSecond``; a video listed twice keeps its first line.

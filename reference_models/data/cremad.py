@@ -1,4 +1,4 @@
-"""CREMA-D: 6 emotions, 91 actors, speaker-independent folds (METHODS.md §4.1).
+"""CREMA-D: 6 emotions, 91 actors, speaker-independent folds.
 
 Clips are named ``<actor>_<sentence>_<emotion>_<level>`` (``1001_DFA_ANG_XX``); the label is the
 emotion code: NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, ANG 5. Audio: 22,050 Hz, tiled and cut to 3 s,

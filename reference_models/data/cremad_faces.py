@@ -2,7 +2,7 @@
 
 Reads what ``python -m reference_models.data.prepare cremad --faces`` writes (``wav16k/`` and
 ``faces/``, see :mod:`reference_models.data.prepare_faces`) and yields
-``(waveform (S,), faces (T, 1408), label)`` per clip (METHODS.md §3.2):
+``(waveform (S,), faces (T, 1408), label)`` per clip:
 
 * ``waveform``: the clip's whole 16 kHz waveform, z-normalised with the training fold's global
   mean and standard deviation;

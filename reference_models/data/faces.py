@@ -3,7 +3,7 @@
 The Conformer setting's visual input is one feature vector per video frame: the face is found,
 cropped, resized to 260×260, ImageNet-normalised, and encoded by the EfficientNet-B2 of
 HSEmotion (``enet_b2_8``: timm's ``efficientnet_b2`` fine-tuned on AffectNet, Savchenko 2022)
-with its classifier removed, which leaves the 1408-d globally pooled feature (METHODS.md §3.2).
+with its classifier removed, which leaves the 1408-d globally pooled feature.
 
 * Detection: OpenCV's bundled frontal-face Haar cascade (Viola & Jones 2001) on each frame; the
   largest detection is kept. A frame without a detection falls back to the centred square crop

@@ -4,7 +4,7 @@ Prepared frames are JPEG files ``<frames dir>/<clip>/<second:04d>.jpg`` (1 frame
 :class:`ClipTransform` turns a clip's frames into the ``(3, T, H, W)`` tensor the video encoder
 takes, with ImageNet normalisation of RGB values in [0, 1]. Training augmentation draws one
 random crop and one flip per clip and applies it to every frame, keeping the clip temporally
-consistent (the official CREMA-D and AVE loaders draw them per frame; METHODS.md §9, item 25).
+consistent (the official CREMA-D and AVE loaders draw them per frame).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training-fold normalisation statistics of the Conformer setting, computed once and cached.
 
 The recipe z-normalises the waveform with one global mean and standard deviation, and the face
-features per dimension, both over the training split of the fold (METHODS.md §3.2). The
+features per dimension, both over the training split of the fold. The
 statistics are population moments (``ddof = 0``) accumulated in float64 over every sample and
 every face frame of the training clips. They are cached in ``ROOT/normalisation/<key>.pt``,
 where the key is a digest of the training clip names, the face extractor that made the features

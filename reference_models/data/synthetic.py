@@ -6,7 +6,7 @@ waveform, clipped to [-1, 1] and turned into a log-magnitude spectrogram by the 
 front end (:func:`~reference_models.data.audio.log_spectrogram`, ``torch.stft``); its video is a
 short clip of frames for the per-frame visual encoder.
 
-The two modalities are built so that the problem the paper solves is present (DESIGN.md §6):
+The two modalities are built so that the problem the paper solves is present:
 
 * **audio, the strong modality**: each clip holds linear chirps whose sweep rate (signed: up
   or down, slow or fast) encodes the class; an oriented line in the spectrogram is a local

@@ -1,4 +1,4 @@
-"""UCF101 with audio: the 51 action classes whose videos have sound (METHODS.md §4.3).
+"""UCF101 with audio: the 51 action classes whose videos have sound.
 
 Official lists ``splits/trainlist0{f}.txt`` (``Class/v_Class_gXX_cYY.avi label``) and
 ``splits/testlist0{f}.txt`` for f = 1, 2, 3 (folds are 0-based: fold k reads f = k + 1), class
@@ -13,7 +13,7 @@ frames are left out; they are listed in ``excluded`` and reported in a warning.
 Audio: 16 kHz, the first 3 s (48,000 samples, tiled if shorter), clipped to [-1, 1],
 :func:`~reference_models.data.audio.log_spectrogram` with n_fft 512 and hop 353 → 257×136.
 Video: the first 4 frames (1 fps) as RGB in [0, 1], ImageNet-normalised (the official loader
-normalises 0–255 BGR values; METHODS.md §9, item 25), one crop and flip per clip.
+normalises 0–255 BGR values), one crop and flip per clip.
 """
 
 from __future__ import annotations

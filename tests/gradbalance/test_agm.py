@@ -1,4 +1,4 @@
-"""AGM against manual per-parameter computations (METHODS.md §2.6)."""
+"""AGM against manual per-parameter computations."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def masked_value(model, feats, present):
 
 
 def manual_shapley(model, feats):
-    """The formulas of the spec, written out (METHODS.md §2.6): M = 2 and the [A] M = 3."""
+    """The formulas of the spec, written out: M = 2 and the the MLB authors' later code M = 3."""
     f = lambda *present: masked_value(model, feats, set(present))  # noqa: E731
     if len(feats) == 2:
         full, a, v = f(0, 1), f(0), f(1)

@@ -1,5 +1,5 @@
 """The baselines' pure coefficient functions against plainly written references, plus
-hypothesis properties (METHODS.md §2.4–§2.8, DESIGN.md §4)."""
+hypothesis properties."""
 
 from __future__ import annotations
 

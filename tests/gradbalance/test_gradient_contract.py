@@ -1,4 +1,4 @@
-"""MLB's gradient contract (DESIGN.md §4) against a manual per-parameter computation."""
+"""MLB's gradient contract against a manual per-parameter computation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MMCosineHead: the formula, its invariances and its use with balancers (METHODS.md §2.9)."""
+"""MMCosineHead: the formula, its invariances and its use with balancers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MSLR against manual computations (METHODS.md §2.8)."""
+"""MSLR against manual computations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OGM and OGM-GE against manual per-parameter computations (METHODS.md §2.4, §2.5)."""
+"""OGM and OGM-GE against manual per-parameter computations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PMR against manual computations (METHODS.md §2.7)."""
+"""PMR against manual computations."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ def test_paper_numbers_are_complete():
     assert len(TABLE4) == 8 and all(len(column) == 4 for column in TABLE4.values())
     assert paper_accuracy(3, "ucf101", "resnet18", "linear", "video_only") == (30.3, 1.5)
     assert paper_accuracy(4, "cremad", "resnet18", "gated", "agm") == (55.7, 4.7)
-    # Table 4's first block repeats Table 3's Late-Linear column (PAPER.md).
+    # Table 4's first block repeats Table 3's Late-Linear column.
     for backbone in ("resnet18", "conformer"):
         for method in TABLE4_METHODS:
             assert TABLE4[("mlp", backbone)][method] == TABLE3[("cremad", backbone)][method]

@@ -12,7 +12,8 @@ from reference_models.schedule import WarmupCosineRestarts, lr_factor, sgdr_fact
 
 
 def official_formula(t: int) -> float:
-    """METHODS.md §5: j = floor(log2(t/4 + 1)), T_cur = t - 4(2^j - 1), T_i = 4 * 2^j."""
+    """Cosine restarts with T_0 4, T_mult 2: j = floor(log2(t/4 + 1)),
+    T_cur = t - 4(2^j - 1), T_i = 4 * 2^j."""
     j = math.floor(math.log2(t / 4 + 1))
     t_cur = t - 4 * (2**j - 1)
     t_i = 4 * 2**j
@@ -74,7 +75,7 @@ def test_official_step_schedule_values():
         0.5 * (1 + math.cos(math.pi * 511 / 512))
     )
     assert lr_factor(1020, "step", warmup_steps=780) == pytest.approx(1.0)
-    # AVE ([A]): W = 1500 gives 0.549 * lr.
+    # AVE (the MLB authors' later code): W = 1500 gives 0.549 * lr.
     assert lr_factor(1500, "step", warmup_steps=1500) == pytest.approx(0.549, abs=5e-4)
 
 
