@@ -89,15 +89,6 @@ def check_window(window: Any, unit: Any) -> tuple[int, int | None]:
     return start, end
 
 
-def require_two(count: int, method: str) -> None:
-    """Refuse an encoder count other than two for a method defined for two modalities."""
-    if count != 2:
-        raise ConfigurationError(
-            f"{method} is defined for exactly two modalities (it compares the ratio of "
-            f"two scores), got {count} encoders; use MLB, AGM or MSLR for more"
-        )
-
-
 def per_encoder(value: Any, names: Sequence[str], option: str) -> dict[str, Any]:
     """Expand an option given once, as a list (encoder order) or as a dict, to every encoder."""
     if isinstance(value, Mapping):

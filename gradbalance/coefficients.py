@@ -71,7 +71,40 @@ def mlb_coefficients(scores: torch.Tensor, alpha: float, beta_max: float = 2.0) 
         True
     """
     _check_alpha_beta(alpha, beta_max)
-    ratios = mlb_ratios(scores)
+    return _tanh_coefficients(mlb_ratios(scores), alpha, beta_max)
+
+
+def mlb_error_ratios(errors: torch.Tensor) -> torch.Tensor:
+    """Regression: ``r_m = err_m / mean_{j != m} err_j`` (lower error is better, so inverted).
+
+    ``r_m > 1`` means modality m errs more than the others on average (METHODS.md §2.3,
+    regression variant). Errors are clamped to :data:`SCORE_FLOOR` first.
+
+    Example:
+        >>> mlb_error_ratios(torch.tensor([2.0, 0.5]))
+        tensor([4.0000, 0.2500])
+    """
+    _check_scores(errors)
+    errors = errors.clamp_min(SCORE_FLOOR)
+    return errors / others_mean(errors)
+
+
+def mlb_error_coefficients(
+    errors: torch.Tensor, alpha: float, beta_max: float = 2.0
+) -> torch.Tensor:
+    """MLB's coefficients for regression: the function of :func:`mlb_coefficients` applied to
+    the inverted ratios :func:`mlb_error_ratios` of the heads' batch errors.
+
+    Example:
+        >>> k = mlb_error_coefficients(torch.tensor([2.0, 0.5]), alpha=1.0)
+        >>> bool(k[0] > 1 > k[1])  # the modality with the larger error is sped up
+        True
+    """
+    _check_alpha_beta(alpha, beta_max)
+    return _tanh_coefficients(mlb_error_ratios(errors), alpha, beta_max)
+
+
+def _tanh_coefficients(ratios: torch.Tensor, alpha: float, beta_max: float) -> torch.Tensor:
     shifted = torch.tanh(alpha * (ratios - 1.0))
     return 1.0 + torch.where(ratios > 1.0, (beta_max - 1.0) * shifted, shifted)
 
@@ -116,13 +149,21 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
 
 
-def _check_two(scores: torch.Tensor, method: str) -> None:
+def others_mean(scores: torch.Tensor) -> torch.Tensor:
+    """``mean_{j != m} scores_j`` for every m: each modality's reference, the mean of the others.
+
+    Summed with the own entry masked out (not ``sum - s_m``), so for two modalities the result
+    is exactly the other score, bit for bit.
+
+    Example:
+        >>> others_mean(torch.tensor([1.0, 2.0, 6.0]))
+        tensor([4.0000, 3.5000, 1.5000])
+    """
     _check_scores(scores)
-    if scores.numel() != 2:
-        raise ValueError(
-            f"{method} is defined for two modalities (the ratio of two scores), got "
-            f"{scores.numel()} scores"
-        )
+    num_modalities = scores.numel()
+    own = torch.eye(num_modalities, dtype=torch.bool, device=scores.device)
+    others = scores.unsqueeze(0).expand(num_modalities, -1).masked_fill(own, 0.0)
+    return others.sum(1) / (num_modalities - 1)
 
 
 def one_minus_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -138,33 +179,45 @@ def one_minus_tanh(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.sigmoid(-2.0 * x)
 
 
-def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """OGM's coefficients (Peng et al., CVPR 2022, eq. 10; METHODS.md §2.4).
+def _all_equal(scores: torch.Tensor) -> torch.Tensor:
+    """A tie of all modalities (where the mean of the others may round off the common value)."""
+    return (scores == scores[0]).all()
 
-    With two scores s (summed or mean true-class probability: the ratio is the same), the
-    dominant modality i, whose ratio ``rho_i = s_i / s_other`` exceeds 1, gets
-    ``1 - tanh(alpha * rho_i)``; the other gets exactly 1. The argument is rho, not rho - 1
-    (as the paper and the official code), so the dominant modality is slowed to at most
-    ``1 - tanh(alpha)`` however small its lead. On a tie modality 0 is slowed (the official
-    code tests ``rho_1 > 1``). Scores are clamped to 1e-8; never a host synchronisation.
+
+def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OGM's coefficients (Peng et al., CVPR 2022, eq. 10; METHODS.md §2.4), for M >= 2.
+
+    Each modality m is compared with the mean of the others (the rule of MLB's ratio):
+    ``rho_m = s_m / mean_{j != m} s_j``. A dominant modality, one whose score exceeds that mean,
+    gets ``1 - tanh(alpha * rho_m)``; every other gets exactly 1. The argument is rho, not
+    rho - 1 (as the paper and the official code), so a dominant modality is slowed to at most
+    ``1 - tanh(alpha)`` however small its lead. When no modality exceeds the mean of the others
+    (all scores equal) modality 0 is slowed (the official two-modality code tests
+    ``rho_1 > 1``). For M = 2 this is exactly the paper's rule: one dominant modality, the
+    other at 1. Scores (summed or mean true-class probability: the ratio is the same) are
+    clamped to 1e-8; never a host synchronisation.
 
     Args:
-        scores: 1-D tensor of the two modalities' scores.
+        scores: 1-D tensor of the M >= 2 modalities' scores.
         alpha: strength, >= 0.
 
     Returns:
-        The two coefficients, same dtype and device as ``scores``.
+        The M coefficients, same dtype and device as ``scores``.
 
     Example:
         >>> ogm_coefficients(torch.tensor([0.6, 0.3]), alpha=0.5)
         tensor([0.2384, 1.0000])
+        >>> ogm_coefficients(torch.tensor([0.6, 0.2, 0.2]), alpha=0.5)
+        tensor([0.0949, 1.0000, 1.0000])
     """
-    _check_two(scores, "OGM")
+    _check_scores(scores)
     _check_alpha(alpha)
     scores = scores.clamp_min(SCORE_FLOOR)
-    ratios = torch.stack([scores[0] / scores[1], scores[1] / scores[0]])
-    second_dominant = scores[1] > scores[0]
-    dominant = torch.stack([~second_dominant, second_dominant])
+    reference = others_mean(scores)
+    ratios = scores / reference
+    first = torch.zeros_like(scores, dtype=torch.bool)
+    first[0] = True
+    dominant = torch.where(_all_equal(scores), first, scores > reference)
     return torch.where(dominant, one_minus_tanh(alpha * ratios), torch.ones_like(ratios))
 
 
@@ -277,23 +330,26 @@ def mslr_coefficients(
 
 
 def pmr_weights(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """PMR's prototype-loss weights (Fan et al., CVPR 2023; METHODS.md §2.7).
+    """PMR's prototype-loss weights (Fan et al., CVPR 2023; METHODS.md §2.7), for M >= 2.
 
-    ``alpha`` for the weaker modality (the lower prototype score), 0 for the other, both 0 on
-    a tie: the prototype cross-entropy is added for the weaker modality only, with a constant
-    weight (as both the official code and [A]).
+    ``alpha`` for every weaker modality, 0 for the others: the prototype cross-entropy is added,
+    with a constant weight, for each modality whose prototype score is below the mean of the
+    other modalities' scores (the rule of MLB's ratio). For two modalities that is the weaker
+    one (as both the official code and [A]); on a tie no modality gets the loss.
 
     Args:
-        scores: ``(2,)`` prototype scores (true-class probability of ``softmax(-distance)``).
-        alpha: weight of the weaker modality's prototype loss, >= 0.
+        scores: ``(M,)`` prototype scores (true-class probability of ``softmax(-distance)``).
+        alpha: weight of a weaker modality's prototype loss, >= 0.
 
     Example:
         >>> pmr_weights(torch.tensor([0.7, 0.4]), alpha=2.0)
         tensor([0., 2.])
+        >>> pmr_weights(torch.tensor([0.7, 0.4, 0.6]), alpha=2.0)
+        tensor([0., 2., 0.])
     """
-    _check_two(scores, "PMR")
+    _check_scores(scores)
     _check_alpha(alpha)
-    weaker = torch.stack([scores[0] < scores[1], scores[1] < scores[0]])
+    weaker = (scores < others_mean(scores)) & ~_all_equal(scores)
     return torch.where(weaker, torch.full_like(scores, float(alpha)), torch.zeros_like(scores))
 
 

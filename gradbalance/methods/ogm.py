@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance._checks import check_alpha, require_two
+from gradbalance._checks import check_alpha
 from gradbalance._step import Step
 from gradbalance.coefficients import ogm_coefficients
 from gradbalance.methods._base import (
@@ -26,20 +26,22 @@ NOISE_EPSILON = 1e-8
 
 
 class OGM(SlicedScoresMethod):
-    """OGM: slow the dominant modality by ``1 - tanh(alpha * rho)`` (two modalities).
+    """OGM: slow the dominant modality by ``1 - tanh(alpha * rho)`` (any M >= 2 modalities).
 
     Every training step, each modality's score ``s_m`` is its mean true-class probability on
     the batch, read from the per-modality slices of a late-linear fused head (METHODS.md §1.2
     U2: ``W_m z_m + b / 2``) when ``fusion_head`` is given, or else from detached linear probes
     (stop-gradient heads that never reach the encoders). The modality whose ratio
     ``rho = s_m / s_other`` exceeds 1 gets ``k = 1 - tanh(alpha * rho)``, the other exactly 1
-    (:func:`~gradbalance.coefficients.ogm_coefficients`); ``backward()`` multiplies the gradient
+    (:func:`~gradbalance.coefficients.ogm_coefficients`; with M > 2 modalities ``s_other`` is
+    the mean score of the other modalities, as MLB's ratio, and every modality above it is
+    slowed); ``backward()`` multiplies the gradient
     reaching the dominant encoder by k. The loss is the fused cross-entropy (plus the probes'
     own, which reaches only the probes).
 
     Args:
         model: the multimodal model (unchanged by the balancer).
-        encoders: the two modality submodules (list or dict ``name -> module``).
+        encoders: the M >= 2 modality submodules (list or dict ``name -> module``).
         num_classes: number of classes.
         alpha: strength, >= 0 (the official README uses 0.8 for CREMA-D, 0.1 for VGGSound).
         fusion_head: the model's late-linear fused head, to read the unimodal scores from its
@@ -88,8 +90,6 @@ class OGM(SlicedScoresMethod):
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        if hasattr(encoders, "__len__"):
-            require_two(len(encoders), type(self).__name__)
         alpha = check_alpha(alpha)
         parameter_filter(parameters)
         # "encoder": scale the encoder's output gradient; otherwise per-parameter hooks only.

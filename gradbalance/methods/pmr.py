@@ -15,7 +15,6 @@ from gradbalance._checks import (
     check_feature_dims,
     check_int,
     check_number,
-    require_two,
 )
 from gradbalance._step import Step
 from gradbalance.coefficients import pmr_weights
@@ -60,13 +59,14 @@ def prototype_cross_entropy(
 
 
 class PMR(Method):
-    """PMR: a prototype cross-entropy for the weaker of two modalities, weighted by ``alpha``.
+    """PMR: a prototype cross-entropy for the weaker modalities, weighted by ``alpha``.
 
     Each modality keeps one prototype per class (the mean of its training features of that
     class). Every training step the distances ``d_m(i, k) = ||z_m(i) - c_m^k||`` give
     prototype logits ``-d_m``; their mean true-class probability is the modality's score, and
     ``alpha * CE(-d_m, y)`` is added to the fused cross-entropy for the modality with the lower
-    score only (none on a tie; :func:`~gradbalance.coefficients.pmr_weights`). The gradient
+    score only (none on a tie; with M > 2 modalities, for every modality whose score is below
+    the mean of the others' scores; :func:`~gradbalance.coefficients.pmr_weights`). The gradient
     flows through the features into that encoder; prototypes are constants.
 
     Prototypes:
@@ -91,12 +91,12 @@ class PMR(Method):
     c_old``; a class absent from a collection keeps its previous prototype, and a class never
     seen gets probability 0 (its samples are left out of the prototype loss): no NaN.
 
-    ``bal.coefficients`` hold the two prototype-loss weights of the last step (``alpha`` or 0)
+    ``bal.coefficients`` hold the prototype-loss weights of the last step (``alpha`` or 0)
     and ``bal.scores`` the prototype scores (0 before the first prototypes exist).
 
     Args:
         model: the multimodal model (unchanged by the balancer).
-        encoders: the two modality submodules (list or dict ``name -> module``).
+        encoders: the M >= 2 modality submodules (list or dict ``name -> module``).
         num_classes: number of classes.
         alpha: weight of the weaker modality's prototype loss (official default 1.0).
         momentum: weight μ of the previous prototypes (official 0.2; 0 in the MLB authors' code).
@@ -148,8 +148,6 @@ class PMR(Method):
         window_unit: WindowUnit = "epoch",
         **common: Any,
     ) -> None:
-        if hasattr(encoders, "__len__"):
-            require_two(len(encoders), type(self).__name__)
         alpha = check_alpha(alpha)
         momentum = check_number("momentum", momentum, minimum=0.0)
         if momentum >= 1.0:

@@ -136,10 +136,6 @@ FACTORIES: dict[str, Factory] = {
 HEAD_SCORES = ("joint", "multiloss", "mlb")
 """Methods whose scores are their heads' mean true-class probabilities."""
 
-TWO_MODALITIES_ONLY = ("ogm", "ogm_ge", "pmr")
-"""Methods defined for exactly two encoders."""
-
-
 def factory_params(exclude: tuple[str, ...] = ()) -> list[Any]:
     """``FACTORIES`` as pytest params with readable ids."""
     return [pytest.param(name, id=name) for name in FACTORIES if name not in exclude]

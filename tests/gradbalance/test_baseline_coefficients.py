@@ -113,8 +113,8 @@ def test_ogm_stays_positive_where_one_minus_tanh_rounds_to_zero():
 
 
 def test_ogm_errors():
-    with pytest.raises(ValueError, match="two modalities"):
-        ogm_coefficients(torch.tensor([0.1, 0.2, 0.3]), 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ogm_coefficients(torch.tensor([0.1]), 1.0)
     with pytest.raises(ValueError, match="alpha"):
         ogm_coefficients(torch.tensor([0.1, 0.2]), -1.0)
     with pytest.raises(TypeError):

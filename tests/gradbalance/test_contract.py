@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from balancer_factories import (
     FACTORIES,
     INPUT_DIMS,
-    TWO_MODALITIES_ONLY,
     factory_params,
     flat_parameters,
     train_step,
@@ -286,8 +285,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("name", factory_params())
 def test_training_step_makes_no_host_sync(name, lazy, device):
     """loss(), backward(), after_backward(), an evaluation loss() and epoch_end() never
-    synchronise with the host (with M = 3 encoders where the method allows it)."""
-    dims = INPUT_DIMS if name in TWO_MODALITIES_ONLY else (*INPUT_DIMS, 3)
+    synchronise with the host (with M = 3 encoders)."""
+    dims = (*INPUT_DIMS, 3)
     torch.manual_seed(0)
     model = TowerNet(dims).to(device)
     bal = FACTORIES[name](model, flush_every=1000, **({"feature_dims": None} if lazy else {}))

@@ -214,8 +214,8 @@ def test_modulation_window(two_tower, unit):
 
 def test_errors_leave_no_hooks():
     model = MultiTowerNet((5, 7, 3))
-    with pytest.raises(ValueError, match="exactly two modalities"):
-        gb.OGM(model, list(model.towers), num_classes=4)
+    with pytest.raises(ValueError, match="alpha"):
+        gb.OGM(model, list(model.towers), num_classes=4, alpha=-1.0)
     with pytest.raises(TypeError, match="fusion_head"):
         gb.OGM(model, list(model.towers)[:2], num_classes=4, fusion_head=nn.ReLU())
     with pytest.raises(ValueError, match="parameters"):

@@ -190,8 +190,8 @@ def test_state_dict_round_trip(dims):
 
 def test_errors():
     model = MultiTowerNet((5, 7, 3))
-    with pytest.raises(ValueError, match="exactly two modalities"):
-        gb.PMR(model, list(model.towers), num_classes=4)
+    with pytest.raises(ValueError, match="alpha"):
+        gb.PMR(model, list(model.towers), num_classes=4, alpha=-1.0)
     towers = list(model.towers)[:2]
     with pytest.raises(ValueError, match="momentum"):
         gb.PMR(model, towers, num_classes=4, momentum=1.0)
