@@ -31,7 +31,7 @@ def _check_scores(scores: torch.Tensor) -> None:
 def mlb_ratios(scores: torch.Tensor) -> torch.Tensor:
     """Ratio r_m of the other modalities' mean score to modality m's own score.
 
-    ``r_m > 1`` means modality m is weaker than the others on average (METHODS.md §2.3).
+    ``r_m > 1`` means modality m is weaker than the others on average (Kontras et al., BMVC 2024).
     Scores are clamped to :data:`SCORE_FLOOR` first.
 
     Example:
@@ -46,7 +46,7 @@ def mlb_ratios(scores: torch.Tensor) -> torch.Tensor:
 
 
 def mlb_coefficients(scores: torch.Tensor, alpha: float, beta_max: float = 2.0) -> torch.Tensor:
-    """MLB's self-muting coefficients (Kontras et al., BMVC 2024; METHODS.md §2.3).
+    """MLB's self-muting coefficients (Kontras et al., BMVC 2024).
 
     With r_m from :func:`mlb_ratios`,
     ``k_m = 1 + (beta_max - 1) * tanh(alpha * (r_m - 1))`` when ``r_m > 1`` (the weaker
@@ -77,8 +77,8 @@ def mlb_coefficients(scores: torch.Tensor, alpha: float, beta_max: float = 2.0) 
 def mlb_error_ratios(errors: torch.Tensor) -> torch.Tensor:
     """Regression: ``r_m = err_m / mean_{j != m} err_j`` (lower error is better, so inverted).
 
-    ``r_m > 1`` means modality m errs more than the others on average (METHODS.md §2.3,
-    regression variant). Errors are clamped to :data:`SCORE_FLOOR` first.
+    ``r_m > 1`` means modality m errs more than the others on average (the regression
+    variant of Kontras et al., BMVC 2024). Errors are clamped to :data:`SCORE_FLOOR` first.
 
     Example:
         >>> mlb_error_ratios(torch.tensor([2.0, 0.5]))
@@ -185,7 +185,7 @@ def _all_equal(scores: torch.Tensor) -> torch.Tensor:
 
 
 def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """OGM's coefficients (Peng et al., CVPR 2022, eq. 10; METHODS.md §2.4), for M >= 2.
+    """OGM's coefficients (Peng et al., CVPR 2022, eq. 10), for M >= 2.
 
     Each modality m is compared with the mean of the others (the rule of MLB's ratio):
     ``rho_m = s_m / mean_{j != m} s_j``. A dominant modality, one whose score exceeds that mean,
@@ -272,7 +272,7 @@ def agm_coefficients(
     alpha: float,
     max_exponent: float = 10.0,
 ) -> torch.Tensor:
-    """AGM's coefficients (Li et al., ICCV 2023; METHODS.md §2.6).
+    """AGM's coefficients (Li et al., ICCV 2023).
 
     With ``r = agm_ratios(losses)`` (this batch) and ``o = agm_ratios(running_losses)`` (the
     running "optimal" ratio), ``k_m = exp(alpha * min(o_m - r_m, max_exponent))``: a modality
@@ -284,7 +284,7 @@ def agm_coefficients(
         losses: ``(M,)`` per-modality mean cross-entropy of the Shapley logits of this batch.
         running_losses: ``(M,)`` their running means before this step.
         alpha: strength, >= 0.
-        max_exponent: upper clamp of ``o - r`` (10 in the two-modality code, 7 in [A]'s
+        max_exponent: upper clamp of ``o - r`` (10 in the two-modality code, 7 in the MLB authors'
             three-modality code).
 
     Example:
@@ -305,7 +305,7 @@ def agm_coefficients(
 def mslr_coefficients(
     accuracies: torch.Tensor, memory_means: torch.Tensor, initial: torch.Tensor | float
 ) -> torch.Tensor:
-    """MSLR's coefficients (Yao & Mihalcea 2022, "dynamic"; METHODS.md §2.8).
+    """MSLR's coefficients (Yao & Mihalcea 2022, "dynamic").
 
     ``accuracies / memory_means * initial``: each modality's validation accuracy relative to
     the mean of its last K epochs, times its initial factor λ_m.
@@ -330,12 +330,12 @@ def mslr_coefficients(
 
 
 def pmr_weights(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """PMR's prototype-loss weights (Fan et al., CVPR 2023; METHODS.md §2.7), for M >= 2.
+    """PMR's prototype-loss weights (Fan et al., CVPR 2023), for M >= 2.
 
     ``alpha`` for every weaker modality, 0 for the others: the prototype cross-entropy is added,
     with a constant weight, for each modality whose prototype score is below the mean of the
     other modalities' scores (the rule of MLB's ratio). For two modalities that is the weaker
-    one (as both the official code and [A]); on a tie no modality gets the loss.
+    one (as both the official code and the MLB authors' code); on a tie no modality gets the loss.
 
     Args:
         scores: ``(M,)`` prototype scores (true-class probability of ``softmax(-distance)``).

@@ -16,7 +16,7 @@ class MMCosineHead(nn.Module):
 
     Each modality's features and each class's weight vector are L2-normalised, so no
     modality can dominate the fused logits by the norm of its features (Xu et al., ICASSP
-    2023; METHODS.md §2.9). Works with any balancer.
+    2023). Works with any balancer.
 
     ``modality_logits(*features)`` returns the per-modality terms (they sum to the forward
     output), so OGM and MSLR read their unimodal scores from it (``fusion_head=head``), and

@@ -15,7 +15,7 @@ are offered:
   numbers were computed this way.
 
 The two agree whenever no confidence lies exactly on a bin boundary or at 1.0; with ties or
-saturated (== 1.0) confidences they differ (ANCHORS.md §4).
+saturated (== 1.0) confidences they differ.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class AGM(Method):
     """AGM: scale each modality's Shapley logit path by ``exp(alpha * (o - r))``.
 
     Every training step AGM splits the fused logits into per-modality Shapley contributions
-    from passes with modalities masked (METHODS.md §1.2 U3; for two modalities
+    from passes with modalities masked (for two modalities
     ``phi_a = (f - f(a masked) + f(v masked)) / 2``; for M modalities the Shapley value over
     the 2^M - 2 masked coalitions, without the empty coalition, so ``sum_m phi_m = f``). From
     each ``phi_m``'s mean cross-entropy ``l_m`` on the batch it forms
@@ -68,14 +68,14 @@ class AGM(Method):
         min_coefficient: optional lower clamp of k (the official code has none, so k can
             underflow to 0 and freeze a modality).
         update_running_first: update the running means with this batch before computing
-            ``o`` ([A]'s three-modality code); default: after (the official code).
+            ``o`` (the MLB authors' three-modality code); default: after (the official code).
         clip: apply the official clipping rule in :meth:`after_backward`: when any gradient
             element of the ``clip_watch`` parameters lies outside ``[-clip_threshold,
             clip_threshold]``, clip the global norm of all the model's gradients to
             ``clip_max_norm``.
         clip_watch: the parameters whose gradients trigger the clipping (default: the model's
             parameters outside the encoders, i.e. the fusion).
-        clip_threshold, clip_max_norm: 1.0 and 1.0 in the official code (5 and 5 in [A]'s
+        clip_threshold, clip_max_norm: 1.0 and 1.0 in the official code (5 and 5 in the MLB authors'
             three-modality code).
         enabled: modulate at all. Disabled (or outside the window) the loss is the plain fused
             cross-entropy, no masked pass runs and nothing is recorded.

@@ -29,8 +29,8 @@ class OGM(SlicedScoresMethod):
     """OGM: slow the dominant modality by ``1 - tanh(alpha * rho)`` (any M >= 2 modalities).
 
     Every training step, each modality's score ``s_m`` is its mean true-class probability on
-    the batch, read from the per-modality slices of a late-linear fused head (METHODS.md §1.2
-    U2: ``W_m z_m + b / 2``) when ``fusion_head`` is given, or else from detached linear probes
+    the batch, read from the per-modality slices of a late-linear fused head
+    (``W_m z_m + b / 2``) when ``fusion_head`` is given, or else from detached linear probes
     (stop-gradient heads that never reach the encoders). The modality whose ratio
     ``rho = s_m / s_other`` exceeds 1 gets ``k = 1 - tanh(alpha * rho)``, the other exactly 1
     (:func:`~gradbalance.coefficients.ogm_coefficients`; with M > 2 modalities ``s_other`` is
