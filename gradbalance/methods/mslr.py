@@ -29,8 +29,9 @@ class MSLR(SlicedScoresMethod):
     accuracies are remembered, ``k_m = initial_m``. The loss is the fused cross-entropy only
     (plus the probes' own, which reaches only the probes).
 
-    The per-modality accuracies come from the fused head's slices (``fusion_head``, as the MLB authors' code) or
-    from detached linear probes trained alongside. The balancer collects them itself: every
+    The per-modality accuracies come from the fused head's slices (``fusion_head``, as the
+    MLB authors' code) or from detached linear probes trained alongside. The balancer
+    collects them itself: every
     ``bal.loss(logits, y)`` called under ``torch.no_grad()`` (your validation loop) adds the
     batch to this epoch's counts; then :meth:`epoch_end` applies them. You can also pass the
     accuracies: ``bal.epoch_end(accuracies={"audio": 0.61, "video": 0.48})``. Every
