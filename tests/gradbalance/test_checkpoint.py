@@ -86,3 +86,21 @@ def test_state_dict_holds_the_counters():
     state = bal.state_dict()
     assert state["_extra_state"] == {"steps": 2, "epoch": 1}
     assert int(state["nonfinite_steps"]) == 0
+
+
+def test_lazy_heads_loaded_from_a_state_dict_run_batched_like_materialised_ones():
+    """A lazy head whose parameters came from ``load_state_dict`` stays an ``nn.LazyLinear``
+    until called; it must take the same batched path as a head materialised by a forward,
+    or a resumed run differs from the uninterrupted one in the last bits."""
+    from gradbalance._head_logits import stackable
+
+    features = {"a": torch.randn(3, 4), "b": torch.randn(3, 4)}
+    source = {name: torch.nn.LazyLinear(2) for name in features}
+    for name, head in source.items():
+        head(features[name])
+    loaded = {name: torch.nn.LazyLinear(2) for name in features}
+    for name, head in loaded.items():
+        head.load_state_dict(source[name].state_dict())
+    assert all(type(head) is torch.nn.LazyLinear for head in loaded.values())
+    assert stackable(source, features) and stackable(loaded, features)
+    assert not stackable({name: torch.nn.LazyLinear(2) for name in features}, features)
