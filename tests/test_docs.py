@@ -26,10 +26,17 @@ def python_blocks() -> list[tuple[str, int, str]]:
 
 
 BLOCKS = python_blocks()
+# Blocks that start a process group, compile or import a training framework take seconds.
+SLOW = ("torch.compile(", "init_process_group(", "import pytorch_lightning", "import transformers")
+
+
+def case(name: str, index: int, code: str):
+    marks = [pytest.mark.slow] if any(s in code for s in SLOW) else []
+    return pytest.param(name, index, code, marks=marks, id=f"{name}[{index}]")
 
 
 def test_pages_have_examples():
-    assert {name for name, _, _ in BLOCKS} >= {"index.md"}
+    assert {name for name, _, _ in BLOCKS} >= {"index.md", "own-model.md", "choosing.md"}
 
 
 def test_every_block_is_found():
@@ -40,9 +47,7 @@ def test_every_block_is_found():
         assert fences == len(FENCE.findall(text)), page
 
 
-@pytest.mark.parametrize(
-    ("page", "index", "code"), BLOCKS, ids=[f"{name}[{index}]" for name, index, _ in BLOCKS]
-)
+@pytest.mark.parametrize(("page", "index", "code"), [case(*block) for block in BLOCKS])
 def test_docs_example_runs(page, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"docs/{page}[block {index}]", "exec"), {"__name__": "__docs__"})
