@@ -42,6 +42,13 @@ ALLOWED_EXTRA_TOP_LEVEL = {"gradbalance", "reference_models"}  # what the wheel 
 MUST_NOT_IMPORT = ["numpy", "torchvision", "torchaudio", "pytest", "transformers", "matplotlib"]
 
 
+STARTED = time.perf_counter()
+
+
+def phase(text: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:5.1f} s] {text}", flush=True)
+
+
 def run(*command: str | Path, cwd: Path | None = None) -> str:
     result = subprocess.run(
         [str(c) for c in command], cwd=cwd, capture_output=True, text=True, check=False
@@ -81,25 +88,48 @@ def requirement_closure(root: str) -> dict[str, md.Distribution]:
     return found
 
 
+def record_paths(dist: md.Distribution) -> list[tuple[str, ...]]:
+    """The site-packages-relative paths a distribution's RECORD lists (no scripts, caches)."""
+    return [
+        file.parts
+        for file in dist.files or []
+        if file.parts and file.parts[0] != ".." and "__pycache__" not in file.parts
+    ]
+
+
 def link_distributions(dists: dict[str, md.Distribution], target: Path) -> set[str]:
-    """Symlink every file each distribution's RECORD lists into ``target``; return the
-    top-level names this makes importable."""
+    """Make exactly the files of ``dists`` visible under ``target``; return the top-level
+    names this makes importable.
+
+    A folder whose files all belong to one distribution of ``dists`` (by the RECORD of every
+    installed distribution) is one symlink; a folder shared with another distribution, such
+    as the ``nvidia`` namespace, is recreated and its entries linked one level down.
+    """
+    owners: dict[tuple[str, ...], set[str]] = {}
+    for dist in md.distributions():
+        key = canonicalize_name(dist.metadata["Name"])
+        for parts in record_paths(dist):
+            for depth in range(1, len(parts) + 1):
+                owners.setdefault(parts[:depth], set()).add(key)
     top_level: set[str] = set()
+    linked: set[tuple[str, ...]] = set()
     for key, dist in dists.items():
-        files = dist.files
-        if files is None:
+        if dist.files is None:
             raise SystemExit(f"release check: {key} has no RECORD; cannot link it")
-        for file in files:
-            parts = file.parts
-            if not parts or parts[0] == ".." or "__pycache__" in parts:
+        for parts in record_paths(dist):
+            depth = next(
+                d for d in range(1, len(parts) + 1) if owners[parts[:d]] == {key} or d == len(parts)
+            )
+            prefix = parts[:depth]
+            if prefix in linked:
                 continue
-            source = Path(str(dist.locate_file(file)))
+            linked.add(prefix)
+            source = Path(str(dist.locate_file(Path(*prefix))))
             if not source.exists():
                 continue
-            destination = target / file
+            destination = target.joinpath(*prefix)
             destination.parent.mkdir(parents=True, exist_ok=True)
-            if not destination.exists():
-                destination.symlink_to(source)
+            destination.symlink_to(source)
             head = parts[0]
             if not head.endswith((".dist-info", ".data", ".pth")):
                 top_level.add(re.sub(r"(\.cpython.*)?\.(py|so|pyd)$", "", head))
@@ -127,7 +157,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
     args = parser.parse_args()
-    start = time.perf_counter()
     work = args.keep or Path(tempfile.mkdtemp(prefix="gradbalance-release-"))
     if work.exists():
         shutil.rmtree(work)
@@ -137,16 +166,18 @@ def main() -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"release check passed in {time.perf_counter() - start:.1f} s")
+    phase("release check passed")
 
 
 def check(work: Path) -> None:
     dist_dir = work / "dist"
     # sdist from the tree, then the wheel from the sdist (proves the sdist is complete);
     # no isolation: the pinned setuptools of the development environment builds it, offline.
+    phase("building the sdist, then the wheel from it")
     run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist_dir, ROOT)
     (wheel,) = dist_dir.glob("*.whl")
     (sdist,) = dist_dir.glob("*.tar.gz")
+    phase("twine check")
     run(sys.executable, "-m", "twine", "check", "--strict", wheel, sdist)
     with zipfile.ZipFile(wheel) as archive:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
@@ -163,6 +194,7 @@ def check(work: Path) -> None:
     venv = work / "venv"
     # the base interpreter, so the fresh environment sees no site-packages of this one
     base = getattr(sys, "_base_executable", sys.executable)
+    phase("fresh venv, the wheel installed with --no-deps")
     run(base, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
     run(
@@ -177,6 +209,7 @@ def check(work: Path) -> None:
         "--no-index",
         wheel,
     )
+    phase("linking torch and its requirements")
     closure = requirement_closure("torch")
     linked = work / "torch-only"
     top_level = link_distributions(closure, linked)
@@ -192,18 +225,20 @@ def check(work: Path) -> None:
     scratch = work / "scratch"  # neither the source tree nor the build folder
     scratch.mkdir()
     (scratch / "quickstart.py").write_text(quickstart.group(1))
+    (scratch / "probe.py").write_text(
+        "import runpy\n"
+        "runpy.run_path('quickstart.py', run_name='__main__')  # first, in a clean process\n"
+        f"MUST_NOT_IMPORT = {MUST_NOT_IMPORT!r}\n{PROBE}"
+    )
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(scratch)}
-    for name, code in [("quickstart", None), ("probe", PROBE)]:
-        script = scratch / f"{name}.py"
-        if code is not None:
-            script.write_text(f"MUST_NOT_IMPORT = {MUST_NOT_IMPORT!r}\n{code}")
-        result = subprocess.run(
-            [str(python), "-I", str(script)], cwd=scratch, env=env, capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            sys.stderr.write(result.stdout + result.stderr)
-            raise SystemExit(f"release check: the {name} failed in the fresh environment")
-        output = result.stdout
+    phase("running the Quickstart, then the import probe, in the fresh venv")
+    result = subprocess.run(
+        [str(python), "-I", "probe.py"], cwd=scratch, env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit("release check: the Quickstart failed in the fresh environment")
+    output = result.stdout
     report = json.loads(output.strip().splitlines()[-1])
     if not report["gradbalance"].startswith(site):
         raise SystemExit(f"release check: gradbalance imported from {report['gradbalance']}")
