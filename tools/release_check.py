@@ -186,7 +186,13 @@ def check(work: Path) -> None:
             for line in archive.read(metadata).decode().splitlines()
             if line.startswith("Requires-Dist:")
         ]
-        packages = sorted({n.split("/")[0] for n in archive.namelist() if "/" in n})
+        names = archive.namelist()
+        packages = sorted({n.split("/")[0] for n in names if "/" in n})
+    if "gradbalance/py.typed" not in names:
+        raise SystemExit("release check: the wheel lacks gradbalance/py.typed")
+    base = [r for r in requires if "extra ==" not in r]  # what `pip install gradbalance` pulls
+    if len(base) != 1 or re.match(r"torch\b(?!vision|audio)", base[0]) is None:
+        raise SystemExit(f"release check: the wheel requires more than torch: {base}")
     print(f"wheel {wheel.name}: {wheel.stat().st_size / 1024:.0f} KiB, packages {packages}")
     print(f"sdist {sdist.name}: {sdist.stat().st_size / 1024:.0f} KiB")
     print("Requires-Dist: " + "; ".join(requires))
