@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test docs release-check demo bench lint clean
 
 venv: $(STAMP)
 
@@ -14,10 +14,19 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m ruff check gradbalance reference_models benchmarks tests examples
+	$(PY) -m ruff check gradbalance reference_models benchmarks tests examples tools
 	$(PY) -m mypy
 	$(PY) -m pytest -n 2 --doctest-modules gradbalance tests
 	GB_BENCH_ROUNDS=1 $(PY) -m pytest benchmarks --benchmark-disable -q
+	$(MAKE) docs release-check
+
+# The documentation site, warnings as errors; output in site/.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# sdist + wheel, twine check, and the Quickstart in a fresh venv holding only the wheel and torch.
+release-check: venv
+	$(PY) tools/release_check.py
 
 demo: venv
 	$(PY) -m reference_models.demo
@@ -28,4 +37,4 @@ bench: venv
 	$(PY) -m benchmarks.summarize
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site dist

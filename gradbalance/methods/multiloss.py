@@ -111,7 +111,8 @@ class MLB(MultiLoss):
             code does).
         enabled: start with the modulation on (switch later with ``bal.enabled = False``: the
             coefficients are then 1 and MLB trains as Multi-Loss).
-        fused_weight, unimodal_weight, **common: as :class:`MultiLoss`.
+        **options: as :class:`MultiLoss` (``fused_weight``, ``unimodal_weight`` and the
+            common options).
 
     Example:
         >>> import torch, gradbalance as gb

@@ -1,5 +1,5 @@
 """Bad input gets a clear, actionable error (or the documented skip policy), never a silently
-wrong model. One test per row of the README table "what each bad input gets"."""
+wrong model. One test per row of the table "What each bad input gets" (docs/errors.md)."""
 
 from __future__ import annotations
 
