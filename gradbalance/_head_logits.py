@@ -53,13 +53,23 @@ def stackable(
     modules = list(heads.values())
     tensors = list(features.values())
     first, feature = modules[0], tensors[0]
-    if not all(type(h) is nn.Linear and h.bias is not None for h in modules):
+    # A materialised lazy head (e.g. by load_state_dict) is a plain linear layer already.
+    if not all(_linear_with_bias(h) for h in modules):
         return False
     shape, device, dtype = first.weight.shape, feature.device, feature.dtype
     return all(
         h.weight.shape == shape and h.weight.device == device and h.weight.dtype == dtype
         for h in modules
     ) and all(t.shape == feature.shape and t.device == device and t.dtype == dtype for t in tensors)
+
+
+def _linear_with_bias(head: nn.Module) -> bool:
+    return (
+        isinstance(head, nn.Linear)
+        and not isinstance(head.weight, nn.parameter.UninitializedParameter)
+        and head.bias is not None
+        and not isinstance(head.bias, nn.parameter.UninitializedParameter)
+    )
 
 
 def stacked_head_logits(
