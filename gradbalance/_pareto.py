@@ -59,7 +59,8 @@ def pareto_combination(
         >>> combined, stats
         (tensor([0.4472, 0.8944]), tensor([-1.,  1.,  2.]))
     """
-    g1, g2 = g_multimodal.float(), g_unimodal.float()
+    dtype = torch.promote_types(g_multimodal.dtype, torch.float32)  # float32 or float64
+    g1, g2 = g_multimodal.to(dtype), g_unimodal.to(dtype)
     stats = torch.stack([(g1 * g2).sum(), g1.square().sum(), g2.square().sum()])
     if reduce is not None:
         stats = reduce(stats)
@@ -69,7 +70,7 @@ def pareto_combination(
     combined = a1 * g1 + a2 * g2
     norm_combined = (a1 * a1 * n1 + a2 * a2 * n2 + 2 * a1 * a2 * dot).clamp_min(0)
     norm_sum = (n1 + n2 + 2 * dot).clamp_min(0)
-    ratio = torch.sqrt(norm_sum / norm_combined.clamp_min(torch.finfo(torch.float32).tiny))
+    ratio = torch.sqrt(norm_sum / norm_combined.clamp_min(torch.finfo(dtype).tiny))
     factor = torch.where(norm_combined > 0, ratio.clamp_min(1.0), torch.ones_like(ratio)) * gamma
     return combined * factor, stats
 
@@ -88,9 +89,9 @@ class _ParetoFork(torch.autograd.Function):
         combined, stats = pareto_combination(g_model, g_head, site.gamma, site.reduce)
         with torch.no_grad():
             dot, n1, n2 = stats.unbind()
-            cosine = dot / torch.sqrt(n1 * n2).clamp_min(torch.finfo(torch.float32).tiny)
-            site.cosines[site.index].copy_(cosine)
-            site.conflicts[site.index].add_((dot < 0).to(site.conflicts.dtype))
+            cosine = dot / torch.sqrt(n1 * n2).clamp_min(torch.finfo(dot.dtype).tiny)
+            site.cosines[site.index].copy_(cosine.to(site.cosines.device))
+            site.conflicts[site.index].add_((dot < 0).to(site.conflicts))
         if site.watch is not None:
             site.watch(combined)
         return combined.to(g_model.dtype), None
