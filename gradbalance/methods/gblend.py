@@ -152,22 +152,24 @@ class GBlend(Method):
         components = torch.cat([fused.reshape(1), losses.to(fused.device)])
         weights = self._current_weights()
         total = components @ weights.to(device=components.device, dtype=components.dtype)
-        row = 0 if step.training else 1
         with torch.no_grad():
             batch = components.detach().float().to(self.sums.device) * step.batch_size
-            count = self.counts[row] + step.batch_size
             if step.training:
+                # Sums and count over every rank with sync="global" (both divided by the number
+                # of ranks: their ratio is the global mean), so the state stays rank-identical.
+                size = torch.full((1,), float(step.batch_size), device=batch.device)
+                reduced = step.mean(torch.cat([batch, size]), 1.0)
                 step.store(weights[1:], scores)
                 kept = step.keep_if_finite(
-                    torch.cat([self.sums[row] + batch, count[None]]),
-                    torch.cat([self.sums[row], self.counts[row, None]]),
+                    torch.cat([self.sums[0], self.counts[:1]]) + reduced,
+                    torch.cat([self.sums[0], self.counts[:1]]),
                 )
-                self.sums[row].copy_(kept[:-1])
-                self.counts[row].copy_(kept[-1])
+                self.sums[0].copy_(kept[:-1])
+                self.counts[0].copy_(kept[-1])
                 self._train_seen += step.batch_size
-            else:
-                self.sums[row].add_(batch)
-                self.counts[row].copy_(count)
+            else:  # held-out: this rank's sums, reduced over the ranks by epoch_end()
+                self.sums[1].add_(batch)
+                self.counts[1].add_(step.batch_size)
                 self._validation_seen += step.batch_size
         return total
 
@@ -220,12 +222,15 @@ class GBlend(Method):
                     "the last epoch_end(): run them, or pass epoch_end(train_losses=..., "
                     "val_losses=...)"
                 )
+        train_now = self.sums[0] / self.counts[0]  # reduced over the ranks in each step
         # One collective over all ranks with sync="global" (every rank calls epoch_end()).
-        means = self._reduce_mean(self.sums, self.counts[:, None])
+        val_now = self._reduce_mean(self.sums[1], self.counts[1])
         now = torch.stack(
             [
-                means[0] if train_losses is None else self._as_tensor(train_losses, "train_losses"),
-                means[1] if val_losses is None else self._as_tensor(val_losses, "val_losses"),
+                train_now
+                if train_losses is None
+                else self._as_tensor(train_losses, "train_losses"),
+                val_now if val_losses is None else self._as_tensor(val_losses, "val_losses"),
             ]
         )
         if self.checkpoints:
