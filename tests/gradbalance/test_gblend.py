@@ -39,7 +39,9 @@ def test_weights_against_the_formula_written_plainly():
     assert got.tolist() == pytest.approx(expected, rel=1e-5)  # float32
 
 
-losses = st.lists(st.floats(0.0, 5.0), min_size=4, max_size=4)
+# Losses on a grid of 1/64 nats (exact in float64, also after the shift below), so the shift
+# invariance is exact rather than up to the rounding of tiny differences.
+losses = st.lists(st.integers(0, 320).map(lambda i: i / 64), min_size=4, max_size=4)
 
 
 @settings(max_examples=80, deadline=None)
@@ -55,7 +57,7 @@ def test_weight_properties(columns, floor):
     assert torch.allclose(
         gblend_weights(*(r[order] for r in rows), min_overfitting=floor), w[order]
     )
-    shift = torch.linspace(0.5, 2.0, len(columns), dtype=torch.float64)
+    shift = torch.arange(1, len(columns) + 1, dtype=torch.float64) * 0.25
     shifted = gblend_weights(*(r + shift for r in rows), min_overfitting=floor)
     assert torch.allclose(shifted, w, atol=1e-6)
 
