@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradbalance as gb
+from gradbalance._pareto import pareto_combination
 from gradbalance.coefficients import mmpareto_weights
 
 
@@ -110,3 +111,20 @@ def test_weights_are_the_min_norm_point_under_conflict(values):
     best = (w[0] * g1 + w[1] * g2).norm()
     for t in torch.linspace(0, 1, 101, dtype=torch.float64):
         assert best <= (t * g1 + (1 - t) * g2).norm() + 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_reduced_statistics_give_the_global_batch_combination(seed):
+    """Under DDP with sync="global" each rank's three sums are averaged over the ranks: the
+    batch-flattened output gradient of the global batch is the ranks' blocks concatenated, so
+    each rank's combined block equals that block of the one-process combination."""
+    g = torch.Generator().manual_seed(seed)
+    g_mm, g_uni = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g) - 0.3
+    full, _ = pareto_combination(g_mm, g_uni, gamma=1.5)
+    blocks = [(g_mm[:4], g_uni[:4]), (g_mm[4:], g_uni[4:])]  # unequal per-rank batches
+    local = [pareto_combination(a, b, gamma=1.5)[1] for a, b in blocks]
+    mean = (local[0] + local[1]) / 2  # what the all-reduce in the backward pass returns
+    parts = [pareto_combination(a, b, 1.5, reduce=lambda stats: mean)[0] for a, b in blocks]
+    torch.testing.assert_close(torch.cat(parts), full)
+    expected, _ = plain_combination(g_mm.double(), g_uni.double(), 1.5)
+    torch.testing.assert_close(full.double(), expected, rtol=1e-5, atol=1e-6)
