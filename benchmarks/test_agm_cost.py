@@ -1,5 +1,8 @@
 """Training-step time of AGM (both masking modes) and every other method relative to Joint.
 
+GBlend's timed steps are plain training steps (its held-out pass and per-epoch update are
+outside them); MMPareto's include the gradient combination in ``backward()``.
+
 Mid-size two-CNN model (``benchmarks.models.TwoCNN``, batch 16, 64x64 inputs), interleaved
 rounds, median ratio with min-max. ``make bench`` times it; ``make test`` runs it as a smoke run
 (GB_BENCH_ROUNDS=1). ``GB_BENCH_DEVICE=cuda`` and ``GB_BENCH_BATCH=N`` time it on a GPU and
@@ -60,6 +63,10 @@ def _balancer(variant: str, model: TwoCNN, inputs: tuple[torch.Tensor, ...]) -> 
         return gb.PMR(model, encoders, num_classes=6)
     if variant == "MSLR":
         return gb.MSLR(model, encoders, num_classes=6, fusion_head=model.fusion)
+    if variant == "GBlend":
+        return gb.GBlend(model, encoders, num_classes=6)
+    if variant == "MMPareto":
+        return gb.MMPareto(model, encoders, num_classes=6)
     raise ValueError(variant)
 
 
@@ -73,6 +80,8 @@ VARIANTS = (
     "MSLR",
     "MultiLoss",
     "MLB",
+    "GBlend",
+    "MMPareto",
 )
 
 

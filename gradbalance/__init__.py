@@ -13,7 +13,9 @@ from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, plot_history
 from gradbalance.methods.agm import AGM
+from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.joint import Joint
+from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
 from gradbalance.methods.ogm import OGM, OGMGE
@@ -31,9 +33,11 @@ __all__ = [
     "OGMGE",
     "PMR",
     "Balancer",
+    "GBlend",
     "History",
     "Joint",
     "MMCosineHead",
+    "MMPareto",
     "MultiLoss",
     "__version__",
     "coefficients",

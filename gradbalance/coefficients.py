@@ -2,7 +2,8 @@
 
 Every function takes and returns tensors, keeps the modality order, and never synchronises
 with the host (no ``.item()``, no Python ``if`` on tensor values), so it can run inside a
-training step on any device and under ``torch.compile``.
+training step on any device and under ``torch.compile``. Gradient Blending's loss weights
+(:func:`gblend_weights`) and MMPareto's gradient weights (:func:`mmpareto_weights`) are here too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import math
 from typing import Literal
 
 import torch
+
+from gradbalance._loss_weights import gblend_estimates as gblend_estimates
+from gradbalance._loss_weights import gblend_scores as gblend_scores
+from gradbalance._loss_weights import gblend_weights as gblend_weights
+from gradbalance._loss_weights import mmpareto_weights as mmpareto_weights
 
 SCORE_FLOOR = 1e-8
 """Scores are clamped to at least this value, so a score that underflowed to 0 stays finite."""

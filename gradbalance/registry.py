@@ -10,7 +10,9 @@ from torch import nn
 
 from gradbalance.balancer import Balancer
 from gradbalance.methods.agm import AGM
+from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.joint import Joint
+from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
 from gradbalance.methods.ogm import OGM, OGMGE
@@ -26,13 +28,21 @@ METHODS: Mapping[str, type[Balancer]] = MappingProxyType(
         "agm": AGM,
         "pmr": PMR,
         "mslr": MSLR,
+        "gblend": GBlend,
+        "mmpareto": MMPareto,
     }
 )
 """Every balancing method by its canonical name (read-only). MMCosine is not a balancer but a
 fusion head (:class:`~gradbalance.MMCosineHead`), used with any of them (with ``"joint"`` it is
 the MMCosine baseline)."""
 
-_ALIASES = {"multi_loss": "multiloss", "ogmge": "ogm_ge"}
+_ALIASES = {
+    "multi_loss": "multiloss",
+    "ogmge": "ogm_ge",
+    "g_blend": "gblend",
+    "gradient_blending": "gblend",
+    "mm_pareto": "mmpareto",
+}
 
 
 def canonical_name(name: str) -> str:

@@ -1,13 +1,13 @@
 """``make demo``: every method on the embedded audio-visual set, one table, the plots.
 
-Trains the unimodal baselines, Joint, Multi-Loss, MLB, OGM, AGM, PMR, MSLR and MMCosine on the
-generated set of :mod:`reference_models.data.synthetic` (waveforms through the log-STFT front
-end, frame clips through the visual encoder) with reduced-width ResNet-18 encoders (width 4),
-through the same training harness as the paper's runs (:mod:`reference_models.train`), and
-prints one table: fused test accuracy, each modality's accuracy (a detached linear probe on
-its encoder, trained alongside, the same measure for every method), the fused ECE, the final
-coefficients and the time. It writes each run's outputs and a combined coefficient plot
-(appendix Figure 7) under ``--out`` (``outputs/demo``).
+Trains the unimodal baselines, Joint, Multi-Loss, MLB, OGM, AGM, PMR, MSLR, MMCosine, Gradient
+Blending and MMPareto on the generated set of :mod:`reference_models.data.synthetic` (waveforms
+through the log-STFT front end, frame clips through the visual encoder) with reduced-width
+ResNet-18 encoders (width 4), through the same training harness as the paper's runs
+(:mod:`reference_models.train`), and prints one table: fused test accuracy, each modality's
+accuracy (a detached linear probe on its encoder, trained alongside, the same measure for every
+method), the fused ECE, the final coefficients and the time. It writes each run's outputs and a
+combined coefficient plot (appendix Figure 7) under ``--out`` (``outputs/demo``).
 
     python -m reference_models.demo                 # the full demo (3-5 min on 2 CPU cores)
     python -m reference_models.demo --seeds 0 1 2   # mean over several data/training seeds
@@ -47,12 +47,16 @@ DEMO_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("PMR", "pmr", {"alpha": 2.0}),
     ("MSLR", "mslr", {"initial": [0.7, 1.3], "memory_epochs": 3}),
     ("MMCosine", "mmcosine", {"scale": 10.0}),
+    ("G-Blend", "gblend", {"every": 2}),
+    ("MMPareto", "mmpareto", {}),
 )
 """(label, method, method options) of each demo row. Hyperparameters: Table 2's CREMA-D ResNet
 column where it fits this short run (OGM α 1, AGM α 3 with its clipping, PMR α 2, MSLR λ
 (0.7, 1.3), MMCosine s 10); MLB α 2 and β_max 3; MSLR's memory shortened to 3
 epochs for a 12-epoch run; PMR's prototypes accumulated from the training steps (the library's
-default, no extra pass)."""
+default, no extra pass); G-Blend re-estimates its loss weights every 2 epochs on the validation
+split (k: the unimodal heads' weights, which sum to 1 with the fused one); MMPareto with the
+authors' gamma 1.5 (k: 1, it scales no modality)."""
 
 DEMO_CONFIG: dict[str, Any] = {
     "dataset": "synthetic",

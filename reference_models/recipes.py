@@ -228,6 +228,10 @@ METHODS: dict[str, MethodRecipe] = {
         epoch_start=_explicit_prototypes,
     ),
     "mslr": MethodRecipe("MSLR", "mslr", wire=_fused_slices),
+    # Gradient Blending's held-out losses come from the per-epoch validation pass, whose
+    # loss() calls run under torch.no_grad() (as MSLR's accuracies).
+    "gblend": MethodRecipe("G-Blend", "gblend"),
+    "mmpareto": MethodRecipe("MMPareto", "mmpareto"),
     "mmcosine": MethodRecipe(
         "MMCosine", "joint", fusion="mmcosine", fusion_options={"scale": 10.0}, wire=_with_probes
     ),
@@ -238,6 +242,7 @@ METHODS: dict[str, MethodRecipe] = {
 
 METHOD_ALIASES: dict[str, str] = {
     "multi_loss": "multiloss",
+    "gradient_blending": "gblend",
     "ogmge": "ogm_ge",
     "audio": "audio_only",
     "video": "video_only",

@@ -12,6 +12,8 @@ otherwise (pass ``feature_dims=None`` for lazy heads); ``encoders=`` replaces th
   the factory (the official prototype pass): the prototype loss is active from step 0.
 * ``mslr`` starts from unequal initial factors, so its gradients are scaled from step 0.
 * ``agm`` clips (threshold low enough to trigger): non-linear work in ``after_backward()``.
+* ``gblend`` re-estimates its loss weights at every ``epoch_end()`` (``every=1``).
+* ``mmpareto`` combines the two gradients into each encoder in every backward pass.
 
 A new method joins every matrix with one line in ``FACTORIES`` (its ``gb.METHODS`` name -> a
 function of the model and the options); ``test_contract.py`` fails while a name is missing.
@@ -122,6 +124,18 @@ def mslr(model: nn.Module, **options: Any) -> gb.Balancer:
     return _build(gb.MSLR, model, encoders, defaults, options)
 
 
+def gblend(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.GBlend, model, encoders, defaults, options)
+
+
+def mmpareto(model: nn.Module, **options: Any) -> gb.Balancer:
+    encoders = _encoders(model, options)
+    defaults = {"feature_dims": [HIDDEN] * len(encoders)}
+    return _build(gb.MMPareto, model, encoders, defaults, options)
+
+
 FACTORIES: dict[str, Factory] = {
     "joint": joint,
     "multiloss": multiloss,
@@ -131,10 +145,13 @@ FACTORIES: dict[str, Factory] = {
     "agm": agm,
     "pmr": pmr,
     "mslr": mslr,
+    "gblend": gblend,
+    "mmpareto": mmpareto,
 }
 
 HEAD_SCORES = ("joint", "multiloss", "mlb")
 """Methods whose scores are their heads' mean true-class probabilities."""
+
 
 def factory_params(exclude: tuple[str, ...] = ()) -> list[Any]:
     """``FACTORIES`` as pytest params with readable ids."""

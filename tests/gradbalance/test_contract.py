@@ -103,6 +103,10 @@ REFUSED = [
     ("pmr", {"momentum": 1.0}, "momentum"),
     ("mslr", {"initial": -1.0}, "initial"),
     ("mslr", {"memory_epochs": 0}, "memory_epochs"),
+    ("gblend", {"every": 0}, "every"),
+    ("gblend", {"min_overfitting": 0.0}, "min_overfitting"),
+    ("mmpareto", {"gamma": 0.0}, "gamma"),
+    ("mmpareto", {"unimodal_weight": -1.0}, "weight"),
 ]
 REFUSED += [
     case
@@ -138,6 +142,10 @@ NONFINITE_HYPERPARAMETERS = [
     ("pmr", "alpha", NAN),
     ("pmr", "momentum", NAN),
     ("mslr", "initial", NAN),
+    ("gblend", "min_overfitting", NAN),
+    ("mmpareto", "gamma", NAN),
+    ("mmpareto", "fused_weight", NAN),
+    ("mmpareto", "unimodal_weight", NAN),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""

@@ -17,6 +17,8 @@ EXPECTED = {
     "agm": gb.AGM,
     "pmr": gb.PMR,
     "mslr": gb.MSLR,
+    "gblend": gb.GBlend,
+    "mmpareto": gb.MMPareto,
 }
 
 
@@ -42,7 +44,14 @@ def test_make_builds_a_working_balancer(name, two_tower):
 
 @pytest.mark.parametrize(
     ("alias", "canonical"),
-    [("MLB", "mlb"), ("OGM-GE", "ogm_ge"), ("ogmge", "ogm_ge"), (" Multi-Loss ", "multiloss")],
+    [
+        ("MLB", "mlb"),
+        ("OGM-GE", "ogm_ge"),
+        ("ogmge", "ogm_ge"),
+        (" Multi-Loss ", "multiloss"),
+        ("Gradient-Blending", "gblend"),
+        ("MM-Pareto", "mmpareto"),
+    ],
 )
 def test_names_are_forgiving(alias, canonical, two_tower):
     bal = gb.make(alias, two_tower, list(two_tower.towers), num_classes=4)
