@@ -41,7 +41,7 @@ from gradbalance._head_logits import (
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
-from gradbalance.errors import CaptureError
+from gradbalance._unimodal import no_unimodal_classifier
 from gradbalance.history import History
 
 __all__ = ["Balancer", "pool_feature"]
@@ -270,13 +270,12 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         return extract_feature(name, output, self._pool[name], self._features[name])
 
     def unimodal_logits(self) -> dict[str, torch.Tensor]:
-        """Each head's logits on the latest forward's features, detached (for evaluation)."""
+        """Detached ``{name: (B, K)}`` logits, on the latest forward, of a classifier that sees
+        modality ``name`` alone: the method's heads (MLB, Multi-Loss) or detached linear probes
+        (``probes=True``). ``UnavailableError`` (naming the fix) when the method has none."""
         features = self.features()
         if not self.heads:
-            raise CaptureError(
-                f"{type(self).__name__} has no unimodal heads; build it with heads (e.g. "
-                "gb.Joint(..., probes=True)) to read per-modality logits"
-            )
+            raise no_unimodal_classifier(self)
         with torch.no_grad():
             prepare_heads(self.heads, features)
             return separate_head_logits(self.heads, features, detach=True)

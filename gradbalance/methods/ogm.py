@@ -50,6 +50,10 @@ class OGM(SlicedScoresMethod):
             ``modality_logits(*features)`` (the reference ``LateLinear``,
             :class:`~gradbalance.MMCosineHead`). It receives the ``(B, D)`` features as the
             balancer sees them (``pool``/``features`` options). ``None``: detached probes.
+        probes: with ``fusion_head``, also attach detached linear probes, so that
+            :meth:`~gradbalance.Balancer.unimodal_logits` has a classifier of each modality
+            alone (the scores still come from the slices, :meth:`modality_slices`). Without
+            ``fusion_head`` the probes are always there (they give the scores).
         parameters: which gradients are modulated. ``"encoder"`` (default): every parameter
             reached through the encoder, by scaling the gradient into its output (one multiply
             per encoder). ``"conv"``: only the encoders' 4-D parameters (conv kernels), as the
@@ -84,6 +88,7 @@ class OGM(SlicedScoresMethod):
         *,
         alpha: float = 0.8,
         fusion_head: nn.Module | None = None,
+        probes: bool = False,
         parameters: ParameterChoice = "encoder",
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
@@ -102,6 +107,7 @@ class OGM(SlicedScoresMethod):
             window=window,
             window_unit=window_unit,
             fusion_head=fusion_head,
+            probes=probes,
             **common,
         )
         self.alpha = alpha
