@@ -31,6 +31,7 @@ from gradbalance._checks import (
     upgrade_state_dict,
 )
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
+from gradbalance._duties import LoopDuties
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._head_logits import (
     head_logits,
@@ -192,6 +193,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._paused = 0
         self._training_calls = 0
         self._ranks = RankSync(model, process_group)
+        self._duties = LoopDuties(self)
         self.steps = 0
         self.epoch = 0
 
@@ -227,6 +229,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
             return
         if not in_backward():
             self._captures.model_forward()
+            self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training)
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
         """The tap of encoder ``name``: capture its output, return the scaled copy."""
@@ -255,8 +258,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         finally:
             self._paused -= 1
 
-    # --- features ---------------------------------------------------------------------------
-
     def features(self) -> dict[str, torch.Tensor]:
         """The ``(B, D)`` feature of each encoder from the latest forward of the model.
 
@@ -279,8 +280,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         with torch.no_grad():
             prepare_heads(self.heads, features)
             return separate_head_logits(self.heads, features, detach=True)
-
-    # --- loss -----------------------------------------------------------------------------
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of this step; also computes and stores the coefficients.
@@ -411,6 +410,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def epoch_end(self) -> None:
         """Mark the end of a training epoch (advances :attr:`epoch`); call once per epoch."""
         self.epoch += 1
+        self._duties.epoch_end()
 
     @property
     def coefficients(self) -> dict[str, torch.Tensor]:

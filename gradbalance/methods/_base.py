@@ -120,6 +120,17 @@ class Method(Balancer):
         position = self.epoch if self.window_unit == "epoch" else self.steps
         return position >= start and (end is None or position <= end)
 
+    def epoch_end_reason(self) -> str | None:
+        """Why this balancer needs :meth:`epoch_end` once per epoch; ``None``: it does not.
+
+        When it does, a loop that resumes training after evaluation forwards (the model in
+        eval mode or under ``torch.no_grad()``) with no ``epoch_end()`` since the training
+        before them gets one :class:`~gradbalance.errors.MissingCallWarning`.
+        """
+        if self.window_unit == "epoch" and tuple(self.window) != (0, None):
+            return f"its modulation window {tuple(self.window)} is counted in epochs"
+        return None
+
     def _encoder_parameters(self, choice: ParameterChoice) -> dict[str, list[nn.Parameter]]:
         """Each encoder's trainable parameters selected by ``choice`` (each parameter once)."""
         keep = parameter_filter(choice)

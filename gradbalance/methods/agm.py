@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from gradbalance._fusion_call import (
 from gradbalance._fusion_call import fusion_call as _fusion_call
 from gradbalance._step import Step
 from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
-from gradbalance.errors import ConfigurationError
+from gradbalance.errors import ConfigurationError, MissingCallWarning
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
 
 Masking = Literal["feature", "input"]
@@ -217,6 +218,8 @@ class AGM(Method):
         self.register_buffer("_shapley", weights.to(torch.float32).to(device), persistent=False)
         self.register_buffer("running_losses", torch.zeros(len(self.names), device=device))
         self.register_buffer("running_count", torch.zeros((), dtype=torch.int64, device=device))
+        self._after_backward_calls = 0
+        self._warned = False
 
     def _masked_logits(
         self, coalition: frozenset[int], features: dict[str, torch.Tensor]
@@ -280,6 +283,15 @@ class AGM(Method):
         if not self.update_running_first:
             self._update_running(step, losses)
         step.store(coefficients, torch.exp(-losses))
+        if self.clip and not self._after_backward_calls and self.steps >= 50 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "AGM(clip=True) clips the gradients in bal.after_backward(), which was never "
+                "called: call it after loss.backward() (after scaler.unscale_(opt) under AMP) "
+                "and before opt.step(); without it AGM trains without the clipping",
+                MissingCallWarning,
+                stacklevel=4,
+            )
         return F.cross_entropy(step.scale(phi).sum(0), step.target) + self._probe_loss(step)
 
     @torch.no_grad()
@@ -310,6 +322,7 @@ class AGM(Method):
         device, without a host synchronisation. Under AMP call it after
         ``scaler.unscale_(opt)``. Without ``clip`` it does nothing.
         """
+        self._after_backward_calls += 1
         if not self.clip:
             return
         watched = [p.grad for p in self.__dict__["_clip_watch"] if p.grad is not None]

@@ -202,6 +202,13 @@ class MSLR(SlicedScoresMethod):
         self._show_epoch_coefficients()
         super().epoch_end()
 
+    def epoch_end_reason(self) -> str | None:
+        """Why MSLR needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
+        return (
+            "it updates the coefficients from the validation accuracies there; without it "
+            "every k stays at its initial value"
+        )
+
     def _show_epoch_coefficients(self) -> None:
         """``bal.coefficients`` shows the coefficients of the coming epoch at once."""
         values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)

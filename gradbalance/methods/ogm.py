@@ -14,6 +14,7 @@ from torch import nn
 from gradbalance._checks import check_alpha
 from gradbalance._step import Step
 from gradbalance.coefficients import ogm_coefficients
+from gradbalance.errors import MissingCallWarning
 from gradbalance.methods._base import (
     ParameterChoice,
     SlicedScoresMethod,
@@ -217,6 +218,7 @@ class OGMGE(OGM):
                 "OGMGE adds its noise in bal.after_backward(), which was never called: call it "
                 "after loss.backward() (after scaler.unscale_(opt) under AMP) and before "
                 "opt.step(); without it OGMGE trains as OGM",
+                MissingCallWarning,
                 stacklevel=4,
             )
 

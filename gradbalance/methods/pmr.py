@@ -293,6 +293,14 @@ class PMR(Method):
             self.update_prototypes()
         super().epoch_end()
 
+    def epoch_end_reason(self) -> str | None:
+        """Why PMR needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
+        if self.prototype_source == "accumulate":
+            return "it builds the prototypes there; without it PMR trains as Joint"
+        if self.first_blend_epoch > 0:
+            return f"first_blend_epoch={self.first_blend_epoch} is counted in epochs"
+        return super().epoch_end_reason()
+
     # -- loss ---------------------------------------------------------------------------
 
     def prototype_logits(
