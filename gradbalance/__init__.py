@@ -11,7 +11,7 @@ ordinary ``backward()``::
 from gradbalance import coefficients, errors, testing
 from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
-from gradbalance.history import History, plot_history
+from gradbalance.history import History, HistoryTable, plot_history
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mslr import MSLR
@@ -32,6 +32,7 @@ __all__ = [
     "PMR",
     "Balancer",
     "History",
+    "HistoryTable",
     "Joint",
     "MMCosineHead",
     "MultiLoss",

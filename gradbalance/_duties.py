@@ -37,24 +37,24 @@ def epoch_end_message(method: str, reason: str) -> str:
 class LoopDuties:
     """Tracks training forwards, evaluation forwards and ``epoch_end()`` calls of one balancer.
 
-        Args:
-            owner: the balancer; its ``epoch_end_reason()`` (when it has one) says why it needs
-                ``epoch_end()`` (``None``: it does not). Read only when the pattern occurs, so
-                later changes of the options count.
+    Args:
+        owner: the balancer; its ``epoch_end_reason()`` (when it has one) says why it needs
+            ``epoch_end()`` (``None``: it does not). Read only when the pattern occurs, so
+            later changes of the options count.
 
-        Example:
-            >>> import warnings
-    import weakref
-            >>> class Owner:
-            ...     def epoch_end_reason(self):
-            ...         return "it builds the prototypes there"
-            >>> duties = LoopDuties(Owner())
-            >>> with warnings.catch_warnings(record=True) as caught:
-            ...     warnings.simplefilter("always")
-            ...     for training in (True, False, True, False, True):  # train, validate, train...
-            ...         duties.model_forward(training)
-            >>> len(caught), caught[0].category.__name__, "Owner needs" in str(caught[0].message)
-            (1, 'MissingCallWarning', True)
+    Example:
+        >>> import warnings
+        >>> class Owner:
+        ...     def epoch_end_reason(self):
+        ...         return "it builds the prototypes there"
+        >>> owner = Owner()
+        >>> duties = LoopDuties(owner)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     for training in (True, False, True, False, True):  # train, validate, train...
+        ...         duties.model_forward(training)
+        >>> len(caught), caught[0].category.__name__, "Owner needs" in str(caught[0].message)
+        (1, 'MissingCallWarning', True)
     """
 
     def __init__(self, owner: object) -> None:

@@ -45,6 +45,14 @@ def stack_if_uniform(features: Mapping[str, torch.Tensor]) -> torch.Tensor | Non
     return stack(tensors) if uniform else None
 
 
+def _plain_linear(head: nn.Module) -> bool:
+    """An ``nn.Linear`` with the stock forward: a materialised lazy head counts too (it stays
+    an ``nn.LazyLinear`` until its first call when its parameters were loaded)."""
+    if type(head) is nn.LazyLinear:
+        return not head.has_uninitialized_params()
+    return type(head) is nn.Linear
+
+
 def stackable(
     heads: Mapping[str, nn.Module] | nn.ModuleDict, features: Mapping[str, torch.Tensor]
 ) -> bool:
@@ -53,7 +61,7 @@ def stackable(
     modules = list(heads.values())
     tensors = list(features.values())
     first, feature = modules[0], tensors[0]
-    if not all(type(h) is nn.Linear and h.bias is not None for h in modules):
+    if not all(_plain_linear(h) and h.bias is not None for h in modules):
         return False
     shape, device, dtype = first.weight.shape, feature.device, feature.dtype
     return all(

@@ -43,7 +43,7 @@ from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
 from gradbalance._unimodal import no_unimodal_classifier
-from gradbalance.history import History
+from gradbalance.history import History, HistoryTable
 
 __all__ = ["Balancer", "pool_feature"]
 
@@ -397,7 +397,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
     ) -> None:
         """Append one step to :attr:`history` (device-side)."""
-        self._history.record(coefficients, scores, valid)
+        self._history.record(coefficients, scores, valid, epoch=self.epoch, step=self.steps)
 
     def after_backward(self) -> None:
         """Per-parameter work on the final gradients; a no-op for MLB, Multi-Loss and Joint.
@@ -425,9 +425,9 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         return {name: values[index] for index, name in enumerate(self.names)}
 
     @property
-    def history(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-step ``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU
-        (finite training steps only)."""
+    def history(self) -> HistoryTable:
+        """Per-step ``{name: {"coefficients": (S,), "scores": (S,)}}`` on the CPU (finite
+        training steps only), a :class:`~gradbalance.HistoryTable` (epochs, exports)."""
         self._guard.raise_recorded()
         return self._history.as_dict()
 
