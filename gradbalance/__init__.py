@@ -8,7 +8,7 @@ ordinary ``backward()``::
     loss.backward()
 """
 
-from gradbalance import coefficients, errors, testing
+from gradbalance import coefficients, diagnostics, errors, testing
 from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, HistoryTable, plot_history
@@ -38,6 +38,7 @@ __all__ = [
     "MultiLoss",
     "__version__",
     "coefficients",
+    "diagnostics",
     "errors",
     "make",
     "plot_history",
