@@ -17,7 +17,11 @@ from gradbalance.errors import UnavailableError
 def no_unimodal_classifier(balancer: Any) -> UnavailableError:
     """The :class:`~gradbalance.errors.UnavailableError` that names how to get one."""
     name = type(balancer).__name__
-    accepts_probes = "probes" in inspect.signature(type(balancer).__init__).parameters
+    accepts_probes = any(
+        "probes" in inspect.signature(cls.__init__).parameters
+        for cls in type(balancer).__mro__
+        if "__init__" in vars(cls)
+    )
     if accepts_probes:
         fix = (
             f"build it with probes=True (gb.{name}(..., probes=True): detached linear probes, "
