@@ -14,7 +14,6 @@ the model: no tensor is read, no host synchronisation.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable
 
 from gradbalance.errors import MissingCallWarning
@@ -37,52 +36,40 @@ def epoch_end_message(method: str, reason: str) -> str:
 class LoopDuties:
     """Tracks training forwards, evaluation forwards and ``epoch_end()`` calls of one balancer.
 
-    Args:
-        owner: the balancer; its ``epoch_end_reason()`` (when it has one) says why it needs
-            ``epoch_end()`` (``None``: it does not). Read only when the pattern occurs, so
-            later changes of the options count.
-
     Example:
         >>> import warnings
         >>> class Owner:
         ...     def epoch_end_reason(self):
         ...         return "it builds the prototypes there"
-        >>> owner = Owner()
-        >>> duties = LoopDuties(owner)
+        >>> owner, duties = Owner(), LoopDuties()
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
         ...     for training in (True, False, True, False, True):  # train, validate, train...
-        ...         duties.model_forward(training)
+        ...         duties.model_forward(training, owner)
         >>> len(caught), caught[0].category.__name__, "Owner needs" in str(caught[0].message)
         (1, 'MissingCallWarning', True)
     """
 
-    def __init__(self, owner: object) -> None:
-        self.method = type(owner).__name__
-        self._owner = weakref.ref(owner)  # no reference cycle: the balancer is freed at once
+    def __init__(self) -> None:
         self.trained = False
         self.evaluated = False
         self.warned = False
 
-    def model_forward(self, training: bool) -> None:
-        """Note one forward of the model (``training``: train mode with gradients enabled)."""
+    def model_forward(self, training: bool, owner: object) -> None:
+        """Note one forward of the model (``training``: train mode with gradients enabled)
+        of ``owner``, the balancer (its ``epoch_end_reason()``, when it has one, says why it
+        needs ``epoch_end()``; read only when the pattern occurs)."""
         if not training:
             self.evaluated = self.evaluated or self.trained
             return
         if self.evaluated and not self.warned:
-            reason = self.reason()
+            explain: Callable[[], str | None] | None = getattr(owner, "epoch_end_reason", None)
+            reason = explain() if explain is not None else None
             if reason is not None:
                 self.warned = True
-                warnings.warn(
-                    epoch_end_message(self.method, reason), MissingCallWarning, stacklevel=3
-                )
+                message = epoch_end_message(type(owner).__name__, reason)
+                warnings.warn(message, MissingCallWarning, stacklevel=3)
         self.trained, self.evaluated = True, False
-
-    def reason(self) -> str | None:
-        """Why the owner needs ``epoch_end()``; ``None`` when it does not (or is gone)."""
-        owner = self._owner()
-        explain: Callable[[], str | None] | None = getattr(owner, "epoch_end_reason", None)
-        return explain() if explain is not None else None
 
     def epoch_end(self) -> None:
         """``epoch_end()`` was called: a new epoch starts."""

@@ -18,7 +18,7 @@ def no_unimodal_classifier(balancer: Any) -> UnavailableError:
     """The :class:`~gradbalance.errors.UnavailableError` that names how to get one."""
     name = type(balancer).__name__
     accepts_probes = any(
-        "probes" in inspect.signature(cls.__init__).parameters
+        "probes" in inspect.signature(vars(cls)["__init__"]).parameters
         for cls in type(balancer).__mro__
         if "__init__" in vars(cls)
     )

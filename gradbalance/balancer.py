@@ -193,7 +193,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._paused = 0
         self._training_calls = 0
         self._ranks = RankSync(model, process_group)
-        self._duties = LoopDuties(self)
+        self._duties = LoopDuties()
         self.steps = 0
         self.epoch = 0
 
@@ -229,7 +229,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
             return
         if not in_backward():
             self._captures.model_forward()
-            self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training)
+            self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training, self)
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
         """The tap of encoder ``name``: capture its output, return the scaled copy."""

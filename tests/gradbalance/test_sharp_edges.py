@@ -333,3 +333,13 @@ def test_agm_clip_without_after_backward_warns_once():
             bal.loss(model(*batch(step % 3)), Y).backward()
             bal.after_backward()
     assert not [w for w in caught if issubclass(w.category, MissingCallWarning)]
+
+
+def test_the_bookkeeping_keeps_the_balancer_picklable():
+    import pickle
+
+    model = net()
+    bal = gb.PMR(model, [model.audio, model.video], 3)
+    epochs(bal, model, call_epoch_end=True, count=1)
+    copy = pickle.loads(pickle.dumps(bal))
+    assert copy.epoch == 1 and copy.epoch_end_reason() == bal.epoch_end_reason()
