@@ -8,10 +8,10 @@ ordinary ``backward()``::
     loss.backward()
 """
 
-from gradbalance import coefficients, errors, testing
+from gradbalance import coefficients, diagnostics, errors, testing
 from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
-from gradbalance.history import History, plot_history
+from gradbalance.history import History, HistoryTable, plot_history
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.joint import Joint
@@ -35,12 +35,14 @@ __all__ = [
     "Balancer",
     "GBlend",
     "History",
+    "HistoryTable",
     "Joint",
     "MMCosineHead",
     "MMPareto",
     "MultiLoss",
     "__version__",
     "coefficients",
+    "diagnostics",
     "errors",
     "make",
     "plot_history",

@@ -65,6 +65,12 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def owner_of(module: nn.Module) -> Any:
+    """The attached balancer that taps ``module``, or None."""
+    reference = _OWNERS.get(module)
+    return reference() if reference is not None else None
+
+
 def refuse_owned(encoders: Mapping[str, nn.Module]) -> None:
     """Refuse encoders that another (attached) balancer taps already."""
     for name, module in encoders.items():

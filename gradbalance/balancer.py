@@ -31,6 +31,7 @@ from gradbalance._checks import (
     upgrade_state_dict,
 )
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
+from gradbalance._duties import LoopDuties
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._head_logits import (
     head_logits,
@@ -41,8 +42,8 @@ from gradbalance._head_logits import (
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
-from gradbalance.errors import CaptureError
-from gradbalance.history import History
+from gradbalance._unimodal import no_unimodal_classifier
+from gradbalance.history import History, HistoryTable
 
 __all__ = ["Balancer", "pool_feature"]
 
@@ -192,6 +193,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._paused = 0
         self._training_calls = 0
         self._ranks = RankSync(model, process_group)
+        self._duties = LoopDuties()
         self.steps = 0
         self.epoch = 0
 
@@ -227,6 +229,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
             return
         if not in_backward():
             self._captures.model_forward()
+            self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training, self)
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
         """The tap of encoder ``name``: capture its output, return the scaled copy."""
@@ -255,8 +258,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         finally:
             self._paused -= 1
 
-    # --- features ---------------------------------------------------------------------------
-
     def features(self) -> dict[str, torch.Tensor]:
         """The ``(B, D)`` feature of each encoder from the latest forward of the model.
 
@@ -270,18 +271,15 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         return extract_feature(name, output, self._pool[name], self._features[name])
 
     def unimodal_logits(self) -> dict[str, torch.Tensor]:
-        """Each head's logits on the latest forward's features, detached (for evaluation)."""
+        """Detached ``{name: (B, K)}`` logits, on the latest forward, of a classifier that sees
+        modality ``name`` alone: the method's heads (MLB, Multi-Loss) or detached linear probes
+        (``probes=True``). ``UnavailableError`` (naming the fix) when the method has none."""
         features = self.features()
         if not self.heads:
-            raise CaptureError(
-                f"{type(self).__name__} has no unimodal heads; build it with heads (e.g. "
-                "gb.Joint(..., probes=True)) to read per-modality logits"
-            )
+            raise no_unimodal_classifier(self)
         with torch.no_grad():
             prepare_heads(self.heads, features)
             return separate_head_logits(self.heads, features, detach=True)
-
-    # --- loss -----------------------------------------------------------------------------
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of this step; also computes and stores the coefficients.
@@ -399,7 +397,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
     ) -> None:
         """Append one step to :attr:`history` (device-side)."""
-        self._history.record(coefficients, scores, valid)
+        self._history.record(coefficients, scores, valid, epoch=self.epoch, step=self.steps)
 
     def after_backward(self) -> None:
         """Per-parameter work on the final gradients; a no-op for MLB, Multi-Loss and Joint.
@@ -412,6 +410,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def epoch_end(self) -> None:
         """Mark the end of a training epoch (advances :attr:`epoch`); call once per epoch."""
         self.epoch += 1
+        self._duties.epoch_end()
 
     @property
     def coefficients(self) -> dict[str, torch.Tensor]:
@@ -426,9 +425,9 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         return {name: values[index] for index, name in enumerate(self.names)}
 
     @property
-    def history(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-step ``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU
-        (finite training steps only)."""
+    def history(self) -> HistoryTable:
+        """Per-step ``{name: {"coefficients": (S,), "scores": (S,)}}`` on the CPU (finite
+        training steps only), a :class:`~gradbalance.HistoryTable` (epochs, exports)."""
         self._guard.raise_recorded()
         return self._history.as_dict()
 

@@ -53,3 +53,14 @@ class NonFiniteError(GradbalanceError, RuntimeError):
 
 class DeviceError(GradbalanceError, RuntimeError):
     """A tensor is on another device than the balancer's state for that encoder."""
+
+
+class UnavailableError(GradbalanceError, RuntimeError):
+    """The balancer was not built with what this call reads: e.g. ``unimodal_logits()`` on a
+    method without a classifier of one modality alone (build it with ``probes=True``), or
+    ``modality_slices()`` without a ``fusion_head``."""
+
+
+class MissingCallWarning(UserWarning):
+    """The training loop skips a call the method needs (``bal.epoch_end()`` once per epoch,
+    ``bal.after_backward()`` before each optimizer step); issued once per balancer and kind."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,10 @@ class MMCosineHead(nn.Module):
     Each modality's features and each class's weight vector are L2-normalised, so no
     modality can dominate the fused logits by the norm of its features (Xu et al., ICASSP
     2023). Works with any balancer.
+
+    Call convention: one ``(B, D_m)`` feature tensor per modality, in the order of
+    ``feature_dims``, either as separate arguments ``head(z_1, ..., z_M)`` or as one list or
+    tuple ``head([z_1, ..., z_M])`` (the same result).
 
     ``modality_logits(*features)`` returns the per-modality terms (they sum to the forward
     output), so OGM and MSLR read their unimodal scores from it (``fusion_head=head``), and
@@ -38,6 +43,8 @@ class MMCosineHead(nn.Module):
         >>> head(a, v).shape
         torch.Size([4, 3])
         >>> torch.allclose(head(a, v), sum(head.modality_logits(a, v)))
+        True
+        >>> torch.equal(head([a, v]), head(a, v))  # a list (or tuple) of features works too
         True
     """
 
@@ -64,14 +71,21 @@ class MMCosineHead(nn.Module):
         for weight in self.weights:
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
-    def modality_logits(self, *features: torch.Tensor) -> list[torch.Tensor]:
-        """The per-modality terms ``scale * cos(z_m, w_m)``, each ``(B, K)``."""
-        if len(features) != len(self.weights):
+    def modality_logits(
+        self, *features: torch.Tensor | Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The per-modality terms ``scale * cos(z_m, w_m)``, each ``(B, K)``.
+
+        Called as ``modality_logits(z_1, ..., z_M)`` or ``modality_logits([z_1, ..., z_M])``.
+        """
+        tensors = _feature_list(features)
+        if len(tensors) != len(self.weights):
             raise ValueError(
-                f"MMCosineHead was built for {len(self.weights)} modalities, "
-                f"got {len(features)} feature tensors"
+                "MMCosineHead takes one feature tensor per modality, as head(z_1, ..., z_M) or "
+                f"head([z_1, ..., z_M]): it was built for {len(self.weights)} modalities, "
+                f"got {len(tensors)}"
             )
-        for index, (z, dim) in enumerate(zip(features, self.feature_dims)):
+        for index, (z, dim) in enumerate(zip(tensors, self.feature_dims)):
             if z.shape[-1] != dim:
                 raise ValueError(
                     f"MMCosineHead: modality {index} should have feature width {dim}, "
@@ -79,17 +93,25 @@ class MMCosineHead(nn.Module):
                 )
         return [
             self.scale * F.linear(F.normalize(z, dim=-1), F.normalize(w, dim=-1))
-            for z, w in zip(features, self.weights)
+            for z, w in zip(tensors, self.weights)
         ]
 
     def modality_parameters(self) -> list[list[nn.Parameter]]:
         """Each modality's class-weight block ``[[W_m]]`` (there is no bias)."""
         return [[weight] for weight in self.weights]
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+    def forward(self, *features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused logits ``(B, K)``: ``head(z_1, ..., z_M)`` or ``head([z_1, ..., z_M])``."""
         return torch.stack(self.modality_logits(*features)).sum(0)
 
     def extra_repr(self) -> str:
         return (
             f"feature_dims={self.feature_dims}, num_classes={self.num_classes}, scale={self.scale}"
         )
+
+
+def _feature_list(features: tuple[torch.Tensor | Sequence[torch.Tensor], ...]) -> list[Any]:
+    """The features given as separate arguments, or as one list or tuple of tensors."""
+    if len(features) == 1 and isinstance(features[0], (list, tuple)):
+        return list(features[0])
+    return list(features)

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+from gradbalance._history_table import HistoryTable
+
+__all__ = ["QUANTITIES", "History", "HistoryTable", "plot_history"]
+
 QUANTITIES = ("coefficients", "scores")
 
 
@@ -50,12 +54,19 @@ class History:
         self._flags_written = False
         self._filled = 0
         self._flushed: list[torch.Tensor] = []
+        # (step, epoch) of each row of the device block, and of each flushed (valid) row.
+        self._meta: list[tuple[int, int]] = []
+        self._flushed_meta: list[torch.Tensor] = []
+        self._recorded = 0
 
     def record(
         self,
         coefficients: torch.Tensor,
         scores: torch.Tensor,
         valid: torch.Tensor | None = None,
+        *,
+        epoch: int = 0,
+        step: int | None = None,
     ) -> None:
         """Store one step's coefficients and scores (1-D tensors of length M).
 
@@ -63,7 +74,12 @@ class History:
             coefficients: the step's coefficients.
             scores: the step's scores.
             valid: optional 0-dim bool tensor; a step recorded with ``False`` is dropped.
+            epoch: the training epoch of the step (the balancer's ``epoch``).
+            step: the step's index (the balancer's ``steps``); default: the number of steps
+                recorded before it.
         """
+        self._meta.append((self._recorded if step is None else int(step), int(epoch)))
+        self._recorded += 1
         if self._block.device != coefficients.device:
             self.flush()
             self._block = self._block.to(coefficients.device)
@@ -81,7 +97,11 @@ class History:
         """Copy the steps recorded on the device to the CPU (one transfer)."""
         if self._filled:
             block = self._block[: self._filled].to("cpu", copy=True)
-            self._flushed.append(block[block[:, 2, 0] > 0.5, : len(QUANTITIES)])
+            keep = block[:, 2, 0] > 0.5
+            self._flushed.append(block[keep, : len(QUANTITIES)])
+            meta = torch.tensor(self._meta, dtype=torch.int64).reshape(-1, 2)
+            self._flushed_meta.append(meta[keep])
+            self._meta = []
             self._filled = 0
             if self._flags_written:  # rows recorded without a flag count as valid
                 self._block[:, 2].fill_(1.0)
@@ -94,6 +114,7 @@ class History:
     def clear(self) -> None:
         """Forget every recorded step."""
         self._flushed, self._filled = [], 0
+        self._flushed_meta, self._meta = [], []
         if self._flags_written:
             self._block[:, 2].fill_(1.0)
             self._flags_written = False
@@ -107,13 +128,25 @@ class History:
             self._flushed = [torch.cat(self._flushed)]
         return self._flushed[0]
 
-    def as_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU."""
+    def steps_and_epochs(self) -> torch.Tensor:
+        """``(steps, 2)`` int64 on the CPU: the step index and the epoch of each valid step."""
+        self.flush()
+        if not self._flushed_meta:
+            return torch.zeros(0, 2, dtype=torch.int64)
+        if len(self._flushed_meta) > 1:
+            self._flushed_meta = [torch.cat(self._flushed_meta)]
+        return self._flushed_meta[0]
+
+    def as_dict(self) -> HistoryTable:
+        """``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU, as a
+        :class:`HistoryTable` (a ``dict`` that also knows each step's index and epoch)."""
         table = self.tensor()
-        return {
+        meta = self.steps_and_epochs()
+        series = {
             name: {q: table[:, qi, mi] for qi, q in enumerate(QUANTITIES)}
             for mi, name in enumerate(self.names)
         }
+        return HistoryTable(series, steps=meta[:, 0], epochs=meta[:, 1])
 
 
 def plot_history(

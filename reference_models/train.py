@@ -21,8 +21,10 @@ validation every epoch, early stopping on the fused validation accuracy (strictl
 resets the patience), at most ``max_epochs`` epochs, test metrics of the best-validation
 checkpoint. Every method also trains a detached linear probe per modality (stop-gradient:
 it never reaches the encoders), so each modality's accuracy is measured the same way
-whatever the method; methods with unimodal heads (Multi-Loss, MLB) or fused-head slices
-(OGM, MSLR) report those too.
+whatever the method (``probe_*`` keys); methods with a classifier of each modality alone
+(the heads of Multi-Loss and MLB, detached probes of their own) report it under ``head_*``,
+and OGM and MSLR with a fused head report that head's per-modality slices under ``slice_*``
+(what they score; not a per-modality accuracy).
 
 The harness is split by concern under :mod:`reference_models.training` (configuration,
 components, step, loop, checkpoints, report); this module is its command line and re-exports

@@ -20,7 +20,7 @@ from torch import nn
 from gradbalance._checks import check_fusion_head, check_window
 from gradbalance._step import Step
 from gradbalance.balancer import Balancer
-from gradbalance.errors import ConfigurationError
+from gradbalance.errors import ConfigurationError, UnavailableError
 
 WindowUnit = Literal["epoch", "step"]
 ParameterChoice = Literal["encoder", "conv"] | Callable[[str, nn.Parameter], bool]
@@ -120,6 +120,17 @@ class Method(Balancer):
         position = self.epoch if self.window_unit == "epoch" else self.steps
         return position >= start and (end is None or position <= end)
 
+    def epoch_end_reason(self) -> str | None:
+        """Why this balancer needs :meth:`epoch_end` once per epoch; ``None``: it does not.
+
+        When it does, a loop that resumes training after evaluation forwards (the model in
+        eval mode or under ``torch.no_grad()``) with no ``epoch_end()`` since the training
+        before them gets one :class:`~gradbalance.errors.MissingCallWarning`.
+        """
+        if self.window_unit == "epoch" and tuple(self.window) != (0, None):
+            return f"its modulation window {tuple(self.window)} is counted in epochs"
+        return None
+
     def _encoder_parameters(self, choice: ParameterChoice) -> dict[str, list[nn.Parameter]]:
         """Each encoder's trainable parameters selected by ``choice`` (each parameter once)."""
         keep = parameter_filter(choice)
@@ -148,7 +159,10 @@ class SlicedScoresMethod(Method):
 
     With ``fusion_head`` (a late-linear head, see :func:`modality_slices`) each modality's
     logits are its slice of the fused logits, as the official OGM and the MLB code's MSLR
-    read them; without it, detached linear probes stand in. Not a method itself.
+    read them (:meth:`modality_slices`); without it, detached linear probes stand in. With
+    ``fusion_head`` and ``probes=True`` the probes are added as well, only so that
+    :meth:`~gradbalance.Balancer.unimodal_logits` has a classifier of each modality alone (the
+    scores still come from the slices). Not a method itself.
     """
 
     def __init__(
@@ -158,14 +172,16 @@ class SlicedScoresMethod(Method):
         num_classes: int,
         *,
         fusion_head: nn.Module | None = None,
+        probes: bool = False,
         **options: Any,
     ) -> None:
         check_fusion_head(fusion_head)
+        with_probes = fusion_head is None or bool(probes)
         super().__init__(
             model,
             encoders,
             num_classes,
-            head_mode="none" if fusion_head is not None else "probe",
+            head_mode="probe" if with_probes else "none",
             **options,
         )
         self.__dict__["_fusion_head"] = fusion_head  # not a submodule: it belongs to the model
@@ -190,8 +206,23 @@ class SlicedScoresMethod(Method):
             return list(self._slices(step.features).values())
         return step.unimodal_stack()
 
-    def unimodal_logits(self) -> dict[str, torch.Tensor]:
-        """Each modality's logits on the last forward: fused-head slices or probe outputs."""
-        if self.fusion_head is not None:
-            return self._slices(self.features())
-        return super().unimodal_logits()
+    def modality_slices(self) -> dict[str, torch.Tensor]:
+        """``{name: (B, K)}``: the fused head's per-modality slices on the latest forward,
+        detached: what this method scores with ``fusion_head`` (``W_m z_m + b / M`` for an
+        ``nn.Linear``; ``head.modality_logits(*features)`` otherwise).
+
+        Not a per-modality accuracy: the slice of a jointly trained head is not a classifier of
+        that modality alone (its accuracy is usually well below what the modality reaches on
+        its own). For that, build the balancer with ``probes=True`` and read
+        :meth:`~gradbalance.Balancer.unimodal_logits`.
+
+        Raises:
+            UnavailableError: the balancer has no ``fusion_head`` (it scores its probes:
+                read :meth:`~gradbalance.Balancer.unimodal_logits`).
+        """
+        if self.fusion_head is None:
+            raise UnavailableError(
+                f"{type(self).__name__} was built without fusion_head, so there are no fused-head "
+                "slices: it scores detached linear probes, read bal.unimodal_logits()"
+            )
+        return self._slices(self.features())

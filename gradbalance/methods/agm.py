@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -10,10 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from gradbalance._checks import check_alpha, check_choice, check_number
+from gradbalance._checks import check_alpha, check_choice, check_feature_dims, check_number
+from gradbalance._fusion_call import (
+    MISSING_FUSION,
+    FusionCall,
+    call_fusion,
+    check_static_widths,
+)
+from gradbalance._fusion_call import fusion_call as _fusion_call
 from gradbalance._step import Step
 from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
-from gradbalance.errors import ConfigurationError
+from gradbalance.errors import ConfigurationError, MissingCallWarning
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
 
 Masking = Literal["feature", "input"]
@@ -57,8 +65,13 @@ class AGM(Method):
         num_classes: number of classes.
         alpha: strength, >= 0.
         masking: ``"feature"`` or ``"input"``.
-        fusion: for ``"feature"``: the callable ``fusion(*features) -> logits``, features in
-            encoder order.
+        fusion: for ``"feature"``: the model's fused head, called on the features in encoder
+            order, either as ``fusion(z_1, ..., z_M)`` (a head taking one feature tensor per
+            modality, e.g. :class:`~gradbalance.MMCosineHead`) or, when it takes one tensor
+            (an ``nn.Linear`` over the concatenated features, an ``nn.Sequential``, any module
+            or function with one positional parameter), as
+            ``fusion(torch.cat([z_1, ..., z_M], dim=-1))``; :attr:`fusion_call` says which.
+            An ``nn.Linear``'s ``in_features`` must be the sum of the feature widths.
         forward_masked: for ``"input"``: ``forward_masked(masked: frozenset[str]) -> logits`` on
             the current batch (a closure over your loop's batch variables works).
         fusion_inputs: ``"features"`` (default): ``fusion`` receives the ``(B, D)`` features
@@ -77,6 +90,10 @@ class AGM(Method):
             parameters outside the encoders, i.e. the fusion).
         clip_threshold, clip_max_norm: 1.0 and 1.0 in the official code (5 and 5 in the MLB authors'
             three-modality code).
+        probes: attach detached linear probes (stop-gradient heads that never reach the
+            encoders; their own cross-entropy is added to the loss), so that
+            :meth:`~gradbalance.Balancer.unimodal_logits` has a classifier of each modality
+            alone. AGM itself never reads them.
         enabled: modulate at all. Disabled (or outside the window) the loss is the plain fused
             cross-entropy, no masked pass runs and nothing is recorded.
         window, window_unit: the modulation window, as :class:`OGM`.
@@ -89,7 +106,9 @@ class AGM(Method):
         >>> import torch, gradbalance as gb
         >>> model = gb.testing.TwoTowerNet()
         >>> bal = gb.AGM(model, encoders=[model.audio, model.video], num_classes=3, alpha=1.0,
-        ...              fusion=lambda a, v: model.fusion(torch.cat([a, v], 1)))
+        ...              fusion=model.fusion)  # an nn.Linear over the concatenated features
+        >>> bal.fusion_call
+        'concatenated'
         >>> y = torch.tensor([0, 1, 2, 0])
         >>> bal.loss(model(torch.randn(4, 8), torch.randn(4, 6)), y).backward()
         >>> bal.after_backward()
@@ -124,6 +143,7 @@ class AGM(Method):
         clip_watch: Iterable[nn.Parameter] | None = None,
         clip_threshold: float = 1.0,
         clip_max_norm: float = 1.0,
+        probes: bool = False,
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
         window_unit: WindowUnit = "epoch",
@@ -132,10 +152,7 @@ class AGM(Method):
         alpha = check_alpha(alpha)
         if masking == "feature":
             if not callable(fusion):
-                raise ConfigurationError(
-                    "masking='feature' needs fusion=callable(*features) -> fused logits (e.g. "
-                    "fusion=model.fusion); or use masking='input' with forward_masked="
-                )
+                raise ConfigurationError(MISSING_FUSION)
         elif masking == "input":
             if not callable(forward_masked):
                 raise ConfigurationError(
@@ -169,8 +186,19 @@ class AGM(Method):
             enabled=enabled,
             window=window,
             window_unit=window_unit,
+            head_mode="probe" if probes else "none",
             **common,
         )
+        self.fusion_call: FusionCall = "per-modality"
+        if masking == "feature" and fusion is not None:
+            self.fusion_call = _fusion_call(fusion, len(self.names))
+            if self.fusion_call == "concatenated" and fusion_inputs == "outputs":
+                raise ConfigurationError(
+                    "fusion_inputs='outputs' passes each encoder's raw output as one argument: "
+                    "fusion must take one argument per modality, fusion(out_1, ..., out_M)"
+                )
+            widths = check_feature_dims(common.get("feature_dims"), self.names)
+            check_static_widths(fusion, list(widths.values()))
         self.alpha = alpha
         self.masking = masking
         self.__dict__["_fusion"] = fusion
@@ -190,6 +218,8 @@ class AGM(Method):
         self.register_buffer("_shapley", weights.to(torch.float32).to(device), persistent=False)
         self.register_buffer("running_losses", torch.zeros(len(self.names), device=device))
         self.register_buffer("running_count", torch.zeros((), dtype=torch.int64, device=device))
+        self._after_backward_calls = 0
+        self._warned = False
 
     def _masked_logits(
         self, coalition: frozenset[int], features: dict[str, torch.Tensor]
@@ -210,7 +240,7 @@ class AGM(Method):
             for n, x in zip(self.names, inputs)
         ]
         with eval_mode(model, self.eval_masked):
-            return self.__dict__["_fusion"](*inputs)
+            return call_fusion(self.__dict__["_fusion"], self.fusion_call, inputs)
 
     def shapley_logits(
         self, logits: torch.Tensor, features: dict[str, torch.Tensor] | None = None
@@ -238,7 +268,7 @@ class AGM(Method):
 
     def _loss(self, step: Step) -> torch.Tensor:
         if not step.training or not self.active():
-            return F.cross_entropy(step.logits, step.target)
+            return F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
         self.__dict__["_last_outputs"] = step.outputs
         phi = self.shapley_logits(step.logits, step.features)
         device = self.running_losses.device
@@ -253,7 +283,16 @@ class AGM(Method):
         if not self.update_running_first:
             self._update_running(step, losses)
         step.store(coefficients, torch.exp(-losses))
-        return F.cross_entropy(step.scale(phi).sum(0), step.target)
+        if self.clip and not self._after_backward_calls and self.steps >= 50 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "AGM(clip=True) clips the gradients in bal.after_backward(), which was never "
+                "called: call it after loss.backward() (after scaler.unscale_(opt) under AMP) "
+                "and before opt.step(); without it AGM trains without the clipping",
+                MissingCallWarning,
+                stacklevel=4,
+            )
+        return F.cross_entropy(step.scale(phi).sum(0), step.target) + self._probe_loss(step)
 
     @torch.no_grad()
     def _update_running(self, step: Step, losses: torch.Tensor) -> None:
@@ -283,6 +322,7 @@ class AGM(Method):
         device, without a host synchronisation. Under AMP call it after
         ``scaler.unscale_(opt)``. Without ``clip`` it does nothing.
         """
+        self._after_backward_calls += 1
         if not self.clip:
             return
         watched = [p.grad for p in self.__dict__["_clip_watch"] if p.grad is not None]

@@ -29,14 +29,14 @@ class MSLR(SlicedScoresMethod):
     accuracies are remembered, ``k_m = initial_m``. The loss is the fused cross-entropy only
     (plus the probes' own, which reaches only the probes).
 
-    The per-modality accuracies come from the fused head's slices (``fusion_head``, as the
-    MLB authors' code) or from detached linear probes trained alongside. The balancer
-    collects them itself: every
-    ``bal.loss(logits, y)`` called under ``torch.no_grad()`` (your validation loop) adds the
-    batch to this epoch's counts; then :meth:`epoch_end` applies them. You can also pass the
-    accuracies: ``bal.epoch_end(accuracies={"audio": 0.61, "video": 0.48})``. Every
-    evaluation ``loss()`` counts (under ``torch.no_grad()``, or with the encoders in eval
-    mode), so run only validation batches through it between two ``epoch_end()`` calls.
+    The per-modality accuracies come from the fused head's slices (``fusion_head``, as the MLB
+    authors' code) or from detached linear probes trained alongside. The balancer collects
+    them itself: every ``bal.loss(logits, y)`` called under ``torch.no_grad()`` (your
+    validation loop) adds the batch to this epoch's counts; then :meth:`epoch_end` applies
+    them. You can also pass the accuracies:
+    ``bal.epoch_end(accuracies={"audio": 0.61, "video": 0.48})``. Every evaluation ``loss()``
+    counts (under ``torch.no_grad()``, or with the encoders in eval mode), so run only
+    validation batches through it between two ``epoch_end()`` calls.
 
     Args:
         model: the multimodal model (unchanged by the balancer).
@@ -47,6 +47,8 @@ class MSLR(SlicedScoresMethod):
         memory_epochs: K, how many past accuracies the trend is measured against (5 in the
             configs).
         fusion_head: as :class:`OGM` (``None``: detached probes).
+        probes: as :class:`OGM` (with ``fusion_head``: also detached probes, for
+            :meth:`~gradbalance.Balancer.unimodal_logits`).
         enabled: modulate at all (False: every k is 1).
         **common: the options of :class:`~gradbalance.balancer.Balancer`.
 
@@ -83,6 +85,7 @@ class MSLR(SlicedScoresMethod):
         initial: float | Sequence[float] | Mapping[str, float] = 1.0,
         memory_epochs: int = 5,
         fusion_head: nn.Module | None = None,
+        probes: bool = False,
         enabled: bool = True,
         **common: Any,
     ) -> None:
@@ -93,6 +96,7 @@ class MSLR(SlicedScoresMethod):
             num_classes,
             enabled=enabled,
             fusion_head=fusion_head,
+            probes=probes,
             **common,
         )
         factors = {
@@ -197,6 +201,13 @@ class MSLR(SlicedScoresMethod):
         self._validation_seen = 0
         self._show_epoch_coefficients()
         super().epoch_end()
+
+    def epoch_end_reason(self) -> str | None:
+        """Why MSLR needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
+        return (
+            "it updates the coefficients from the validation accuracies there; without it "
+            "every k stays at its initial value"
+        )
 
     def _show_epoch_coefficients(self) -> None:
         """``bal.coefficients`` shows the coefficients of the coming epoch at once."""

@@ -14,6 +14,7 @@ from torch import nn
 from gradbalance._checks import check_alpha
 from gradbalance._step import Step
 from gradbalance.coefficients import ogm_coefficients
+from gradbalance.errors import MissingCallWarning
 from gradbalance.methods._base import (
     ParameterChoice,
     SlicedScoresMethod,
@@ -50,6 +51,10 @@ class OGM(SlicedScoresMethod):
             ``modality_logits(*features)`` (the reference ``LateLinear``,
             :class:`~gradbalance.MMCosineHead`). It receives the ``(B, D)`` features as the
             balancer sees them (``pool``/``features`` options). ``None``: detached probes.
+        probes: with ``fusion_head``, also attach detached linear probes, so that
+            :meth:`~gradbalance.Balancer.unimodal_logits` has a classifier of each modality
+            alone (the scores still come from the slices, :meth:`modality_slices`). Without
+            ``fusion_head`` the probes are always there (they give the scores).
         parameters: which gradients are modulated. ``"encoder"`` (default): every parameter
             reached through the encoder, by scaling the gradient into its output (one multiply
             per encoder). ``"conv"``: only the encoders' 4-D parameters (conv kernels), as the
@@ -84,6 +89,7 @@ class OGM(SlicedScoresMethod):
         *,
         alpha: float = 0.8,
         fusion_head: nn.Module | None = None,
+        probes: bool = False,
         parameters: ParameterChoice = "encoder",
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
@@ -102,6 +108,7 @@ class OGM(SlicedScoresMethod):
             window=window,
             window_unit=window_unit,
             fusion_head=fusion_head,
+            probes=probes,
             **common,
         )
         self.alpha = alpha
@@ -211,6 +218,7 @@ class OGMGE(OGM):
                 "OGMGE adds its noise in bal.after_backward(), which was never called: call it "
                 "after loss.backward() (after scaler.unscale_(opt) under AMP) and before "
                 "opt.step(); without it OGMGE trains as OGM",
+                MissingCallWarning,
                 stacklevel=4,
             )
 

@@ -108,6 +108,10 @@ class PMR(Method):
             previous prototypes exist; the official PMR code blends for the first time after
             epoch 1: ``first_blend_epoch=1`` (with ``prototypes="explicit"`` and a pass before
             training, as the official schedule).
+        probes: attach detached linear probes (stop-gradient heads that never reach the
+            encoders; their own cross-entropy is added to the loss), so that
+            :meth:`~gradbalance.Balancer.unimodal_logits` has a classifier of each modality
+            alone. PMR itself never reads them.
         enabled, window, window_unit: as :class:`OGM`; outside the window no prototype loss is
             added (prototypes are still accumulated).
         **common: the options of :class:`~gradbalance.balancer.Balancer`.
@@ -143,6 +147,7 @@ class PMR(Method):
         prototypes: PrototypeSource = "accumulate",
         batch_norm: bool = False,
         first_blend_epoch: int = 0,
+        probes: bool = False,
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
         window_unit: WindowUnit = "epoch",
@@ -161,6 +166,7 @@ class PMR(Method):
             enabled=enabled,
             window=window,
             window_unit=window_unit,
+            head_mode="probe" if probes else "none",
             **common,
         )
         self.alpha = alpha
@@ -287,6 +293,14 @@ class PMR(Method):
             self.update_prototypes()
         super().epoch_end()
 
+    def epoch_end_reason(self) -> str | None:
+        """Why PMR needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
+        if self.prototype_source == "accumulate":
+            return "it builds the prototypes there; without it PMR trains as Joint"
+        if self.first_blend_epoch > 0:
+            return f"first_blend_epoch={self.first_blend_epoch} is counted in epochs"
+        return super().epoch_end_reason()
+
     # -- loss ---------------------------------------------------------------------------
 
     def prototype_logits(
@@ -303,7 +317,7 @@ class PMR(Method):
         return out
 
     def _loss(self, step: Step) -> torch.Tensor:
-        total = F.cross_entropy(step.logits, step.target)
+        total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
         if not step.training:
             return total
         if self.prototype_source == "accumulate":

@@ -97,13 +97,24 @@ def train_step(
 
 
 def _unimodal_logits(state: RunState) -> dict[str, torch.Tensor]:
-    """Heads (MLB, Multi-Loss), fused-head slices (OGM, MSLR) or Joint's probes; else {}."""
+    """Logits of a classifier of each modality alone: the heads of MLB and Multi-Loss, or the
+    detached probes of Joint(probes=True), OGM/MSLR without a fused head, ...; else {}."""
     bal = state.balancer
-    if bal is None:
-        return {}
-    if len(bal.heads) == 0 and getattr(bal, "fusion_head", None) is None:
+    if bal is None or len(bal.heads) == 0:
         return {}
     return bal.unimodal_logits()
+
+
+def _fused_slices(state: RunState) -> dict[str, torch.Tensor]:
+    """OGM/MSLR with a fused head: the head's per-modality slices they score; else {}.
+
+    Not a per-modality accuracy (a slice of a jointly trained head is not a classifier of the
+    modality alone): reported under ``slice_*`` keys, apart from ``head_*``.
+    """
+    bal = state.balancer
+    if bal is None or getattr(bal, "fusion_head", None) is None:
+        return {}
+    return bal.modality_slices()
 
 
 @torch.no_grad()
@@ -114,6 +125,11 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
     ``ece_binning``) and the ECE of both binnings, ``ece_classical`` (``(lo, hi]`` bins, the
     appendix's eq. 10) and ``ece_torchmetrics`` (``[lo, hi)`` plus a bin for confidence 1,
     what the official numbers used).
+
+    Per modality: ``probe_*`` (the harness's own detached probes), ``head_*`` (the balancer's
+    classifier of that modality alone, ``bal.unimodal_logits()``: MLB/Multi-Loss heads or
+    detached probes) and, for OGM/MSLR with a fused head, ``slice_*`` (the fused head's
+    per-modality slices they score, ``bal.modality_slices()``; not a per-modality accuracy).
 
     With ``collect`` (the per-epoch validation) the balancer's ``loss()`` sees the batches
     under ``torch.no_grad()`` (MSLR takes its validation accuracies from them).
@@ -126,6 +142,7 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
     targets: list[torch.Tensor] = []
     probes: dict[str, list[torch.Tensor]] = {n: [] for n in state.probes}
     heads: dict[str, list[torch.Tensor]] = {}
+    slices: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         audio, video, y, *masks = to_device(batch, state.device)
         with state.autocast():
@@ -137,6 +154,8 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
                 probes[name].append(probe(features[name].float()).float())
             for name, head_logits in _unimodal_logits(state).items():
                 heads.setdefault(name, []).append(head_logits.float())
+            for name, slice_logits in _fused_slices(state).items():
+                slices.setdefault(name, []).append(slice_logits.float())
         fused.append(logits.float())
         targets.append(y)
     model.train(was_training)
@@ -168,6 +187,8 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
             entry.update({f"probe_{k}": v for k, v in metrics(probes[name]).items()})
         if name in heads:
             entry.update({f"head_{k}": v for k, v in metrics(heads[name]).items()})
+        if name in slices:
+            entry.update({f"slice_{k}": v for k, v in metrics(slices[name]).items()})
         if getattr(model, "modality", None) == name:  # a unimodal classifier's own head
             entry.update({f"head_{k}": v for k, v in result["fused"].items()})
         result[name] = entry

@@ -133,7 +133,7 @@ def test_heads_with_modality_logits(head):
     torch.testing.assert_close(
         torch.stack(list(bal.coefficients.values())), ogm_coefficients(scores, 0.5)
     )
-    torch.testing.assert_close(bal.unimodal_logits()["towers_1"], parts[1])
+    torch.testing.assert_close(bal.modality_slices()["towers_1"], parts[1])
 
 
 class ConvNet(nn.Module):
