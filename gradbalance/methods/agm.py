@@ -6,12 +6,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from gradbalance._checks import check_alpha, check_choice, check_number
 from gradbalance._step import Step
+from gradbalance._task import Regression
 from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
 from gradbalance.errors import ConfigurationError
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
@@ -104,12 +104,13 @@ class AGM(Method):
 
     head_mode = "none"
     scales_gradients = False
+    supported_tasks = ("classification", "regression")
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         alpha: float = 1.0,
         masking: Masking = "feature",
@@ -130,6 +131,11 @@ class AGM(Method):
         **common: Any,
     ) -> None:
         alpha = check_alpha(alpha)
+        if common.get("error") is not None:
+            raise ConfigurationError(
+                "AGM's statistic is each Shapley output's training loss (loss=); error= "
+                "applies to MLB, MultiLoss and Joint"
+            )
         if masking == "feature":
             if not callable(fusion):
                 raise ConfigurationError(
@@ -234,16 +240,23 @@ class AGM(Method):
                 )
             values.append(masked_logits.to(logits.device))
         weights = self._shapley.to(device=logits.device, dtype=logits.dtype)
-        return torch.einsum("mc,cbk->mbk", weights, torch.stack(values))
+        stacked = torch.stack(values)
+        if stacked.dim() == 2:  # regression with one output predicted as (B,)
+            stacked = stacked.unsqueeze(-1)
+        return torch.einsum("mc,cbk->mbk", weights, stacked)
 
     def _loss(self, step: Step) -> torch.Tensor:
+        task = self._task
         if not step.training or not self.active():
-            return F.cross_entropy(step.logits, step.target)
+            return task.fused_loss(step.logits, step.target)
         self.__dict__["_last_outputs"] = step.outputs
         phi = self.shapley_logits(step.logits, step.features)
         device = self.running_losses.device
         # Batch means, over all ranks with sync="global" (one all-reduce, no host sync).
-        sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
+        if isinstance(task, Regression):  # each Shapley output's regression loss
+            sums = task.loss_sums(phi.detach(), step.target).to(device)
+        else:
+            sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
         losses = step.mean(sums, step.batch_size)
         if self.update_running_first:
             self._update_running(step, losses)
@@ -252,8 +265,8 @@ class AGM(Method):
             coefficients = coefficients.clamp_min(self.min_coefficient)
         if not self.update_running_first:
             self._update_running(step, losses)
-        step.store(coefficients, torch.exp(-losses))
-        return F.cross_entropy(step.scale(phi).sum(0), step.target)
+        step.store(coefficients, losses if task.regression else torch.exp(-losses))
+        return task.fused_loss(step.scale(phi).sum(0), step.target)
 
     @torch.no_grad()
     def _update_running(self, step: Step, losses: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._step import Step
@@ -40,12 +39,13 @@ class Joint(Method):
     """
 
     scales_gradients = False
+    supported_tasks = ("classification", "regression")
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         probes: bool = False,
         **common: Any,
@@ -54,10 +54,11 @@ class Joint(Method):
         super().__init__(model, encoders, num_classes, head_mode=head_mode, **common)
 
     def _loss(self, step: Step) -> torch.Tensor:
-        total = F.cross_entropy(step.logits, step.target)
+        total = self._task.fused_loss(step.logits, step.target)
         if not step.unimodal:
             return total
-        losses, scores = step.head_terms(scaled=False)  # detached probes: only they train
+        # detached probes: only they train
+        losses, scores = self._task.head_terms(step, scaled=False)
         if step.training:
             step.store(torch.ones_like(scores), scores)
         return total + losses.sum().to(total.device)

@@ -6,12 +6,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._checks import check_alpha, check_choice, check_number, check_weights
 from gradbalance._step import Step
-from gradbalance.coefficients import mlb_coefficients
+from gradbalance.coefficients import mlb_coefficients, mlb_error_coefficients
 from gradbalance.methods._base import Method
 
 Scale = Literal["all", "multimodal"]
@@ -47,12 +46,13 @@ class MultiLoss(Method):
     _unimodal_weight_vector: torch.Tensor
 
     scales_gradients = False
+    supported_tasks = ("classification", "regression")
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         fused_weight: float = 1.0,
         unimodal_weight: float | Sequence[float] | Mapping[str, float] = 1.0,
@@ -76,11 +76,12 @@ class MultiLoss(Method):
         return False
 
     def _loss(self, step: Step) -> torch.Tensor:
-        losses, scores = step.head_terms(scaled=self._scales_head_loss() and step.training)
+        scaled = self._scales_head_loss() and step.training
+        losses, scores = self._task.head_terms(step, scaled)
         if step.training:
             modulated = self.active()
             step.store(self._coefficients(scores) if modulated else torch.ones_like(scores), scores)
-        fused = F.cross_entropy(step.logits, step.target)
+        fused = self._task.fused_loss(step.logits, step.target)
         if self._unit_weights:
             return fused + losses.sum().to(fused.device)
         weights = self._unimodal_weight_vector.to(device=losses.device, dtype=losses.dtype)
@@ -131,7 +132,7 @@ class MLB(MultiLoss):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         alpha: float = 1.0,
         beta_max: float = 2.0,
@@ -151,6 +152,8 @@ class MLB(MultiLoss):
             self._request_parameter_scaling(extra_parameters)
 
     def _coefficients(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._task.regression:  # scores are batch errors: lower is better
+            return mlb_error_coefficients(scores, self.alpha, self.beta_max)
         return mlb_coefficients(scores, self.alpha, self.beta_max)
 
     def _scales_head_loss(self) -> bool:
