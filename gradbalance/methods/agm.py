@@ -54,7 +54,7 @@ class AGM(Method):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``), M >= 2.
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         alpha: strength, >= 0.
         masking: ``"feature"`` or ``"input"``.
         fusion: for ``"feature"``: the callable ``fusion(*features) -> logits``, features in
@@ -84,6 +84,12 @@ class AGM(Method):
 
     ``bal.scores`` are ``exp(-l_m)``, each modality's geometric-mean true-class probability
     under its Shapley logits; the running means live in the ``running_losses`` buffer.
+
+    Regression (``task="regression"``, with ``loss`` and ``output_dim``): ``l_m`` is the mean
+    regression loss (L1 by default) of the Shapley output ``phi_m`` against the target, in
+    place of its cross-entropy; ratios, running means and coefficients follow the same rule,
+    the returned loss is the regression loss of ``sum_m phi_m`` and ``bal.scores`` are the
+    ``l_m`` themselves (lower is better).
 
     Example:
         >>> import torch, gradbalance as gb

@@ -24,9 +24,12 @@ class Joint(Method):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``).
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         probes: attach detached linear probes.
-        **common: the options of :class:`~gradbalance.balancer.Balancer`.
+        **common: the options of :class:`~gradbalance.balancer.Balancer`; with
+            ``task="regression"`` (and ``loss``, ``output_dim``, ``error``) the loss is a
+            regression loss (L1 by default) and the probes are linear regressors whose scores
+            are their batch errors.
 
     Example:
         >>> import torch, gradbalance as gb

@@ -26,12 +26,14 @@ class MultiLoss(Method):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``).
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         fused_weight: weight of the fused cross-entropy.
         unimodal_weight: weight of each head's cross-entropy (once, or per encoder).
         **common: the options of :class:`~gradbalance.methods._base.Method` and
             :class:`~gradbalance.Balancer` (``enabled``, ``window``, ``feature_dims``,
-            ``pool``, ``features``, ``flush_every``, ...).
+            ``pool``, ``features``, ``flush_every``, ...). ``task="regression"`` (with
+            ``loss``, ``output_dim``, ``error``): heads are linear regressors, every loss a
+            regression loss (L1 by default) and the scores the heads' batch errors.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -101,7 +103,7 @@ class MLB(MultiLoss):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``).
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         alpha: strength of the modulation (>= 0; 0 gives Multi-Loss).
         beta_max: bound of the acceleration (> 0). 2.0 is the symmetric BMVC form.
         scale: ``"all"`` (default, as the official code) scales the gradient of every loss
@@ -112,7 +114,8 @@ class MLB(MultiLoss):
             code does).
         enabled: start with the modulation on (switch later with ``bal.enabled = False``: the
             coefficients are then 1 and MLB trains as Multi-Loss).
-        fused_weight, unimodal_weight, **common: as :class:`MultiLoss`.
+        fused_weight, unimodal_weight, **common: as :class:`MultiLoss` (``task``, ``loss``,
+            ``output_dim`` and ``error`` for regression).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -124,6 +127,18 @@ class MLB(MultiLoss):
         >>> opt.step()
         >>> sorted(bal.coefficients)
         ['audio', 'video']
+
+        Regression (``task="regression"``): every head predicts the target, every loss is L1
+        (``loss=``), each score is the head's batch error ``err_m`` (MSE by default,
+        ``error=``), and ``r_m = err_m / mean_{j != m} err_j``
+        (:func:`~gradbalance.coefficients.mlb_error_coefficients`), so the modality with the
+        larger error is sped up:
+
+        >>> net = gb.testing.TwoTowerNet(num_classes=1)  # one output per sample
+        >>> reg = gb.MLB(net, encoders=[net.audio, net.video], task="regression", alpha=1.0)
+        >>> reg.loss(net(torch.randn(4, 8), torch.randn(4, 6)), torch.randn(4)).backward()
+        >>> reg.unimodal_logits()["audio"].shape  # the heads' predictions
+        torch.Size([4, 1])
     """
 
     scales_gradients = True
