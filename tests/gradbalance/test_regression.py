@@ -361,3 +361,28 @@ def test_classification_is_the_default_and_unchanged():
         runs.append(torch.cat([p.grad.reshape(-1) for p in params]))
         assert bal.task == "classification" and bal.output_dim == 4
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nan_target_is_a_nonfinite_step(mode):
+    """A NaN in a regression target makes the heads' errors NaN: ``"raise"`` raises at once
+    on the CPU; ``"skip"`` keeps the coefficients, counts the step and reports it in
+    ``last_step_finite`` (the documented guard of a loop without a GradScaler)."""
+    model, bal = model_and_mlb(1, nonfinite=mode)
+    opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    inputs, target = batch()
+    target[3] = float("nan")
+    if mode == "raise":
+        with pytest.raises(gb.errors.NonFiniteError):
+            bal.loss(model(*inputs), target)
+        return
+    loss = bal.loss(model(*inputs), target)
+    opt.zero_grad()
+    loss.backward()
+    if bal.last_step_finite:
+        opt.step()
+    assert torch.isnan(loss)
+    assert int(bal.nonfinite_steps) == 1 and not bool(bal.last_step_finite)
+    assert all(k.item() == 1.0 for k in bal.coefficients.values())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
