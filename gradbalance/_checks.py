@@ -262,7 +262,8 @@ def check_common(
     nonfinite: Any,
 ) -> CommonOptions:
     """Validate the options of :class:`~gradbalance.Balancer` (see its docstring)."""
-    check_int("num_classes", num_classes, 2)
+    if num_classes is not None:  # None: a regression task (checked by the task)
+        check_int("num_classes", num_classes, 2)
     check_choice("sync", sync, SYNCS)
     check_choice("nonfinite", nonfinite, NONFINITE)
     check_int("flush_every", flush_every, 1)

@@ -26,7 +26,6 @@ from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_
 from gradbalance._checks import (
     check_choice,
     check_common,
-    check_loss_inputs,
     check_scaled_parameters,
     upgrade_state_dict,
 )
@@ -42,6 +41,7 @@ from gradbalance._head_logits import (
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
+from gradbalance._task import CLASSIFICATION, Task
 from gradbalance._unimodal import no_unimodal_classifier
 from gradbalance.history import History, HistoryTable
 
@@ -136,11 +136,13 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     uses_parameter_hooks: bool = False
     """Whether some gradients are scaled by per-parameter hooks (read at backward time)."""
 
+    _task: Task = CLASSIFICATION  # a method's task= sets its own before this constructor
+
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None,
         *,
         feature_dims: Sequence[int] | Mapping[str, int] | int | None = None,
         pool: Pool | Mapping[str, Pool] | None = None,
@@ -165,7 +167,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._pool, self._features, dims = options.pools, options.features, options.dims
         self.sync: Sync = sync
         self.nonfinite: NonFinite = nonfinite
-        self.num_classes = num_classes
+        self.num_classes = self._task.check_classes(num_classes)
         self.process_group = process_group
         device = module_device(next(iter(encoder_map.values())))
         self.heads = nn.ModuleDict(
@@ -198,9 +200,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self.epoch = 0
 
     def _make_head(self, dim: int | None, device: torch.device) -> nn.Module:
-        if dim is None:
-            return nn.LazyLinear(self.num_classes, device=device)
-        return nn.Linear(dim, self.num_classes, device=device)
+        return self._task.make_head(dim, self.num_classes, device)
 
     # --- attachment -----------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         Args:
             logits: the model's fused logits, ``(B, num_classes)``, B >= 1.
             target: integer class labels, ``(B,)``, in ``[0, num_classes)``, on the logits'
-                device.
+                device (``task="regression"``: real targets ``(B, output_dim)``).
 
         Raises:
             CaptureError: an encoder produced no output in the forward before this call.
@@ -302,7 +302,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
-        target = check_loss_inputs(logits, target, self.num_classes)
+        target = self._task.check_inputs(logits, target, self.num_classes)
         training = grad_enabled and logits.requires_grad
         if training and not any(c.train_mode for c in captures.values()):
             self._captures.warn_eval_mode()
@@ -445,4 +445,4 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self.epoch = int(state.get("epoch", 0))
 
     def extra_repr(self) -> str:
-        return f"encoders={self.names}, num_classes={self.num_classes}"
+        return f"encoders={self.names}, num_classes={self.num_classes}{self._task.describe()}"

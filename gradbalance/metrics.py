@@ -1,4 +1,7 @@
-"""Classification metrics of the paper: accuracy and expected calibration error (ECE).
+"""Classification metrics of the paper: accuracy and expected calibration error (ECE); and
+regression metrics: mean absolute error, Pearson's correlation and the sentiment-regression
+report (binary accuracy and weighted F1 without zero labels, Acc-7, Acc-5), see
+:func:`sentiment_metrics`.
 
 Both take the logits (or probabilities) of a whole split at once and return 0-dim tensors on
 the inputs' device, so an evaluation loop can concatenate its batches and synchronise with the
@@ -24,7 +27,27 @@ from typing import Literal
 
 import torch
 
-__all__ = ["BINNINGS", "accuracy", "expected_calibration_error", "top_label_confidence"]
+from gradbalance._regression_metrics import (
+    mean_absolute_error,
+    pearson_correlation,
+    sentiment_accuracy,
+    sentiment_binary_accuracy,
+    sentiment_binary_f1,
+    sentiment_metrics,
+)
+
+__all__ = [
+    "BINNINGS",
+    "accuracy",
+    "expected_calibration_error",
+    "mean_absolute_error",
+    "pearson_correlation",
+    "sentiment_accuracy",
+    "sentiment_binary_accuracy",
+    "sentiment_binary_f1",
+    "sentiment_metrics",
+    "top_label_confidence",
+]
 
 Binning = Literal["classical", "torchmetrics"]
 Inputs = Literal["logits", "probabilities"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from gradbalance._checks import check_fusion_head, check_window
 from gradbalance._step import Step
+from gradbalance._task import make_task
 from gradbalance.balancer import Balancer
 from gradbalance.errors import ConfigurationError, UnavailableError
 
@@ -92,25 +93,51 @@ class Method(Balancer):
         window: ``(start, end)`` inclusive range of epochs (or steps) in which the method
             modulates; ``end=None`` never ends.
         window_unit: ``"epoch"`` (counted by :meth:`epoch_end`) or ``"step"``.
+        task: ``"classification"`` (default) or, for the methods in
+            :attr:`supported_tasks`, ``"regression"`` (then ``num_classes`` is left out).
+        loss: regression only: every training loss, ``"l1"`` (default), ``"mse"`` or
+            ``"huber"``.
+        output_dim: regression only: values predicted per sample (default 1).
+        error: regression only: each head's score, its batch ``"mse"`` (default) or
+            ``"mae"`` (lower is better).
         **common: the options of :class:`~gradbalance.Balancer`.
     """
+
+    supported_tasks: tuple[str, ...] = ("classification",)
+    """The values of ``task=`` the method accepts."""
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
         window_unit: WindowUnit = "epoch",
+        task: str = "classification",
+        loss: str | None = None,
+        output_dim: int | None = None,
+        error: str | None = None,
         **common: Any,
     ) -> None:
+        name = type(self).__name__
+        self._task = make_task(name, task, loss, output_dim, error, self.supported_tasks)
         self.window = check_window(window, window_unit)
         self.window_unit = window_unit
         super().__init__(model, encoders, num_classes, **common)
         self.__dict__["_model"] = model  # not a submodule: state_dict never holds the model
         self.enabled = bool(enabled)
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        return self._task.name
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the heads' outputs: ``num_classes``, or the regression target's width."""
+        return self._task.output_width(self.num_classes)
 
     def active(self) -> bool:
         """Whether this training step is modulated (enabled and inside the window)."""
@@ -148,7 +175,7 @@ class Method(Balancer):
         """The detached probes' summed cross-entropy (it trains only the probes); 0 without."""
         if not step.unimodal:
             return step.logits.new_zeros(())
-        return step.head_terms(scaled=False)[0].sum().to(step.logits.device)
+        return self._task.head_terms(step, scaled=False)[0].sum().to(step.logits.device)
 
     def _window_repr(self) -> str:
         return f"window={self.window} ({self.window_unit}), enabled={self.enabled}"
@@ -169,7 +196,7 @@ class SlicedScoresMethod(Method):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         fusion_head: nn.Module | None = None,
         probes: bool = False,

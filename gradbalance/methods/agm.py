@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -20,6 +19,7 @@ from gradbalance._fusion_call import (
 )
 from gradbalance._fusion_call import fusion_call as _fusion_call
 from gradbalance._step import Step
+from gradbalance._task import Regression
 from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
 from gradbalance.errors import ConfigurationError, MissingCallWarning
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
@@ -62,7 +62,7 @@ class AGM(Method):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``), M >= 2.
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         alpha: strength, >= 0.
         masking: ``"feature"`` or ``"input"``.
         fusion: for ``"feature"``: the model's fused head, called on the features in encoder
@@ -102,6 +102,12 @@ class AGM(Method):
     ``bal.scores`` are ``exp(-l_m)``, each modality's geometric-mean true-class probability
     under its Shapley logits; the running means live in the ``running_losses`` buffer.
 
+    Regression (``task="regression"``, with ``loss`` and ``output_dim``): ``l_m`` is the mean
+    regression loss (L1 by default) of the Shapley output ``phi_m`` against the target, in
+    place of its cross-entropy; ratios, running means and coefficients follow the same rule,
+    the returned loss is the regression loss of ``sum_m phi_m`` and ``bal.scores`` are the
+    ``l_m`` themselves (lower is better).
+
     Example:
         >>> import torch, gradbalance as gb
         >>> model = gb.testing.TwoTowerNet()
@@ -123,12 +129,13 @@ class AGM(Method):
 
     head_mode = "none"
     scales_gradients = False
+    supported_tasks: tuple[str, ...] = ("classification", "regression")
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         alpha: float = 1.0,
         masking: Masking = "feature",
@@ -150,6 +157,11 @@ class AGM(Method):
         **common: Any,
     ) -> None:
         alpha = check_alpha(alpha)
+        if common.get("error") is not None:
+            raise ConfigurationError(
+                "AGM's statistic is each Shapley output's training loss (loss=); error= "
+                "applies to MLB, MultiLoss and Joint"
+            )
         if masking == "feature":
             if not callable(fusion):
                 raise ConfigurationError(MISSING_FUSION)
@@ -264,16 +276,23 @@ class AGM(Method):
                 )
             values.append(masked_logits.to(logits.device))
         weights = self._shapley.to(device=logits.device, dtype=logits.dtype)
-        return torch.einsum("mc,cbk->mbk", weights, torch.stack(values))
+        stacked = torch.stack(values)
+        if stacked.dim() == 2:  # regression with one output predicted as (B,)
+            stacked = stacked.unsqueeze(-1)
+        return torch.einsum("mc,cbk->mbk", weights, stacked)
 
     def _loss(self, step: Step) -> torch.Tensor:
+        task = self._task
         if not step.training or not self.active():
-            return F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
+            return task.fused_loss(step.logits, step.target) + self._probe_loss(step)
         self.__dict__["_last_outputs"] = step.outputs
         phi = self.shapley_logits(step.logits, step.features)
         device = self.running_losses.device
         # Batch means, over all ranks with sync="global" (one all-reduce, no host sync).
-        sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
+        if isinstance(task, Regression):  # each Shapley output's regression loss
+            sums = task.loss_sums(phi.detach(), step.target).to(device)
+        else:
+            sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
         losses = step.mean(sums, step.batch_size)
         if self.update_running_first:
             self._update_running(step, losses)
@@ -282,7 +301,7 @@ class AGM(Method):
             coefficients = coefficients.clamp_min(self.min_coefficient)
         if not self.update_running_first:
             self._update_running(step, losses)
-        step.store(coefficients, torch.exp(-losses))
+        step.store(coefficients, losses if task.regression else torch.exp(-losses))
         if self.clip and not self._after_backward_calls and self.steps >= 50 and not self._warned:
             self._warned = True
             warnings.warn(
@@ -292,7 +311,7 @@ class AGM(Method):
                 MissingCallWarning,
                 stacklevel=4,
             )
-        return F.cross_entropy(step.scale(phi).sum(0), step.target) + self._probe_loss(step)
+        return task.fused_loss(step.scale(phi).sum(0), step.target) + self._probe_loss(step)
 
     @torch.no_grad()
     def _update_running(self, step: Step, losses: torch.Tensor) -> None:

@@ -94,7 +94,7 @@ class GBlend(Method):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         every: int = 1,
         min_overfitting: float = GBLEND_MIN_OVERFITTING,
@@ -190,6 +190,13 @@ class GBlend(Method):
         return values.to(device=self.sums.device, dtype=torch.float32)
 
     @torch.no_grad()
+    def epoch_end_reason(self) -> str | None:
+        """Why G-Blend needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
+        return (
+            "its checkpoints re-estimate the loss weights there; without it the weights stay "
+            "uniform and G-Blend trains as Multi-Loss with equal weights"
+        )
+
     def epoch_end(
         self, train_losses: Losses | None = None, val_losses: Losses | None = None
     ) -> None:

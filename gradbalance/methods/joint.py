@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._step import Step
@@ -25,9 +24,12 @@ class Joint(Method):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``).
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         probes: attach detached linear probes.
-        **common: the options of :class:`~gradbalance.balancer.Balancer`.
+        **common: the options of :class:`~gradbalance.balancer.Balancer`; with
+            ``task="regression"`` (and ``loss``, ``output_dim``, ``error``) the loss is a
+            regression loss (L1 by default) and the probes are linear regressors whose scores
+            are their batch errors.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -40,12 +42,13 @@ class Joint(Method):
     """
 
     scales_gradients = False
+    supported_tasks: tuple[str, ...] = ("classification", "regression")
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         probes: bool = False,
         **common: Any,
@@ -54,10 +57,11 @@ class Joint(Method):
         super().__init__(model, encoders, num_classes, head_mode=head_mode, **common)
 
     def _loss(self, step: Step) -> torch.Tensor:
-        total = F.cross_entropy(step.logits, step.target)
+        total = self._task.fused_loss(step.logits, step.target)
         if not step.unimodal:
             return total
-        losses, scores = step.head_terms(scaled=False)  # detached probes: only they train
+        # detached probes: only they train
+        losses, scores = self._task.head_terms(step, scaled=False)
         if step.training:
             step.store(torch.ones_like(scores), scores)
         return total + losses.sum().to(total.device)

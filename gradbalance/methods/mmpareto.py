@@ -68,6 +68,7 @@ class MMPareto(MultiLoss):
         (['audio', 'video'], torch.Size([2]))
     """
 
+    supported_tasks: tuple[str, ...] = ("classification",)
     cosine_values: torch.Tensor
     conflicts: torch.Tensor
 
@@ -75,7 +76,7 @@ class MMPareto(MultiLoss):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         gamma: float = 1.5,
         enabled: bool = True,

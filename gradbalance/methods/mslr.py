@@ -80,7 +80,7 @@ class MSLR(SlicedScoresMethod):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         initial: float | Sequence[float] | Mapping[str, float] = 1.0,
         memory_epochs: int = 5,

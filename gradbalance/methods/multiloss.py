@@ -6,12 +6,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._checks import check_alpha, check_choice, check_number, check_weights
 from gradbalance._step import Step
-from gradbalance.coefficients import mlb_coefficients
+from gradbalance.coefficients import mlb_coefficients, mlb_error_coefficients
 from gradbalance.methods._base import Method
 
 Scale = Literal["all", "multimodal"]
@@ -27,12 +26,14 @@ class MultiLoss(Method):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``).
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         fused_weight: weight of the fused cross-entropy.
         unimodal_weight: weight of each head's cross-entropy (once, or per encoder).
         **common: the options of :class:`~gradbalance.methods._base.Method` and
             :class:`~gradbalance.Balancer` (``enabled``, ``window``, ``feature_dims``,
-            ``pool``, ``features``, ``flush_every``, ...).
+            ``pool``, ``features``, ``flush_every``, ...). ``task="regression"`` (with
+            ``loss``, ``output_dim``, ``error``): heads are linear regressors, every loss a
+            regression loss (L1 by default) and the scores the heads' batch errors.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -47,12 +48,13 @@ class MultiLoss(Method):
     _unimodal_weight_vector: torch.Tensor
 
     scales_gradients = False
+    supported_tasks: tuple[str, ...] = ("classification", "regression")
 
     def __init__(
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         fused_weight: float = 1.0,
         unimodal_weight: float | Sequence[float] | Mapping[str, float] = 1.0,
@@ -76,11 +78,12 @@ class MultiLoss(Method):
         return False
 
     def _loss(self, step: Step) -> torch.Tensor:
-        losses, scores = step.head_terms(scaled=self._scales_head_loss() and step.training)
+        scaled = self._scales_head_loss() and step.training
+        losses, scores = self._task.head_terms(step, scaled)
         if step.training:
             modulated = self.active()
             step.store(self._coefficients(scores) if modulated else torch.ones_like(scores), scores)
-        fused = F.cross_entropy(step.logits, step.target)
+        fused = self._task.fused_loss(step.logits, step.target)
         if self._unit_weights:
             return fused + losses.sum().to(fused.device)
         weights = self._unimodal_weight_vector.to(device=losses.device, dtype=losses.dtype)
@@ -100,7 +103,7 @@ class MLB(MultiLoss):
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``).
-        num_classes: number of classes.
+        num_classes: number of classes (left out with ``task="regression"``).
         alpha: strength of the modulation (>= 0; 0 gives Multi-Loss).
         beta_max: bound of the acceleration (> 0). 2.0 is the symmetric BMVC form.
         scale: ``"all"`` (default, as the official code) scales the gradient of every loss
@@ -112,7 +115,7 @@ class MLB(MultiLoss):
         enabled: start with the modulation on (switch later with ``bal.enabled = False``: the
             coefficients are then 1 and MLB trains as Multi-Loss).
         **options: as :class:`MultiLoss` (``fused_weight``, ``unimodal_weight`` and the
-            common options).
+            common options; ``task``, ``loss``, ``output_dim`` and ``error`` for regression).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -124,6 +127,18 @@ class MLB(MultiLoss):
         >>> opt.step()
         >>> sorted(bal.coefficients)
         ['audio', 'video']
+
+        Regression (``task="regression"``): every head predicts the target, every loss is L1
+        (``loss=``), each score is the head's batch error ``err_m`` (MSE by default,
+        ``error=``), and ``r_m = err_m / mean_{j != m} err_j``
+        (:func:`~gradbalance.coefficients.mlb_error_coefficients`), so the modality with the
+        larger error is sped up:
+
+        >>> net = gb.testing.TwoTowerNet(num_classes=1)  # one output per sample
+        >>> reg = gb.MLB(net, encoders=[net.audio, net.video], task="regression", alpha=1.0)
+        >>> reg.loss(net(torch.randn(4, 8), torch.randn(4, 6)), torch.randn(4)).backward()
+        >>> reg.unimodal_logits()["audio"].shape  # the heads' predictions
+        torch.Size([4, 1])
     """
 
     scales_gradients = True
@@ -132,7 +147,7 @@ class MLB(MultiLoss):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         alpha: float = 1.0,
         beta_max: float = 2.0,
@@ -152,6 +167,8 @@ class MLB(MultiLoss):
             self._request_parameter_scaling(extra_parameters)
 
     def _coefficients(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._task.regression:  # scores are batch errors: lower is better
+            return mlb_error_coefficients(scores, self.alpha, self.beta_max)
         return mlb_coefficients(scores, self.alpha, self.beta_max)
 
     def _scales_head_loss(self) -> bool:

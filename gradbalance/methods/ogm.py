@@ -85,7 +85,7 @@ class OGM(SlicedScoresMethod):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         alpha: float = 0.8,
         fusion_head: nn.Module | None = None,

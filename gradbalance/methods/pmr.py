@@ -140,7 +140,7 @@ class PMR(Method):
         self,
         model: nn.Module,
         encoders: Sequence[nn.Module] | Mapping[str, nn.Module],
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         alpha: float = 1.0,
         momentum: float = 0.2,
@@ -174,6 +174,7 @@ class PMR(Method):
         self.first_blend_epoch = first_blend_epoch
         self.prototype_source = prototypes
         self.batch_norm = bool(batch_norm)
+        num_classes = self.output_dim
         dims = check_feature_dims(common.get("feature_dims"), self.names)
         device = self.last_scores.device
         for name in self.names:
@@ -209,7 +210,7 @@ class PMR(Method):
                     f"encoder {name!r} has feature width {dim}, but its prototypes were built "
                     f"for width {buffer.shape[1]}"
                 )
-            buffer = torch.zeros(self.num_classes, dim, device=buffer.device)
+            buffer = torch.zeros(self.output_dim, dim, device=buffer.device)
             self.register_buffer(f"{kind}_{name}", buffer)
         return buffer
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_batch
 from torch import nn
 
 import gradbalance as gb
@@ -48,8 +49,10 @@ def _fusion(model: nn.Module) -> Callable[..., torch.Tensor]:
 
 
 def _build(method: type[gb.Balancer], model, encoders, defaults: dict, options: dict):
-    """``options`` override ``defaults``."""
-    return method(model, encoders, NUM_CLASSES, **{**defaults, **options})
+    """``options`` override ``defaults``; a regression task takes no ``num_classes``."""
+    merged = {**defaults, **options}
+    classes = () if merged.get("task") == "regression" else (NUM_CLASSES,)
+    return method(model, encoders, *classes, **merged)
 
 
 def joint(model: nn.Module, **options: Any) -> gb.Balancer:
@@ -149,13 +152,51 @@ FACTORIES: dict[str, Factory] = {
     "mmpareto": mmpareto,
 }
 
+REGRESSION = {"task": "regression", "output_dim": NUM_CLASSES}
+"""The regression entries predict NUM_CLASSES real values (the towers' fused output width)."""
+
+
+def _regression(factory: Factory) -> Factory:
+    def build(model: nn.Module, **options: Any) -> gb.Balancer:
+        return factory(model, **{**REGRESSION, **options})
+
+    return build
+
+
+REGRESSION_FACTORIES: dict[str, Factory] = {
+    f"{name}_regression": _regression(FACTORIES[name])
+    for name in ("joint", "multiloss", "mlb", "agm")
+}
+"""The methods that take ``task="regression"`` (L1 losses; heads regress; MLB's scores are
+batch errors), run by the contract suite (``test_contract.py``) next to ``FACTORIES``."""
+
+ALL_FACTORIES: dict[str, Factory] = {**FACTORIES, **REGRESSION_FACTORIES}
+
+
+def method_class(name: str) -> type[gb.Balancer]:
+    """The class an entry of ``ALL_FACTORIES`` builds."""
+    return gb.METHODS[name.removesuffix("_regression")]
+
+
+def make_batch_for(name: str, input_dims, batch=10, seed=0):
+    """``conftest.make_batch`` (integer labels), with real ``(batch, NUM_CLASSES)`` targets
+    for the regression entries."""
+    inputs, target = make_batch(input_dims, batch=batch, num_classes=NUM_CLASSES, seed=seed)
+    if name in REGRESSION_FACTORIES:
+        g = torch.Generator().manual_seed(1000 + seed)
+        target = torch.randn(batch, NUM_CLASSES, generator=g)
+    return inputs, target
+
+
 HEAD_SCORES = ("joint", "multiloss", "mlb")
 """Methods whose scores are their heads' mean true-class probabilities."""
 
 
-def factory_params(exclude: tuple[str, ...] = ()) -> list[Any]:
-    """``FACTORIES`` as pytest params with readable ids."""
-    return [pytest.param(name, id=name) for name in FACTORIES if name not in exclude]
+def factory_params(exclude: tuple[str, ...] = (), regression: bool = False) -> list[Any]:
+    """``FACTORIES`` (with ``regression``, also ``REGRESSION_FACTORIES``) as pytest params
+    with readable ids."""
+    names = ALL_FACTORIES if regression else FACTORIES
+    return [pytest.param(name, id=name) for name in names if name not in exclude]
 
 
 def train_step(model: nn.Module, bal: gb.Balancer, opt: torch.optim.Optimizer, inputs, target):

@@ -27,9 +27,11 @@ for path in (HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))
     sys.path.insert(0, path)
 
 from balancer_factories import (  # noqa: E402
+    ALL_FACTORIES,
     FACTORIES,
     INPUT_DIMS,
     NUM_CLASSES,
+    REGRESSION_FACTORIES,
     flat_parameters,
     flat_state,
     train_step,
@@ -43,16 +45,19 @@ SIZES = (6, 10)
 """Per-rank batch sizes, deliberately unequal."""
 
 
-def global_batch(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The concatenated batch of ``step`` (rank 0's samples first)."""
+def global_batch(step: int, name: str = "") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The concatenated batch of ``step`` (rank 0's samples first); real targets of width
+    NUM_CLASSES for the regression entries."""
     g = torch.Generator().manual_seed(1000 + step)
     n = sum(SIZES)
     inputs = [torch.randn(n, d, generator=g) for d in INPUT_DIMS]
+    if name in REGRESSION_FACTORIES:
+        return inputs, torch.randn(n, NUM_CLASSES, generator=g)
     return inputs, torch.randint(0, NUM_CLASSES, (n,), generator=g)
 
 
-def local_batch(step: int, rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    inputs, target = global_batch(step)
+def local_batch(step: int, rank: int, name: str = "") -> tuple[list[torch.Tensor], torch.Tensor]:
+    inputs, target = global_batch(step, name)
     start = sum(SIZES[:rank])
     stop = start + SIZES[rank]
     return [x[start:stop] for x in inputs], target[start:stop]
@@ -61,7 +66,7 @@ def local_batch(step: int, rank: int) -> tuple[list[torch.Tensor], torch.Tensor]
 def scenarios() -> list[tuple[str, str, dict]]:
     found = [
         (f"{name}-{sync}", name, {"sync": sync})
-        for name in FACTORIES
+        for name in ALL_FACTORIES
         for sync in ("global", "local")
     ]
     found.append(("mlb-lazy-heads", "mlb", {"feature_dims": None}))
@@ -71,13 +76,13 @@ def scenarios() -> list[tuple[str, str, dict]]:
 def train(rank: int, name: str, options: dict) -> dict:
     torch.manual_seed(rank)  # different initial values per rank: DDP and the balancer align them
     model = MultiTowerNet(INPUT_DIMS)
-    bal = FACTORIES[name](model, **options)
+    bal = ALL_FACTORIES[name](model, **options)
     init = (copy.deepcopy(model.state_dict()), copy.deepcopy(bal.state_dict()))
     ddp = DDP(model)
     opt = torch.optim.SGD([*ddp.parameters(), *bal.parameters()], lr=0.2, momentum=0.5)
     coefficients, scores = [], []
     for step in range(STEPS):
-        inputs, target = local_batch(step, rank)
+        inputs, target = local_batch(step, rank, name)
         train_step(ddp, bal, opt, inputs, target)
         coefficients.append(torch.stack(list(bal.coefficients.values())))
         scores.append(torch.stack(list(bal.scores.values())))

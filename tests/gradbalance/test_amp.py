@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from balancer_factories import FACTORIES, HEAD_SCORES, INPUT_DIMS, factory_params
-from conftest import MultiTowerNet, make_batch
+from balancer_factories import (
+    ALL_FACTORIES,
+    HEAD_SCORES,
+    INPUT_DIMS,
+    REGRESSION_FACTORIES,
+    factory_params,
+    make_batch_for,
+)
+from conftest import MultiTowerNet
 
 
 def build(name, seed=0, **options):
     torch.manual_seed(seed)
     model = MultiTowerNet(INPUT_DIMS)
-    return model, FACTORIES[name](model, **options)
+    return model, ALL_FACTORIES[name](model, **options)
 
 
 def twin_of(name, model, bal, **options):
@@ -21,17 +28,21 @@ def twin_of(name, model, bal, **options):
     return twin_model, twin
 
 
-@pytest.mark.parametrize("name", factory_params())
+REGRESSION_HEADS = ("joint_regression", "multiloss_regression", "mlb_regression")
+
+
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_bf16_autocast_keeps_statistics_in_float32(name):
     model, bal = build(name)
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
     for step in range(3):
-        inputs, target = make_batch(INPUT_DIMS, seed=step)
+        inputs, target = make_batch_for(name, INPUT_DIMS, seed=step)
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(*inputs)
             loss = bal.loss(logits, target)
-            heads = bal.unimodal_logits() if name in HEAD_SCORES else {}
+            with_heads = name in HEAD_SCORES or name in REGRESSION_HEADS
+            heads = bal.unimodal_logits() if with_heads else {}
         assert logits.dtype == torch.bfloat16
         loss.backward()
         bal.after_backward()
@@ -40,7 +51,13 @@ def test_bf16_autocast_keeps_statistics_in_float32(name):
         opt.step()
         for values in (bal.coefficients, bal.scores):
             assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in values.values())
-        if heads:
+        if heads and name in REGRESSION_FACTORIES:
+            # The scores (batch MSE) are computed in float32 from the bf16 head predictions.
+            expected = [((heads[n].float() - target) ** 2).mean() for n in bal.names]
+            torch.testing.assert_close(
+                torch.stack(list(bal.scores.values())), torch.stack(expected)
+            )
+        elif heads:
             # The scores are computed in float32 from the bf16 head logits.
             expected = [
                 torch.softmax(heads[n].float(), -1).gather(1, target[:, None]).mean()
@@ -52,11 +69,11 @@ def test_bf16_autocast_keeps_statistics_in_float32(name):
     assert len(bal.history[bal.names[0]]["coefficients"]) == 3
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_bf16_statistics_are_close_to_float32(name):
     model, bal = build(name)
     low_model, low = twin_of(name, model, bal)
-    inputs, target = make_batch(INPUT_DIMS, seed=5)
+    inputs, target = make_batch_for(name, INPUT_DIMS, seed=5)
     bal.loss(model(*inputs), target)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low.loss(low_model(*inputs), target)
@@ -79,7 +96,7 @@ def fp16_step(model, bal, opt, scaler, inputs, target):
     return grads
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_grad_scaler_path_sees_unscaled_gradients(name):
     """After ``scaler.unscale_``, ``after_backward()`` and the optimizer see the gradients a run
     without loss scaling would see (a method's per-parameter noise or clipping included)."""
@@ -90,21 +107,21 @@ def test_grad_scaler_path_sees_unscaled_gradients(name):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     unit = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
     for step in range(2):
-        inputs, target = make_batch(INPUT_DIMS, seed=step)
+        inputs, target = make_batch_for(name, INPUT_DIMS, seed=step)
         scaled = fp16_step(model, bal, opt, scaler, inputs, target)
         reference = fp16_step(plain_model, plain, plain_opt, unit, inputs, target)
         for a, b in zip(scaled, reference):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_grad_scaler_overflow_step_leaves_the_balancer_unchanged(name):
     """An fp16 overflow: the scaler skips the step, the balancer (nonfinite="skip") keeps its
     coefficients, scores, history and running statistics, and training goes on."""
     model, bal = build(name, nonfinite="skip")
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    fp16_step(model, bal, opt, scaler, *make_batch(INPUT_DIMS, seed=0))
+    fp16_step(model, bal, opt, scaler, *make_batch_for(name, INPUT_DIMS, seed=0))
     before = {
         key: value.clone() for key, value in bal.state_dict().items() if torch.is_tensor(value)
     }
@@ -112,7 +129,7 @@ def test_grad_scaler_overflow_step_leaves_the_balancer_unchanged(name):
     history = len(bal.history[bal.names[0]]["coefficients"])
     scale = scaler.get_scale()
 
-    inputs, target = make_batch(INPUT_DIMS, seed=1)
+    inputs, target = make_batch_for(name, INPUT_DIMS, seed=1)
     inputs[1] = inputs[1] * 1e6  # overflows float16 in the second tower
     fp16_step(model, bal, opt, scaler, inputs, target)
     assert scaler.get_scale() < scale  # the scaler saw inf and skipped the step
@@ -125,6 +142,6 @@ def test_grad_scaler_overflow_step_leaves_the_balancer_unchanged(name):
     assert len(bal.history[bal.names[0]]["coefficients"]) == history
     assert not bool(bal.last_step_finite)
 
-    fp16_step(model, bal, opt, scaler, *make_batch(INPUT_DIMS, seed=2))
+    fp16_step(model, bal, opt, scaler, *make_batch_for(name, INPUT_DIMS, seed=2))
     assert bool(bal.last_step_finite)
     assert all(torch.isfinite(p).all() for p in model.parameters())

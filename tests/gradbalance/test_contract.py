@@ -2,7 +2,9 @@
 arguments (nothing attached before every argument is validated), ``remove()``, the state round
 trip and a training step without host synchronisation.
 
-Every test runs over ``balancer_factories.FACTORIES`` (one entry per ``gb.METHODS`` name).
+Every test runs over ``balancer_factories.FACTORIES`` (one entry per ``gb.METHODS`` name) and,
+except the checks of the classification hyperparameters, over
+``balancer_factories.REGRESSION_FACTORIES`` (the methods with ``task="regression"``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from balancer_factories import (
+    ALL_FACTORIES,
     FACTORIES,
     INPUT_DIMS,
     factory_params,
     flat_parameters,
+    make_batch_for,
+    method_class,
     train_step,
 )
 from conftest import make_batch
@@ -36,7 +41,7 @@ def build(name, seed=0, model=None, **options):
     torch.manual_seed(seed)
     model = TowerNet(INPUT_DIMS) if model is None else model
     torch.manual_seed(seed + 1)
-    return model, FACTORIES[name](model, **options)
+    return model, ALL_FACTORIES[name](model, **options)
 
 
 def sgd(model, bal):
@@ -56,15 +61,15 @@ def test_every_method_has_a_factory():
 # --- construction -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_construction_names_the_encoders_and_holds_no_model_state(name):
     model, bal = build(name)
-    assert type(bal) is gb.METHODS[name]
+    assert type(bal) is method_class(name)
     assert isinstance(bal, gb.Balancer) and isinstance(bal, nn.Module)
     assert bal.names == ["towers_0", "towers_1"]
     assert not {id(p) for p in bal.parameters()} & {id(p) for p in model.parameters()}
     assert not any(key.startswith(("towers.", "fusion.")) for key in bal.state_dict())
-    train_step(model, bal, sgd(model, bal), *make_batch(INPUT_DIMS))
+    train_step(model, bal, sgd(model, bal), *make_batch_for(name, INPUT_DIMS))
     assert bal.steps == 1
     for values in (bal.coefficients, bal.scores):
         assert list(values) == bal.names
@@ -107,10 +112,24 @@ REFUSED = [
     ("gblend", {"min_overfitting": 0.0}, "min_overfitting"),
     ("mmpareto", {"gamma": 0.0}, "gamma"),
     ("mmpareto", {"unimodal_weight": -1.0}, "weight"),
+    ("mlb_regression", {"loss": "l2"}, "loss"),
+    ("mlb_regression", {"error": "rmse"}, "error"),
+    ("mlb_regression", {"alpha": -1.0}, "alpha"),
+    ("multiloss_regression", {"output_dim": 0}, "output_dim"),
+    ("joint_regression", {"num_classes": 4}, "no classes"),
+    ("agm_regression", {"error": "mae"}, "error="),
+    ("mlb", {"loss": "l1"}, "loss= only for task='regression'"),
+    ("mlb", {"task": "ranking"}, "task"),
+    ("ogm", {"task": "regression"}, "does not support task='regression'"),
+    ("ogm_ge", {"task": "regression"}, "does not support task='regression'"),
+    ("pmr", {"task": "regression"}, "does not support task='regression'"),
+    ("mslr", {"task": "regression"}, "does not support task='regression'"),
+    ("gblend", {"task": "regression"}, "does not support task='regression'"),
+    ("mmpareto", {"task": "regression"}, "does not support task='regression'"),
 ]
 REFUSED += [
     case
-    for name in FACTORIES
+    for name in ALL_FACTORIES
     for case in (
         (name, {"sync": "all"}, "sync"),
         (name, {"pool": {"nope": "tokens"}}, "unknown encoders"),
@@ -178,15 +197,15 @@ def _refuse_then_train(name, options, match):
     before = footprint(model)
     options = options(model) if callable(options) else options
     with pytest.raises(ValueError, match=match):
-        FACTORIES[name](model, **options)
+        ALL_FACTORIES[name](model, **options)
     assert footprint(model) == before
     runs = []
     for m in (model, fresh):
         torch.manual_seed(7)
-        bal = FACTORIES[name](m)
+        bal = ALL_FACTORIES[name](m)
         opt = sgd(m, bal)
         for step in range(3):
-            train_step(m, bal, opt, *make_batch(INPUT_DIMS, seed=step))
+            train_step(m, bal, opt, *make_batch_for(name, INPUT_DIMS, seed=step))
         runs.append(flat_parameters(m, bal))
     assert torch.equal(runs[0], runs[1])
 
@@ -217,16 +236,17 @@ def test_nonfinite_hyperparameters_are_refused_at_construction(name, option, val
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["dims", "lazy-heads"])
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_remove_leaves_forward_and_backward_bitwise_as_before(name, lazy):
     torch.manual_seed(0)
     model = TowerNet(INPUT_DIMS)
     untouched = copy.deepcopy(model)
     before = footprint(model)
     inputs, target = make_batch(INPUT_DIMS)
-    bal = FACTORIES[name](model, **({"feature_dims": None} if lazy else {}))
+    bal = ALL_FACTORIES[name](model, **({"feature_dims": None} if lazy else {}))
     for step in range(2):
-        bal.loss(model(*make_batch(INPUT_DIMS, seed=step)[0]), target).backward()
+        step_inputs, step_target = make_batch_for(name, INPUT_DIMS, seed=step)
+        bal.loss(model(*step_inputs), step_target).backward()
         bal.after_backward()
     model.zero_grad(set_to_none=True)
     bal.remove()
@@ -243,22 +263,23 @@ def test_remove_leaves_forward_and_backward_bitwise_as_before(name, lazy):
 # --- state round trip -------------------------------------------------------------------------
 
 
-def _epoch(model, bal, opt, first_step):
+def _epoch(name, model, bal, opt, first_step):
     for step in range(first_step, first_step + 2):
-        train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=step))
+        train_step(model, bal, opt, *make_batch_for(name, INPUT_DIMS, seed=step))
     with torch.no_grad():
-        bal.loss(model(*make_batch(INPUT_DIMS, seed=50 + first_step)[0]), make_batch(INPUT_DIMS)[1])
+        inputs = make_batch(INPUT_DIMS, seed=50 + first_step)[0]
+        bal.loss(model(*inputs), make_batch_for(name, INPUT_DIMS)[1])
     bal.epoch_end()
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["dims", "lazy-heads"])
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_state_dict_round_trip_continues_identically(name, lazy):
     options = {"feature_dims": None} if lazy else {}
     model, bal = build(name, **options)
     opt = sgd(model, bal)
-    _epoch(model, bal, opt, 0)
-    _epoch(model, bal, opt, 2)
+    _epoch(name, model, bal, opt, 0)
+    _epoch(name, model, bal, opt, 2)
     buffer = io.BytesIO()
     torch.save(bal.state_dict(), buffer)
     buffer.seek(0)
@@ -270,7 +291,7 @@ def test_state_dict_round_trip_continues_identically(name, lazy):
     for key, value in tensors_of(bal).items():
         assert torch.equal(value, tensors_of(twin)[key]), key
     assert twin.coefficients == bal.coefficients
-    inputs, target = make_batch(INPUT_DIMS, seed=9)
+    inputs, target = make_batch_for(name, INPUT_DIMS, seed=9)
     for m, b in ((model, bal), (twin_model, twin)):  # the next step is identical
         m.zero_grad(set_to_none=True)
         b.zero_grad(set_to_none=True)
@@ -290,18 +311,18 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lazy", [False, True], ids=["dims", "lazy-heads"])
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_training_step_makes_no_host_sync(name, lazy, device):
     """loss(), backward(), after_backward(), an evaluation loss() and epoch_end() never
     synchronise with the host (with M = 3 encoders)."""
     dims = (*INPUT_DIMS, 3)
     torch.manual_seed(0)
     model = TowerNet(dims).to(device)
-    bal = FACTORIES[name](model, flush_every=1000, **({"feature_dims": None} if lazy else {}))
+    bal = ALL_FACTORIES[name](model, flush_every=1000, **({"feature_dims": None} if lazy else {}))
     opt = sgd(model, bal)
 
     def batch(seed):
-        inputs, target = make_batch(dims, seed=seed)
+        inputs, target = make_batch_for(name, dims, seed=seed)
         return [x.to(device) for x in inputs], target.to(device)
 
     train_step(model, bal, opt, *batch(0))  # materialises lazy heads

@@ -1,9 +1,9 @@
 """DistributedDataParallel on 2 gloo processes (CPU): replicas stay bitwise identical.
 
 One run of ``tests/ddp_worker.py`` (two forked ranks, every scenario) per test session; the
-tests below read its results. Each balancer of ``balancer_factories.FACTORIES`` trains 5 steps
-with different initial values per rank and unequal per-rank batch sizes, with
-``sync="global"`` and ``sync="local"``.
+tests below read its results. Each balancer of ``balancer_factories.ALL_FACTORIES`` (the
+regression variants included) trains 5 steps with different initial values per rank and
+unequal per-rank batch sizes, with ``sync="global"`` and ``sync="local"``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from balancer_factories import FACTORIES, factory_params
+from balancer_factories import ALL_FACTORIES, factory_params
 from conftest import MultiTowerNet
 from ddp_worker import global_batch
 from filelock import FileLock
@@ -55,7 +55,7 @@ def result(ranks, key):
 
 
 @pytest.mark.parametrize("sync", ["global", "local"])
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_replicas_stay_bitwise_identical(ranks, name, sync):
     first, second = result(ranks, f"{name}-{sync}")
     assert torch.equal(first["parameters"], second["parameters"])
@@ -72,16 +72,16 @@ def test_local_sync_uses_each_ranks_own_coefficients(ranks):
     assert torch.equal(first["parameters"], second["parameters"])
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_global_statistics_equal_one_process_on_the_concatenated_batch(ranks, name):
     """Step 0 from rank 0's initial state (DDP broadcasts it): same scores and coefficients."""
     first, second = result(ranks, f"{name}-global")
     model_state, balancer_state = first["init"]
     model = MultiTowerNet((5, 7))
     model.load_state_dict(model_state)
-    bal = FACTORIES[name](model)
+    bal = ALL_FACTORIES[name](model)
     bal.load_state_dict(balancer_state)
-    inputs, target = global_batch(0)
+    inputs, target = global_batch(0, name)
     bal.loss(model(*inputs), target).backward()
     expected_k = torch.stack(list(bal.coefficients.values()))
     expected_s = torch.stack(list(bal.scores.values()))

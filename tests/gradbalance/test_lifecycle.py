@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from balancer_factories import FACTORIES, INPUT_DIMS, factory_params, flat_parameters, train_step
+from balancer_factories import (
+    ALL_FACTORIES,
+    FACTORIES,
+    INPUT_DIMS,
+    factory_params,
+    flat_parameters,
+    make_batch_for,
+    train_step,
+)
 from conftest import make_batch
 from contract_models import (
     ConvTowerNet,
@@ -30,7 +38,7 @@ import gradbalance as gb
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
-CHANGING = ("mlb", "ogm", "ogm_ge", "agm", "pmr")
+CHANGING = ("mlb", "ogm", "ogm_ge", "agm", "pmr", "mlb_regression", "agm_regression")
 """Methods whose coefficients differ between the two batches of these tests."""
 
 
@@ -40,7 +48,7 @@ def twins(name, model, **options):
     balancers = []
     for m in (model, twin):
         torch.manual_seed(1)
-        balancers.append(FACTORIES[name](m, **options))
+        balancers.append(ALL_FACTORIES[name](m, **options))
     return (model, balancers[0]), (twin, balancers[1])
 
 
@@ -82,12 +90,16 @@ BATCHES = [make_batch(INPUT_DIMS, batch=8, seed=1), make_batch(INPUT_DIMS, seed=
 # --- row 1: two losses, one backward ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_two_losses_summed_before_one_backward_are_each_scaled_by_their_own_coefficients(name):
     torch.manual_seed(0)
     (model, bal), (twin, ref) = twins(name, TowerNet(INPUT_DIMS))
-    got_k = losses_of(model, bal, BATCHES, summed=True)
-    expected_k = losses_of(twin, ref, BATCHES, summed=False)
+    batches = BATCHES
+    if name not in FACTORIES:  # regression: real targets
+        batches = [make_batch_for(name, INPUT_DIMS, batch=8, seed=1)]
+        batches.append(make_batch_for(name, INPUT_DIMS, seed=2))
+    got_k = losses_of(model, bal, batches, summed=True)
+    expected_k = losses_of(twin, ref, batches, summed=False)
     assert got_k == expected_k
     assert_same_gradients(gradients(model, bal), gradients(twin, ref))
     if name in CHANGING:  # otherwise the test could not tell k1 from k2
@@ -183,37 +195,37 @@ def test_per_parameter_scaling_is_exact_with_one_backward_per_loss(mode):
 # --- row 3: one balancer per encoder ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_second_balancer_on_the_same_encoders_is_refused_until_remove(name):
     torch.manual_seed(0)
     model = TowerNet(INPUT_DIMS)
     never_balanced = copy.deepcopy(model)
-    first = FACTORIES[name](model)
+    first = ALL_FACTORIES[name](model)
     with pytest.raises(ValueError, match=r"remove\(\)"):
-        FACTORIES[name](model)
+        ALL_FACTORIES[name](model)
     with pytest.raises(ValueError, match=r"remove\(\)"):
         FACTORIES["mlb" if name != "mlb" else "joint"](model)
     first.remove()
     runs = []
     for m in (model, never_balanced):
         torch.manual_seed(5)
-        second = FACTORIES[name](m)
+        second = ALL_FACTORIES[name](m)
         opt = torch.optim.SGD([*m.parameters(), *second.parameters()], lr=0.1)
         for step in range(2):
-            train_step(m, second, opt, *make_batch(INPUT_DIMS, seed=step))
+            train_step(m, second, opt, *make_batch_for(name, INPUT_DIMS, seed=step))
         runs.append(flat_parameters(m, second))
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_second_balancer_sharing_one_encoder_is_refused_until_remove(name):
     model = TowerNet((5, 7, 3))
     towers = list(model.towers)
     first = FACTORIES["mlb"](model, encoders=towers[:2])
     with pytest.raises(ValueError, match=r"remove\(\)"):
-        FACTORIES[name](model, encoders=towers[1:])
+        ALL_FACTORIES[name](model, encoders=towers[1:])
     first.remove()
-    FACTORIES[name](model, encoders=towers[1:])
+    ALL_FACTORIES[name](model, encoders=towers[1:])
 
 
 # --- row 4: torch.save(model) ------------------------------------------------------------------
@@ -239,14 +251,14 @@ LOAD_IN_A_FRESH_PROCESS = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_saved_model_is_the_plain_model(name, tmp_path):
     torch.manual_seed(0)
     model = TowerNet(INPUT_DIMS)
     before = footprint(model)
-    bal = FACTORIES[name](model)
+    bal = ALL_FACTORIES[name](model)
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
-    train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
+    train_step(model, bal, opt, *make_batch_for(name, INPUT_DIMS, seed=0))
     saved, plain, out, batch = (tmp_path / f for f in ("m.pt", "p.pt", "r.pt", "b.pt"))
     torch.save(model, saved)
     assert b"gradbalance" not in saved.read_bytes()
@@ -270,7 +282,7 @@ def test_saved_model_is_the_plain_model(name, tmp_path):
 
 
 @pytest.mark.parametrize("copier", ["deepcopy", "AveragedModel"])
-@pytest.mark.parametrize("name", factory_params())
+@pytest.mark.parametrize("name", factory_params(regression=True))
 def test_copy_after_a_step_is_a_plain_model_that_leaves_the_balancer_alone(name, copier):
     torch.manual_seed(0)
     model = TowerNet(INPUT_DIMS)
@@ -280,7 +292,7 @@ def test_copy_after_a_step_is_a_plain_model_that_leaves_the_balancer_alone(name,
         torch.optim.SGD([*m.parameters(), *b.parameters()], lr=0.1)
         for m, b in ((model, bal), (twin, ref))
     ]
-    inputs, target = make_batch(INPUT_DIMS, seed=0)
+    inputs, target = make_batch_for(name, INPUT_DIMS, seed=0)
     train_step(model, bal, opts[0], inputs, target)
     train_step(twin, ref, opts[1], inputs, target)
     if copier == "deepcopy":
@@ -298,6 +310,6 @@ def test_copy_after_a_step_is_a_plain_model_that_leaves_the_balancer_alone(name,
         exact=True,
     )
     for m, b, opt in ((model, bal, opts[0]), (twin, ref, opts[1])):
-        train_step(m, b, opt, *make_batch(INPUT_DIMS, seed=1))
+        train_step(m, b, opt, *make_batch_for(name, INPUT_DIMS, seed=1))
     assert bal.coefficients == ref.coefficients
     assert torch.equal(flat_parameters(model, bal), flat_parameters(twin, ref))

@@ -100,3 +100,45 @@ def test_baseline_steps_never_sync(name, device):
     assert bal.steps == 3
     if name == "pmr":
         assert bal.ready and any(v.item() > 0 for v in bal.coefficients.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("separate", [False, True], ids=["stacked-heads", "separate-heads"])
+@pytest.mark.parametrize("loss", ["l1", "mse", "huber"])
+def test_mlb_regression_step_never_syncs(loss, separate, device):
+    """MLB with ``task="regression"`` (heads' regression losses, batch errors as scores, the
+    inverted ratio) makes no host synchronisation in loss(), backward() or an evaluation
+    loss(); with heads batched into one matmul or run one by one (unequal widths)."""
+    dims = (5, 7, 3)
+    torch.manual_seed(0)
+    model = MultiTowerNet(dims, num_classes=2).to(device)
+    widths = [12, 12, 12]
+    if separate:  # a tower of another width: the heads cannot be stacked
+        model.towers[2][2] = torch.nn.Linear(12, 9)
+        model.fusion = torch.nn.Linear(33, 2)
+        widths[2] = 9
+    model = model.to(device)
+    bal = gb.MLB(
+        model, list(model.towers), task="regression", output_dim=2, loss=loss, alpha=1.5,
+        feature_dims=widths, flush_every=1000,
+    )
+    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()])
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(10, d, generator=g).to(device) for d in dims]
+    target = torch.randn(10, 2, generator=g).to(device)
+    for step in range(3):
+        sync_debug = device == "cuda" and step > 0
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with FailOnHostSync():
+                opt.zero_grad()
+                bal.loss(model(*inputs), target).backward()
+                with torch.no_grad():
+                    bal.loss(model(*inputs), target)
+        finally:
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+    assert bal.steps == 3
+    assert all(float(k) != 1.0 for k in bal.coefficients.values())

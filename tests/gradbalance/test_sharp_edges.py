@@ -233,6 +233,16 @@ def test_mmcosine_head_wrong_count_states_the_call_convention():
     )
 
 
+@pytest.mark.parametrize("cls", [gb.GBlend, gb.MMPareto], ids=["gblend", "mmpareto"])
+def test_methods_with_trained_heads_return_them_as_unimodal_logits(cls):
+    model = net()
+    bal = cls(model, [model.audio, model.video], 3)
+    bal.loss(model(*batch()), Y).backward()
+    features, logits = bal.features(), bal.unimodal_logits()
+    for name in ("audio", "video"):
+        assert torch.allclose(logits[name], bal.heads[name](features[name]), atol=1e-6)
+
+
 # --- forgotten epoch_end() ------------------------------------------------------------------
 
 
@@ -242,12 +252,14 @@ EPOCH_METHODS = {
     "ogm-window": lambda m: gb.OGM(m, [m.audio, m.video], 3, window=(0, 50)),
     "pmr-blend": lambda m: gb.PMR(m, [m.audio, m.video], 3, prototypes="explicit",
                                   first_blend_epoch=1),
+    "gblend": lambda m: gb.GBlend(m, [m.audio, m.video], 3),
 }  # fmt: skip
 NO_EPOCH_METHODS = {
     "mlb": lambda m: gb.MLB(m, [m.audio, m.video], 3),
     "joint": lambda m: gb.Joint(m, [m.audio, m.video], 3),
     "ogm": lambda m: gb.OGM(m, [m.audio, m.video], 3),
     "pmr-explicit": lambda m: gb.PMR(m, [m.audio, m.video], 3, prototypes="explicit"),
+    "mmpareto": lambda m: gb.MMPareto(m, [m.audio, m.video], 3),
 }
 
 
