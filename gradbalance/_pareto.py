@@ -90,8 +90,11 @@ class _ParetoFork(torch.autograd.Function):
         with torch.no_grad():
             dot, n1, n2 = stats.unbind()
             cosine = dot / torch.sqrt(n1 * n2).clamp_min(torch.finfo(dot.dtype).tiny)
-            site.cosines[site.index].copy_(cosine.to(site.cosines.device))
-            site.conflicts[site.index].add_((dot < 0).to(site.conflicts))
+            # A non-finite backward (a skipped step) leaves the statistics as they were.
+            finite = torch.isfinite(stats).all().to(site.cosines.device)
+            old = site.cosines[site.index]
+            old.copy_(torch.where(finite, cosine.to(old), old))
+            site.conflicts[site.index].add_(((dot < 0) & finite).to(site.conflicts))
         if site.watch is not None:
             site.watch(combined)
         return combined.to(g_model.dtype), None

@@ -106,7 +106,7 @@ class MMPareto(MultiLoss):
             or not torch.is_grad_enabled()
             or not module.training
             or not self.active()
-            or in_backward()
+            or (not torch.compiler.is_compiling() and in_backward())
         ):
             return super()._on_output(name, module, output)
         index = self._index[name]
@@ -117,7 +117,7 @@ class MMPareto(MultiLoss):
             cosines=self.cosine_values,
             conflicts=self.conflicts,
             reduce=partial(MMPareto._reduce, self) if global_sync else None,
-            watch=self._guard.watch(index),
+            watch=None if torch.compiler.is_compiling() else self._guard.watch(index),
         )
         model_branch, head_branch = pareto_fork(output, site)
         super()._on_output(name, module, head_branch)  # captured: the heads read this branch
