@@ -36,6 +36,9 @@ class HistoryTable(dict[str, dict[str, torch.Tensor]]):
         series: ``{name: {"coefficients": (S,), "scores": (S,)}}``.
         steps: ``(S,)`` integer step indices.
         epochs: ``(S,)`` integer epochs.
+        score_label: what the scores are, the label :func:`~gradbalance.plot_history` gives
+            their axis: ``"score (batch error, lower is better)"`` for a balancer with
+            ``task="regression"``, ``"score"`` otherwise.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -60,10 +63,12 @@ class HistoryTable(dict[str, dict[str, torch.Tensor]]):
         series: dict[str, dict[str, torch.Tensor]],
         steps: torch.Tensor,
         epochs: torch.Tensor,
+        score_label: str = "score",
     ) -> None:
         super().__init__(series)
         self.steps = steps
         self.epochs = epochs
+        self.score_label = score_label
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per (step, modality), steps in order, modalities in encoder order:

@@ -42,6 +42,9 @@ class Task:
 
     name: str = "classification"
     regression: bool = False
+    score_label: str = "score"
+    """How a plot names the history's scores (their meaning is the method's, higher is better
+    for every classification method, e.g. MLB's mean true-class probability)."""
 
     def check_classes(self, num_classes: Any) -> int | None:
         """``num_classes`` (an int >= 2)."""
@@ -89,6 +92,7 @@ class Regression(Task):
 
     name = "regression"
     regression = True
+    score_label = "score (batch error, lower is better)"
 
     def __init__(self, output_dim: int, loss: str, error: str) -> None:
         self.output_dim = check_int("output_dim", output_dim, 1)

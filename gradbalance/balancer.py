@@ -429,7 +429,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """Per-step ``{name: {"coefficients": (S,), "scores": (S,)}}`` on the CPU (finite
         training steps only), a :class:`~gradbalance.HistoryTable` (epochs, exports)."""
         self._guard.raise_recorded()
-        return self._history.as_dict()
+        return self._history.as_dict(self._task.score_label)
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any

@@ -137,33 +137,42 @@ class History:
             self._flushed_meta = [torch.cat(self._flushed_meta)]
         return self._flushed_meta[0]
 
-    def as_dict(self) -> HistoryTable:
+    def as_dict(self, score_label: str = "score") -> HistoryTable:
         """``{name: {"coefficients": (steps,), "scores": (steps,)}}`` on the CPU, as a
-        :class:`HistoryTable` (a ``dict`` that also knows each step's index and epoch)."""
+        :class:`HistoryTable` (a ``dict`` that also knows each step's index and epoch).
+
+        Args:
+            score_label: what the scores are, for plots (:attr:`HistoryTable.score_label`).
+        """
         table = self.tensor()
         meta = self.steps_and_epochs()
         series = {
             name: {q: table[:, qi, mi] for qi, q in enumerate(QUANTITIES)}
             for mi, name in enumerate(self.names)
         }
-        return HistoryTable(series, steps=meta[:, 0], epochs=meta[:, 1])
+        return HistoryTable(series, steps=meta[:, 0], epochs=meta[:, 1], score_label=score_label)
 
 
 def plot_history(
     history: dict[str, dict[str, torch.Tensor]] | History,
     path: str | Path,
     title: str = "MLB coefficients",
+    score_label: str | None = None,
 ) -> Path:
     """Draw each modality's coefficient (and score) over training steps to a PNG.
 
     The layout follows Figure 7 of the paper's appendix: one curve per modality, coefficient
-    on the top axis, score (mean true-class probability of the unimodal head) below.
+    on the top axis, the method's score below (for MLB the mean true-class probability of
+    the unimodal head; with ``task="regression"`` each head's batch error, lower is better).
     Needs matplotlib (``pip install gradbalance[plot]``).
 
     Args:
         history: ``bal.history`` (or a :class:`History`).
         path: where to write the PNG.
         title: figure title.
+        score_label: the label of the score axis; default: the history's
+            :attr:`HistoryTable.score_label` (``"score (batch error, lower is better)"`` for
+            a regression balancer, ``"score"`` otherwise).
 
     Returns:
         The path written.
@@ -194,7 +203,9 @@ def plot_history(
         ax_s.plot(steps, series["scores"].numpy(), label=name)
     ax_k.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax_k.set_ylabel("coefficient k")
-    ax_s.set_ylabel("score (true-class prob.)")
+    if score_label is None:
+        score_label = getattr(table, "score_label", "score")
+    ax_s.set_ylabel(score_label)
     ax_s.set_xlabel("training step")
     ax_k.set_title(title)
     ax_k.legend()

@@ -56,7 +56,8 @@ class MMPareto(MultiLoss):
         gamma: factor on the encoders' combined gradients (> 0; 1.5 in the authors' code,
             the default; with Adam it barely matters).
         enabled: combine at all (False, or outside ``window``: plain Multi-Loss).
-        fused_weight, unimodal_weight, **common: as :class:`MultiLoss`.
+        **options: as :class:`MultiLoss` (``fused_weight``, ``unimodal_weight`` and the
+            common options).
 
     Example:
         >>> import torch, gradbalance as gb

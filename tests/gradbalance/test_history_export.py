@@ -151,3 +151,41 @@ def test_the_table_plots_as_the_dict_did(tmp_path):
     pytest.importorskip("matplotlib")
     bal, _ = observed_run()
     assert gb.plot_history(bal.history, tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def score_axis_label(history, path, monkeypatch, **options):
+    """The label plot_history gives the lower (score) axis."""
+    matplotlib = pytest.importorskip("matplotlib")
+    labels = []
+    original = matplotlib.axes.Axes.set_ylabel
+
+    def record(axes, label, *args, **kwargs):
+        labels.append(label)
+        return original(axes, label, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", record)
+    gb.plot_history(history, path, **options)
+    assert labels[0] == "coefficient k"
+    return labels[1]
+
+
+@pytest.mark.parametrize("method", ["mlb", "multiloss", "joint"])
+def test_a_regression_history_plots_its_scores_as_errors(method, tmp_path, monkeypatch):
+    """Regression scores are batch errors (lower is better), not true-class probabilities."""
+    model = gb.testing.TwoTowerNet(num_classes=1)
+    bal = gb.make(method, model, [model.audio, model.video], task="regression")
+    audio, video = torch.randn(6, 8), torch.randn(6, 6)
+    bal.loss(model(audio, video), audio[:, 0]).backward()
+    assert bal.history.score_label == "score (batch error, lower is better)"
+    label = score_axis_label(bal.history, tmp_path / "k.png", monkeypatch)
+    assert label == "score (batch error, lower is better)"
+    given = score_axis_label(bal.history, tmp_path / "k.png", monkeypatch, score_label="MAE")
+    assert given == "MAE"
+
+
+def test_a_classification_history_does_not_claim_probabilities(tmp_path, monkeypatch):
+    bal, _ = observed_run()
+    assert bal.history.score_label == "score"
+    assert score_axis_label(bal.history, tmp_path / "k.png", monkeypatch) == "score"
+    plain = {name: dict(series) for name, series in bal.history.items()}  # a plain dict
+    assert score_axis_label(plain, tmp_path / "p.png", monkeypatch) == "score"

@@ -1,0 +1,168 @@
+"""The messages quoted on docs/errors.md are the ones the library raises.
+
+Each case below provokes one error or warning and checks that the page quotes its message
+as it reads: the quoted text (up to the ``...`` that marks a cut) starts the actual message,
+and the page names the exception's class in the same row.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradbalance as gb
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+ROW = re.compile(r"^\| `(?P<message>[^`]+)` \((?P<kinds>[^|]*)\) \|", flags=re.MULTILINE)
+
+A, V, Y = torch.randn(4, 8), torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+
+
+def quoted() -> list[tuple[str, str]]:
+    """``(message without the trailing cut, the kinds column)`` of every message row."""
+    return [
+        (match["message"].removesuffix("...").rstrip(), match["kinds"])
+        for match in ROW.finditer(PAGE.read_text(encoding="utf-8"))
+    ]
+
+
+def two_towers(**options) -> tuple[gb.testing.TwoTowerNet, list[nn.Module]]:
+    model = gb.testing.TwoTowerNet(**options)
+    return model, [model.audio, model.video]
+
+
+def trained(method: type, **options) -> gb.Balancer:
+    model, encoders = two_towers()
+    bal = method(model, encoders, 3, **options)
+    bal.loss(model(A, V), Y).backward()
+    return bal
+
+
+def joint_logits() -> None:
+    trained(gb.Joint).unimodal_logits()
+
+
+def ogm_slices() -> None:
+    trained(gb.OGM).modality_slices()
+
+
+def agm_without_fusion() -> None:
+    model, encoders = two_towers()
+    gb.AGM(model, encoders, 3)
+
+
+def agm_width_at_construction() -> None:
+    model, encoders = two_towers()
+    gb.AGM(model, encoders, 3, fusion=nn.Linear(20, 3), feature_dims=[16, 16])
+
+
+def agm_width_at_the_first_step() -> None:
+    model, encoders = two_towers()
+    gb.AGM(model, encoders, 3, fusion=nn.Linear(20, 3)).loss(model(A, V), Y)
+
+
+def agm_one_tensor_fusion_on_outputs() -> None:
+    model, encoders = two_towers()
+    gb.AGM(model, encoders, 3, fusion=model.fusion, fusion_inputs="outputs")
+
+
+def ogm_regression() -> None:
+    model, encoders = two_towers()
+    gb.OGM(model, encoders, task="regression")
+
+
+def integer_regression_targets() -> None:
+    model, encoders = two_towers(num_classes=1)
+    gb.MLB(model, encoders, task="regression").loss(model(A, V), Y)
+
+
+def regression_width() -> None:
+    model, encoders = two_towers(num_classes=1)
+    gb.MLB(model, encoders, task="regression", output_dim=2).loss(model(A, V), torch.randn(4, 2))
+
+
+def regression_classes() -> None:
+    model, encoders = two_towers()
+    gb.MLB(model, encoders, 3, task="regression")
+
+
+def classification_loss() -> None:
+    model, encoders = two_towers()
+    gb.MLB(model, encoders, 3, loss="mse")
+
+
+def agm_error() -> None:
+    model, encoders = two_towers(num_classes=1)
+    gb.AGM(model, encoders, fusion=model.fusion, task="regression", error="mae")
+
+
+def cosine_head_count() -> None:
+    gb.MMCosineHead([4, 5], 3)(torch.randn(2, 4))
+
+
+def pmr_without_epoch_end() -> None:
+    model, encoders = two_towers()
+    bal = gb.PMR(model, encoders, 3)
+    bal.loss(model(A, V), Y).backward()
+    with torch.no_grad():
+        model(A, V)  # validation
+    bal.loss(model(A, V), Y).backward()  # training again, no epoch_end()
+
+
+CASES: dict[str, Callable[[], None]] = {
+    "joint_logits": joint_logits,
+    "ogm_slices": ogm_slices,
+    "agm_without_fusion": agm_without_fusion,
+    "agm_width_at_construction": agm_width_at_construction,
+    "agm_width_at_the_first_step": agm_width_at_the_first_step,
+    "agm_one_tensor_fusion_on_outputs": agm_one_tensor_fusion_on_outputs,
+    "ogm_regression": ogm_regression,
+    "integer_regression_targets": integer_regression_targets,
+    "regression_width": regression_width,
+    "regression_classes": regression_classes,
+    "classification_loss": classification_loss,
+    "agm_error": agm_error,
+    "cosine_head_count": cosine_head_count,
+    "pmr_without_epoch_end": pmr_without_epoch_end,
+}
+
+
+def provoke(case: Callable[[], None]) -> tuple[str, str]:
+    """``(class name, message)`` of the error raised, or of the gradbalance warning issued."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            case()
+        except Exception as error:  # noqa: BLE001 - the class is what is checked
+            return type(error).__name__, str(error)
+    issued = [w for w in caught if issubclass(w.category, gb.errors.MissingCallWarning)]
+    assert issued, "the case neither raised nor warned"
+    return issued[0].category.__name__, str(issued[0].message)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_page_quotes_the_message_as_it_reads(name):
+    kind, message = provoke(CASES[name])
+    rows = [(text, kinds) for text, kinds in quoted() if message.startswith(text)]
+    assert rows, f"docs/errors.md does not quote: {message}"
+    assert any(f"`{kind}`" in kinds for _, kinds in rows), (kind, rows)
+
+
+def test_every_error_class_has_a_row():
+    text = PAGE.read_text(encoding="utf-8")
+    classes = [
+        value
+        for value in vars(gb.errors).values()
+        if isinstance(value, type)
+        and issubclass(value, Exception)
+        and value.__module__ == "gradbalance.errors"
+    ]
+    assert {c.__name__ for c in classes} >= {"UnavailableError", "MissingCallWarning"}
+    for error in classes:
+        assert f"| `{error.__name__}` |" in text, error.__name__
