@@ -22,6 +22,12 @@ SYNCS: tuple[str, ...] = ("global", "local")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
 WINDOW_UNITS: tuple[str, ...] = ("epoch", "step")
 
+EMPTY_BATCH = (
+    "loss() got an empty batch (B = 0): no statistic is defined on it; skip empty batches in "
+    "your loop (e.g. DataLoader(..., drop_last=True) with a small dataset)"
+)
+"""The error message of an empty batch, shared by every task."""
+
 
 def check_number(
     name: str,
@@ -294,10 +300,7 @@ def check_loss_inputs(logits: Any, target: Any, num_classes: int) -> torch.Tenso
             f"logits must have shape (B, num_classes={num_classes}), got {tuple(logits.shape)}"
         )
     if logits.shape[0] == 0:
-        raise InputError(
-            "loss() got an empty batch (B = 0): no statistic is defined on it; skip empty "
-            "batches in your loop (e.g. DataLoader(..., drop_last=True) with a small dataset)"
-        )
+        raise InputError(EMPTY_BATCH)
     if not logits.is_floating_point():
         raise InputTypeError(f"logits must be floating point, got {logits.dtype}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradbalance._checks import check_choice, check_int, check_loss_inputs
+from gradbalance._checks import EMPTY_BATCH, check_choice, check_int, check_loss_inputs
 from gradbalance.errors import ConfigurationError, InputError, InputTypeError
 
 if TYPE_CHECKING:
@@ -136,10 +136,7 @@ class Regression(Task):
                 f"{shapes}, got {tuple(logits.shape)}"
             )
         if logits.shape[0] == 0:
-            raise InputError(
-                "loss() got an empty batch (B = 0): no statistic is defined on it; skip empty "
-                "batches in your loop (e.g. DataLoader(..., drop_last=True) with a small dataset)"
-            )
+            raise InputError(EMPTY_BATCH)
         if not logits.is_floating_point():
             raise InputTypeError(f"predictions must be floating point, got {logits.dtype}")
         if not target.is_floating_point():

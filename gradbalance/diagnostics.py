@@ -26,6 +26,7 @@ from torch import nn
 
 from gradbalance._attach import module_device
 from gradbalance._capture import FeatureFn
+from gradbalance._plotting import pyplot
 from gradbalance._probe import (
     Encoders,
     Forward,
@@ -158,15 +159,7 @@ class ImbalanceReport:
     def plot(self, path: str | Path) -> Path:
         """Bar chart of the joint and alone accuracies per modality, to a PNG (needs
         matplotlib: ``pip install 'gradbalance[plot]'``); returns the path."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as error:  # pragma: no cover - exercised only without the extra
-            raise ImportError(
-                "ImbalanceReport.plot needs matplotlib: pip install 'gradbalance[plot]'"
-            ) from error
+        plt = pyplot("ImbalanceReport.plot")
         names = list(self.joint)
         positions = range(len(names))
         fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 3.5))

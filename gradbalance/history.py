@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gradbalance._history_table import HistoryTable
+from gradbalance._plotting import pyplot
 
 __all__ = ["QUANTITIES", "History", "HistoryTable", "plot_history"]
 
@@ -186,15 +187,7 @@ def plot_history(
         >>> out.exists()
         True
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "plot_history needs matplotlib: pip install 'gradbalance[plot]'"
-        ) from error
+    plt = pyplot("plot_history")
     table = history.as_dict() if isinstance(history, History) else history
     fig, (ax_k, ax_s) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     for name, series in table.items():
