@@ -189,7 +189,6 @@ class GBlend(Method):
             )
         return values.to(device=self.sums.device, dtype=torch.float32)
 
-    @torch.no_grad()
     def epoch_end_reason(self) -> str | None:
         """Why G-Blend needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
         return (
@@ -197,6 +196,7 @@ class GBlend(Method):
             "uniform and G-Blend trains as Multi-Loss with equal weights"
         )
 
+    @torch.no_grad()
     def epoch_end(
         self, train_losses: Losses | None = None, val_losses: Losses | None = None
     ) -> None:

@@ -177,3 +177,15 @@ def test_missing_statistics_and_bad_losses_are_refused():
     fresh = MultiTowerNet((5, 7))
     with pytest.raises(gb.errors.ConfigurationError, match="fused"):
         gb.GBlend(fresh, {"fused": fresh.towers[0], "b": fresh.towers[1]}, num_classes=4)
+
+
+def test_checkpoint_losses_with_a_graph_leave_the_state_without_one():
+    """Losses passed to epoch_end() may carry a graph (the user's own evaluation); the state
+    the checkpoint writes must not (it would hold the graph and require a gradient)."""
+    _, bal = _balancer()
+    for train, val in (([1.0, 1.2, 1.4], [1.1, 1.3, 1.5]), ([0.7, 0.8, 1.3], [0.9, 1.0, 1.4])):
+        bal.epoch_end(
+            train_losses=torch.tensor(train, requires_grad=True),
+            val_losses=torch.tensor(val, requires_grad=True),
+        )
+    assert not any(buffer.requires_grad for buffer in bal.buffers())
