@@ -155,15 +155,15 @@ def test_the_table_plots_as_the_dict_did(tmp_path):
 
 def score_axis_label(history, path, monkeypatch, **options):
     """The label plot_history gives the lower (score) axis."""
-    matplotlib = pytest.importorskip("matplotlib")
+    axes = pytest.importorskip("matplotlib.axes")  # the submodule: not loaded by `matplotlib`
     labels = []
-    original = matplotlib.axes.Axes.set_ylabel
+    original = axes.Axes.set_ylabel
 
     def record(axes, label, *args, **kwargs):
         labels.append(label)
         return original(axes, label, *args, **kwargs)
 
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", record)
+    monkeypatch.setattr(axes.Axes, "set_ylabel", record)
     gb.plot_history(history, path, **options)
     assert labels[0] == "coefficient k"
     return labels[1]
