@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -19,3 +20,13 @@ def pyplot(caller: str) -> Any:
     except ImportError as error:  # pragma: no cover - exercised only without the extra
         raise ImportError(f"{caller} needs matplotlib: pip install 'gradbalance[plot]'") from error
     return plt
+
+
+def save_figure(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (creating the folder) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -26,7 +26,7 @@ from torch import nn
 
 from gradbalance._attach import module_device
 from gradbalance._capture import FeatureFn
-from gradbalance._plotting import pyplot
+from gradbalance._plotting import pyplot, save_figure
 from gradbalance._probe import (
     Encoders,
     Forward,
@@ -169,12 +169,7 @@ class ImbalanceReport:
         ax.set_ylabel("linear-probe accuracy")
         ax.set_ylim(0, 1)
         ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(plt, fig, path)
 
 
 def _fused_accuracy(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gradbalance._history_table import HistoryTable
-from gradbalance._plotting import pyplot
+from gradbalance._plotting import pyplot, save_figure
 
 __all__ = ["QUANTITIES", "History", "HistoryTable", "plot_history"]
 
@@ -202,9 +202,4 @@ def plot_history(
     ax_s.set_xlabel("training step")
     ax_k.set_title(title)
     ax_k.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
