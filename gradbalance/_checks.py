@@ -177,6 +177,12 @@ def refuse_wrapped(model: nn.Module) -> None:
         )
 
 
+def module_names(model: nn.Module) -> dict[int, str]:
+    """``id(module) -> name`` of every submodule: its qualified name with dots as underscores
+    (``backbone.audio`` -> ``backbone_audio``), the name a balancer gives an encoder."""
+    return {id(module): name.replace(".", "_") for name, module in model.named_modules()}
+
+
 def resolve_encoders(
     model: nn.Module, encoders: Sequence[nn.Module] | Mapping[str, nn.Module]
 ) -> dict[str, nn.Module]:
@@ -199,8 +205,8 @@ def resolve_encoders(
     if isinstance(encoders, Mapping):
         pairs = list(encoders.items())
     else:
-        qualified = {id(module): name for name, module in model.named_modules()}
-        pairs = [(qualified.get(id(module), "").replace(".", "_"), module) for module in encoders]
+        names = module_names(model)
+        pairs = [(names.get(id(module), ""), module) for module in encoders]
     if len(pairs) < 2:
         raise ConfigurationError(
             f"balancing needs at least two encoders (one per modality), got {len(pairs)}"

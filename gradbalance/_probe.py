@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 
 from gradbalance._attach import module_device, owner_of
 from gradbalance._capture import FeatureFn, extract_feature
+from gradbalance._checks import module_names
 from gradbalance.errors import ConfigurationError, InputError
 
 Solver = Literal["logistic", "ridge"]
@@ -31,16 +32,16 @@ def default_labels(batch: Any) -> torch.Tensor:
 
 
 def resolve_encoders(model: nn.Module, encoders: Encoders) -> dict[str, nn.Module]:
-    """``name -> module``: a dict as given; modules named by qualified name; names resolved."""
+    """``name -> module``: a dict as given; a list of submodules or their qualified names named
+    as a balancer names its encoders (:func:`module_names`)."""
     if isinstance(encoders, Mapping):
         return dict(encoders)
-    names = {id(module): name for name, module in model.named_modules()}
+    names = module_names(model)
     resolved: dict[str, nn.Module] = {}
     for encoder in encoders:
-        if isinstance(encoder, str):
-            resolved[encoder] = model.get_submodule(encoder)
-        elif isinstance(encoder, nn.Module) and id(encoder) in names:
-            resolved[names[id(encoder)]] = encoder
+        module = model.get_submodule(encoder) if isinstance(encoder, str) else encoder
+        if isinstance(module, nn.Module) and id(module) in names:
+            resolved[names[id(module)]] = module
         else:
             raise ConfigurationError(
                 "encoders must be submodules of the model (or their qualified names), got "

@@ -204,3 +204,26 @@ def test_imbalance_report_finds_the_starved_modality():
     )  # fmt: skip
     assert report.starved == ["video"]
     assert report.gap["video"] > 0.05 >= report.gap["audio"]
+
+
+def test_nested_encoders_are_named_as_a_balancer_names_them():
+    """The diagnostics' keys match ``bal.coefficients``' keys, also for nested encoders given
+    as modules or as qualified names."""
+
+    class Nested(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torch.nn.ModuleDict(
+                {"audio": torch.nn.Linear(8, 4), "video": torch.nn.Linear(6, 4)}
+            )
+            self.fusion = torch.nn.Linear(8, 3)
+
+        def forward(self, a, v):
+            z = [self.backbone["audio"](a), self.backbone["video"](v)]
+            return self.fusion(torch.cat(z, 1))
+
+    model = Nested()
+    batches = [(torch.randn(6, 8), torch.randn(6, 6), torch.randint(0, 3, (6,)))]
+    features, _ = encoder_features(model, ["backbone.audio", model.backbone["video"]], batches)
+    bal = gb.MLB(model, [model.backbone["audio"], model.backbone["video"]], num_classes=3)
+    assert list(features) == bal.names == ["backbone_audio", "backbone_video"]
