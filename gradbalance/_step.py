@@ -134,21 +134,23 @@ class Step:
         the head logits through this step's coefficients (the gradient into head m and, from
         it, into encoder m is multiplied by k_m).
         """
-        if self.stacked_unimodal is not None:
-            logits = self.scale(self.stacked_unimodal) if scaled else self.stacked_unimodal
-            true_class = _true_class_log_probability(logits, self.target)
-        else:
-            device = self.logits.device
-            true_class = torch.stack(
-                [
-                    _true_class_log_probability(
-                        self.scale(u, index) if scaled else u, self.target
-                    ).to(device)
-                    for index, u in enumerate(self.unimodal.values())
-                ]
-            )
+        true_class = _true_class_log_probability(self.head_outputs(scaled), self.target)
         sums = true_class.detach().exp().sum(-1).to(self.balancer.last_scores.device)
         return -true_class.mean(-1), self.mean(sums, self.batch_size)
+
+    def head_outputs(self, scaled: bool) -> torch.Tensor:
+        """``(M, B, K)``: every head's output on this step, batched or stacked (separately run
+        heads in float32, on the fused logits' device). ``scaled`` routes them through this
+        step's coefficients (the gradient into head m and encoder m is multiplied by k_m)."""
+        if self.stacked_unimodal is not None:
+            return self.scale(self.stacked_unimodal) if scaled else self.stacked_unimodal
+        device = self.logits.device
+        return torch.stack(
+            [
+                (self.scale(u, index) if scaled else u).float().to(device)
+                for index, u in enumerate(self.unimodal.values())
+            ]
+        )
 
     def scale(self, tensor: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """``tensor`` whose gradient is multiplied by this step's coefficient ``k_index``

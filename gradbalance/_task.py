@@ -57,10 +57,11 @@ class Task:
     def make_head(
         self, dim: int | None, num_classes: int | None, device: torch.device
     ) -> nn.Module:
-        """A linear head ``dim -> num_classes`` (lazy when ``dim`` is None)."""
+        """A linear head ``dim -> output_width`` (lazy when ``dim`` is None)."""
+        width = self.output_width(num_classes)
         if dim is None:
-            return nn.LazyLinear(num_classes, device=device)  # type: ignore[arg-type]
-        return nn.Linear(dim, num_classes, device=device)  # type: ignore[arg-type]
+            return nn.LazyLinear(width, device=device)
+        return nn.Linear(dim, width, device=device)
 
     def check_inputs(self, logits: Any, target: Any, num_classes: int | None) -> torch.Tensor:
         """The checked labels (see :func:`gradbalance._checks.check_loss_inputs`)."""
@@ -109,14 +110,6 @@ class Regression(Task):
 
     def output_width(self, num_classes: int | None) -> int:
         return self.output_dim
-
-    def make_head(
-        self, dim: int | None, num_classes: int | None, device: torch.device
-    ) -> nn.Module:
-        """A linear regressor ``dim -> output_dim`` (lazy when ``dim`` is None)."""
-        if dim is None:
-            return nn.LazyLinear(self.output_dim, device=device)
-        return nn.Linear(dim, self.output_dim, device=device)
 
     def check_inputs(self, logits: Any, target: Any, num_classes: int | None) -> torch.Tensor:
         """The target as ``(B, output_dim)``, after checking predictions and target.
@@ -183,17 +176,7 @@ class Regression(Task):
         gradient into head m and, from it, into encoder m is multiplied by k_m.
         """
         target = step.target
-        if step.stacked_unimodal is not None:
-            stacked = step.stacked_unimodal
-            predictions = (step.scale(stacked) if scaled else stacked).float()
-        else:
-            heads = list(step.unimodal.values())
-            predictions = torch.stack(
-                [
-                    (step.scale(u, index) if scaled else u).float().to(target.device)
-                    for index, u in enumerate(heads)
-                ]
-            )
+        predictions = step.head_outputs(scaled).float().to(target.device)
         losses = self.elementwise(predictions, target).mean(-1)  # (M, B)
         with torch.no_grad():
             difference = predictions.detach() - target.to(predictions.dtype)
