@@ -1,6 +1,6 @@
 """Decoding raw videos and audio with PyAV for the prepare step: frames, 16-bit wav.
 
-These functions use no torch, so ``prepare`` can run them in forked worker processes safely.
+``prepare`` runs them in worker processes started with ``spawn`` (see ``workers``).
 """
 
 from __future__ import annotations

@@ -18,10 +18,13 @@ Raw layouts (as downloaded and unpacked):
   silent videos.
 
 The output is the layout the datasets read (``reference_models.data.clips``). Clips run in
-parallel worker processes with a progress bar. The run is resumable: a clip whose frame folder
-exists is complete (frames are renamed into place last) and is skipped. Every clip that cannot
-be prepared (missing input, corrupt file) is reported by name with the reason, counted, and
-written to ``OUT/prepare_report.json``; the exit status is 1 when any clip failed.
+parallel worker processes (started with ``spawn``: safe whatever this process decoded before)
+with a progress bar. The run is resumable: a clip whose frame folder exists is complete
+(frames are renamed into place last) and is skipped. Every clip that cannot be prepared
+(missing input, corrupt file, a worker that crashed on it or ran past ``--clip-timeout``
+seconds) is reported by name with the reason, counted, and written to
+``OUT/prepare_report.json``, while the other clips complete; the exit status is 1 when any
+clip failed.
 
 ``--faces`` (CREMA-D) adds the inputs of the Conformer setting: 16 kHz wav files and per-frame
 face features (``reference_models.data.prepare_faces``), resumable in the same way; the report's
@@ -37,7 +40,6 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from reference_models.data.ave import SPLIT_FILES, parse_split_line
 from reference_models.data.faces import FACE_IMAGE_SIZE
 from reference_models.data.media import decode_audio, extract_frames, write_wav
 from reference_models.data.prepare_faces import FaceOptions, face_report, prepare_faces
+from reference_models.data.workers import DEFAULT_JOB_TIMEOUT, JobFailure, run_jobs
 
 __all__ = ["DATASETS", "Job", "RawLayout", "main", "prepare", "prepare_clip"]
 
@@ -189,6 +192,7 @@ def prepare(
     sample_rate: int | None = None,
     faces: FaceOptions | None = None,
     progress: bool = True,
+    clip_timeout: float = DEFAULT_JOB_TIMEOUT,
 ) -> dict:
     """Prepare a whole dataset; returns the report that is also written to the output folder.
 
@@ -201,6 +205,8 @@ def prepare(
         sample_rate: output audio rate; ``None`` is the dataset's (22,050 or 16,000 Hz).
         faces: also write 16 kHz wavs and face features with these options (CREMA-D only).
         progress: show a progress bar.
+        clip_timeout: with ``workers > 1``, seconds a worker may spend on one clip (each
+            stage) before it is killed and the clip reported as failed.
 
     Returns:
         ``{"dataset", "counts", "failed": {name: reason}, "no_audio": [names]}``, plus
@@ -225,24 +231,27 @@ def prepare(
         shutil.copy2(path, out / "splits" / path.name)
     arguments = (out, rate, fps, layout.audio_optional)
     bar = tqdm(total=len(layout.jobs), desc=f"prepare {dataset}", unit="clip", disable=not progress)
+    results = []
     if workers <= 1:
-        results = []
         for job in layout.jobs:
             results.append(prepare_clip(job, *arguments))
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(prepare_clip, job, *arguments) for job in layout.jobs]
-            results = []
-            for future in as_completed(futures):
-                results.append(future.result())
-                bar.update()
+        outcomes = run_jobs(
+            prepare_clip, layout.jobs, workers=workers, timeout=clip_timeout, arguments=arguments
+        )
+        for job, outcome in outcomes:
+            failure = isinstance(outcome, JobFailure)
+            results.append((job.name, "failed", outcome.reason) if failure else outcome)
+            bar.update()
     bar.close()
     face_results = None
     if faces is not None:
         failed = {name for name, status, _ in results if status == "failed"}
         face_jobs = [job for job in layout.jobs if job.name not in failed]
-        face_results = prepare_faces(face_jobs, out, faces, workers=workers, progress=progress)
+        face_results = prepare_faces(
+            face_jobs, out, faces, workers=workers, progress=progress, clip_timeout=clip_timeout
+        )
     counts = Counter(status for _, status, _ in results)
     no_audio = sorted(
         job.name
@@ -320,6 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--fps", type=float, default=1.0, help="frames per second to extract")
     parser.add_argument(
+        "--clip-timeout",
+        type=float,
+        default=DEFAULT_JOB_TIMEOUT,
+        help="seconds a worker may spend on one clip before the clip is reported as failed",
+    )
+    parser.add_argument(
         "--sample-rate", type=int, default=None, help="audio rate (default: the dataset's)"
     )
     faces = parser.add_argument_group("face features (cremad, the Conformer setting)")
@@ -351,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fps=args.fps,
             sample_rate=args.sample_rate,
             faces=face_options,
+            clip_timeout=args.clip_timeout,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,11 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +32,7 @@ from tqdm import tqdm
 
 from reference_models.data.faces import FACE_IMAGE_SIZE, FaceFeatureExtractor, build_face_encoder
 from reference_models.data.media import decode_audio, read_video_frames, write_wav
+from reference_models.data.workers import DEFAULT_JOB_TIMEOUT, JobFailure, run_jobs
 
 if TYPE_CHECKING:
     from reference_models.data.prepare import Job
@@ -195,8 +194,12 @@ def prepare_faces(
     *,
     workers: int = 1,
     progress: bool = True,
+    clip_timeout: float = DEFAULT_JOB_TIMEOUT,
 ) -> list[tuple[str, str, str]]:
     """Run the face stage over ``jobs``; returns each clip's ``(name, status, detail)``.
+
+    With ``workers > 1`` a clip whose worker crashes or runs past ``clip_timeout`` seconds is
+    reported as failed and the other clips complete.
 
     Raises:
         FileNotFoundError: the weights file does not exist.
@@ -227,17 +230,18 @@ def prepare_faces(
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
+        outcomes = run_jobs(
+            prepare_clip_faces,
+            todo,
+            workers=workers,
+            timeout=clip_timeout,
+            arguments=(out, options.max_frames),
             initializer=_start_worker,
             initargs=(options, threads),
-        ) as pool:
-            futures = [
-                pool.submit(prepare_clip_faces, job, out, options.max_frames) for job in todo
-            ]
-            for future in as_completed(futures):
-                results.append(future.result())
-                bar.update()
+        )
+        for job, outcome in outcomes:
+            failure = isinstance(outcome, JobFailure)
+            results.append((job.name, "failed", outcome.reason) if failure else outcome)
+            bar.update()
     bar.close()
     return results

@@ -85,7 +85,9 @@ def make_loader(
     A dataset with ``tensors()`` and no workers gives :class:`InMemoryBatches`; any other a
     ``DataLoader`` with ``collate`` (e.g. :func:`padded_batch` for variable-length items).
     A final training batch of a single sample is dropped: batch statistics (BatchNorm in
-    train mode, PMR's ``batch_norm``) are undefined for one sample.
+    train mode, PMR's ``batch_norm``) are undefined for one sample. Worker processes are
+    started with ``spawn`` (never ``fork`` from a process whose threads may hold locks) and
+    kept for the whole run.
     """
     drop_last = train and len(dataset) % batch_size == 1
     if hasattr(dataset, "tensors") and workers == 0:
@@ -105,6 +107,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        multiprocessing_context="spawn" if workers > 0 else None,
         drop_last=drop_last,
         collate_fn=collate,
     )

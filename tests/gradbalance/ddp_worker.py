@@ -1,6 +1,6 @@
 """DDP scenarios on 2 gloo processes on the CPU; started by tests/test_ddp.py.
 
-``python tests/ddp_worker.py OUT_DIR`` forks two ranks; each runs every scenario and saves
+``python tests/ddp_worker.py OUT_DIR`` spawns two ranks; each runs every scenario and saves
 ``OUT_DIR/rank{r}.pt``: ``{scenario: {...results...} | {"error": traceback}}``. The test
 process compares the ranks (bitwise) and checks the global statistics against a single
 process on the concatenated batch.
@@ -228,7 +228,5 @@ def run(rank: int, world: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    # DDP imports torch._dynamo (seconds): once here, then fork the two ranks.
-    import torch._dynamo  # noqa: F401
-
-    mp.start_processes(run, args=(2, sys.argv[1]), nprocs=2, join=True, start_method="fork")
+    # spawn, never fork: importing torch has already started threads (OpenBLAS) here.
+    mp.start_processes(run, args=(2, sys.argv[1]), nprocs=2, join=True, start_method="spawn")

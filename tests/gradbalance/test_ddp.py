@@ -1,6 +1,6 @@
 """DistributedDataParallel on 2 gloo processes (CPU): replicas stay bitwise identical.
 
-One run of ``tests/ddp_worker.py`` (two forked ranks, every scenario) per test session; the
+One run of ``tests/ddp_worker.py`` (two spawned ranks, every scenario) per test session; the
 tests below read its results. Each balancer of ``balancer_factories.ALL_FACTORIES`` (the
 regression variants included) trains 5 steps with different initial values per rank and
 unequal per-rank batch sizes, with ``sync="global"`` and ``sync="local"``.

@@ -385,6 +385,7 @@ def _distributed_worker(rank, world, path, results):
         bal.remove()
     if rank == 0:
         results.put(outcome)
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
@@ -400,17 +401,14 @@ def test_ogm_ge_replicas_stay_identical_across_ranks(tmp_path):
     for tests_dir in (here, os.path.dirname(here)):
         if tests_dir not in sys.path:
             sys.path.insert(0, tests_dir)
-    # forkserver: one clean (thread-free) server imports torch once and forks the ranks;
-    # fork from a pytest-xdist worker could deadlock, spawn imports torch in every rank.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "gradbalance", "conftest"])
-    results = context.Queue()
+    # spawn: a fork of this process (threads of torch, OpenBLAS, xdist) could deadlock.
+    results = mp.get_context("spawn").Queue()
     mp.start_processes(
         _distributed_worker,
         args=(2, str(tmp_path / "store"), results),
         nprocs=2,
-        start_method="forkserver",
+        start_method="spawn",
     )
-    outcome = results.get(timeout=60)
+    outcome = results.get(timeout=120)
     assert outcome["local"] == (True, False)  # coefficients differ per rank, replicas do not
     assert outcome["global"] == (True, True)

@@ -166,7 +166,9 @@ def test_corrupt_wav_names_the_file(tmp_path):
 
 def test_batches_from_worker_processes(prepared):
     dataset = CremaD(prepared, "train", **SMALL)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=4, num_workers=2, multiprocessing_context="spawn"
+    )
     spectrograms, frames, labels = next(iter(loader))
     assert spectrograms.shape == (4, 257, 188) and frames.shape == (4, 3, 3, 16, 16)
     assert labels.dtype == torch.int64
@@ -239,3 +241,16 @@ def test_split_files_sharing_actors_are_refused_naming_them(tmp_path):
     }
     with pytest.raises(ValueError, match=r"actors \[1005\] in both val and test"):
         fold_clip_names([], 0, split_file=write_json(tmp_path / "actors.json", actors))
+
+
+def test_the_harness_starts_loader_workers_with_spawn(prepared):
+    from reference_models.training.batches import make_loader
+
+    dataset = CremaD(prepared, "train", **SMALL)
+    loader = make_loader(
+        dataset, 4, train=False, workers=1, generator=None, device=torch.device("cpu")
+    )
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    spectrograms, frames, labels = next(iter(loader))
+    assert labels.tolist() == [clip.label for clip in dataset.clips[:4]]
+    assert torch.equal(spectrograms[0], dataset[0][0])

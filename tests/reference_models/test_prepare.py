@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -148,3 +149,15 @@ def test_ucf101_end_to_end_records_silent_videos(tmp_path):
     spectrogram, frames, label = dataset[0]
     assert spectrogram.shape == (257, 136) and frames.shape == (3, 4, 16, 16) and label == 0
     assert torch.isfinite(spectrogram).all()
+
+
+def test_parallel_prepare_after_decoding_in_this_process(tmp_path):
+    """FFmpeg's slice threads started by an in-process decode must not hang the workers.
+
+    With ``fork`` workers this order hung forever (a child waited in libswscale for threads
+    that exist only in the parent); ``spawn`` workers start clean.
+    """
+    test_ave_end_to_end(tmp_path / "first")  # decodes in this process (--workers 1)
+    start = time.monotonic()
+    test_ucf101_end_to_end_records_silent_videos(tmp_path / "second")  # --workers 2
+    assert time.monotonic() - start < 120
