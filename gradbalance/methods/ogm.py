@@ -119,7 +119,9 @@ class OGM(SlicedScoresMethod):
         self.parameter_choice = parameters
         self._modulated = self._encoder_parameters(parameters)
         if parameters != "encoder":
-            self._request_parameter_scaling(self._modulated)
+            self._request_parameter_scaling(
+                self._modulated, lambda: self._encoder_parameters(parameters)
+            )
 
     def _loss(self, step: Step) -> torch.Tensor:
         total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
