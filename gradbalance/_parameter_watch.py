@@ -71,6 +71,19 @@ class ParameterWatch:
         selected: ``{modality: parameters}`` with a gradient hook.
         reselect: for a rule-based choice (OGM ``parameters="conv"``), the rule applied
             again to the encoders as they are now; ``None`` for an explicit list.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> watch = ParameterWatch(model, {"a": [model[0].weight]}, None)
+        >>> watch.start()
+        >>> nn.utils.parametrizations.weight_norm(model[0])  # doctest: +ELLIPSIS
+        ParametrizedLinear(...)
+        >>> try:
+        ...     watch.check()
+        ... except OrderError as error:
+        ...     print(str(error)[:60])
+        the balancer scales the gradient of parameter '0.weight' per
+        >>> watch.stop()
     """
 
     def __init__(
@@ -82,10 +95,9 @@ class ParameterWatch:
         self.model = model
         self.selected = {id(p): p for params in selected.values() for p in params}
         self.reselect = reselect
-        names = parameter_names(model)
+        names = parameter_names(model) if self.selected else {}
         self.names = {key: names[key] for key in self.selected if key in names}
         self.changed = False
-        self.watching = False
 
     def start(self) -> None:
         """Mark this watch on every change of the model's modules from now on (a watch of no
@@ -97,12 +109,11 @@ class ParameterWatch:
             _HOOKS.append(register_module_parameter_registration_hook(_note_registration))
         for module in self.model.modules():
             _WATCHES.setdefault(module, weakref.WeakSet()).add(self)
-        self.watching = True
 
     def stop(self) -> None:
+        """Watch no more (the balancer was removed)."""
         for watches in list(_WATCHES.values()):
             watches.discard(self)
-        self.watching = False
 
     def check(self) -> None:
         """Raise if a scaled parameter left or moved, or a new one matches the rule.

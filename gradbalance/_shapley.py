@@ -90,6 +90,15 @@ class ShapleyPlan:
         mode: ``"exact"`` (every coalition) or ``"sampled"`` (``samples`` orders a step).
         samples: orders drawn per step for ``"sampled"``.
         seed: seed of the CPU generator of the orders (the same on every rank).
+
+    Example:
+        >>> plan = ShapleyPlan(4, "sampled", samples=2, seed=0)
+        >>> coalitions, weights = plan.draw()
+        >>> plan.passes(), len(coalitions) - 1 <= plan.passes(), tuple(weights.shape[:1])
+        (6, True, (4,))
+        >>> sums = weights.sum(0)  # sum_m phi_m = f(all): 1 on the full coalition, 0 elsewhere
+        >>> sums[0].item(), sums[1:].abs().max().item()
+        (1.0, 0.0)
     """
 
     def __init__(self, num_modalities: int, mode: ShapleyMode, samples: int, seed: int) -> None:
@@ -114,8 +123,10 @@ class ShapleyPlan:
         return permutation_matrix(keys.argsort(dim=1))
 
     def state(self) -> dict[str, Any]:
+        """The generator's state (for the balancer's ``state_dict``)."""
         return {"generator": self.generator.get_state()}
 
     def load(self, state: dict[str, Any]) -> None:
+        """Resume the orders from :meth:`state`."""
         if "generator" in state:
             self.generator.set_state(state["generator"])
