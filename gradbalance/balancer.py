@@ -39,6 +39,7 @@ from gradbalance._head_logits import (
     stack_if_uniform,
 )
 from gradbalance._optimizer_watch import OptimizerWatch
+from gradbalance._parameter_watch import ParameterWatch, Reselect
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
 from gradbalance._task import CLASSIFICATION, Task
@@ -192,6 +193,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._binding = Binding(torch.ones(m, device=device))
         self._backward = BackwardBindings()
         self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
+        self._parameter_watch = ParameterWatch(model, {}, None)
         self._paused = 0
         self._training_calls = 0
         self._ranks = RankSync(model, process_group)
@@ -210,17 +212,23 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         for name, params in self._scaled_parameters.items():
             hook = partial(self._backward.scale, self._index[name])
             self._attachment.add_gradient_hooks(params, hook)
+        self._parameter_watch.start()  # a re-parametrized model is caught at the next loss()
 
-    def _request_parameter_scaling(self, parameters: Mapping[str, Iterable[nn.Parameter]]) -> None:
-        """Validate (in a constructor) parameters whose gradients k_name also scales."""
+    def _request_parameter_scaling(
+        self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
+    ) -> None:
+        """Validate (in a constructor) parameters whose gradients k_name also scales;
+        ``reselect``: the rule that chose them, applied again after a change of the model."""
         inside_allowed = not self.scales_gradients
         selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
         self._scaled_parameters = selected
+        self._parameter_watch = ParameterWatch(self._root_model, selected, reselect)
         self.uses_parameter_hooks = bool(selected)
 
     def remove(self) -> None:
         """Remove every hook: the model's forward and backward are exactly as before."""
         self._attachment.detach()
+        self._parameter_watch.stop()
         self._captures.clear()
         self._ranks = RankSync(self._root_model, self.process_group)
 
@@ -329,6 +337,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:
         self._training_calls += 1
         self._watch.check()
+        self._parameter_watch.check()
         self._ranks.prepare(self, self._attachment)
         self._guard.step = self.steps
         step.finite = self._guard.check_inputs(

@@ -9,6 +9,7 @@ training step on any device and under ``torch.compile``. Gradient Blending's los
 from __future__ import annotations
 
 import math
+from itertools import combinations
 from typing import Literal
 
 import torch
@@ -381,32 +382,20 @@ def shapley_matrix(num_modalities: int) -> tuple[list[frozenset[int]], torch.Ten
     """
     if num_modalities < 2:
         raise ValueError(f"the Shapley decomposition needs >= 2 modalities, got {num_modalities}")
-    everyone = frozenset(range(num_modalities))
-    others = sorted(
-        (
-            frozenset(i for i in range(num_modalities) if mask >> i & 1)
-            for mask in range(1, 2**num_modalities - 1)
-        ),
-        key=lambda s: (-len(s), sorted(s)),
+    factorial, m = math.factorial, num_modalities
+    # Largest first, each size in lexicographic order (as combinations() yields them).
+    coalitions = [frozenset(c) for s in range(m, 0, -1) for c in combinations(range(m), s)]
+    # By coalition size s: + (s-1)!(M-s)!/M! for a member, - s!(M-s-1)!/M! for a non-member.
+    plus = torch.tensor(
+        [0.0] + [factorial(s - 1) * factorial(m - s) / factorial(m) for s in range(1, m + 1)],
+        dtype=torch.float64,
     )
-    coalitions = [everyone, *others]
-    factorial = math.factorial
-    weights = torch.zeros(num_modalities, len(coalitions), dtype=torch.float64)
-    for column, coalition in enumerate(coalitions):
-        size = len(coalition)
-        for m in range(num_modalities):
-            if m in coalition:  # marginal contribution v(S) - v(S \ {m}), + side
-                w = (
-                    factorial(size - 1)
-                    * factorial(num_modalities - size)
-                    / factorial(num_modalities)
-                )
-                weights[m, column] += w
-            else:  # v(S ∪ {m}) - v(S), - side
-                w = (
-                    factorial(size)
-                    * factorial(num_modalities - size - 1)
-                    / factorial(num_modalities)
-                )
-                weights[m, column] -= w
+    minus = torch.tensor(
+        [factorial(s) * factorial(m - s - 1) / factorial(m) for s in range(m)] + [0.0],
+        dtype=torch.float64,
+    )
+    masks = torch.tensor([sum(1 << i for i in coalition) for coalition in coalitions])
+    members = (masks.unsqueeze(0) >> torch.arange(m).unsqueeze(1)) & 1 == 1
+    size = members.sum(0)
+    weights = torch.where(members, plus[size], -minus[size])
     return coalitions, weights

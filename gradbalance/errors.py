@@ -44,7 +44,8 @@ class CaptureError(GradbalanceError, RuntimeError):
 
 
 class OrderError(GradbalanceError, RuntimeError):
-    """The balancer, optimizer, DDP and ``torch.compile`` were created in the wrong order."""
+    """The balancer, optimizer, DDP and ``torch.compile`` were created in the wrong order, or
+    the model was changed after its balancer in a way the balancer cannot follow."""
 
 
 class NonFiniteError(GradbalanceError, RuntimeError):
@@ -64,3 +65,9 @@ class UnavailableError(GradbalanceError, RuntimeError):
 class MissingCallWarning(UserWarning):
     """The training loop skips a call the method needs (``bal.epoch_end()`` once per epoch,
     ``bal.after_backward()`` before each optimizer step); issued once per balancer and kind."""
+
+
+class CostWarning(UserWarning):
+    """A configuration whose cost per training step is far above the usual (AGM's exact
+    Shapley decomposition over many modalities); the message gives the cost and the option
+    that avoids it."""

@@ -115,6 +115,27 @@ def pmr_without_epoch_end() -> None:
     bal.loss(model(A, V), Y).backward()  # training again, no epoch_end()
 
 
+def reparametrized_after_balancer() -> None:
+    model = nn.Module()
+    model.towers = nn.ModuleList(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()) for _ in range(2))
+    bal = gb.OGM(model, list(model.towers), 2, parameters="conv", feature_dims=[8, 8])
+    x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
+
+    def forward() -> torch.Tensor:
+        return sum(tower(x)[:, :2] for tower in model.towers)
+
+    bal.loss(forward(), y).backward()
+    torch.nn.utils.parametrizations.weight_norm(model.towers[0][0])
+    bal.loss(forward(), y)
+
+
+def agm_many_modalities() -> None:
+    towers = nn.ModuleList(nn.Linear(2, 2) for _ in range(16))
+    model = nn.Module()
+    model.towers = towers
+    gb.AGM(model, list(towers), 2, fusion=lambda *z: sum(z))
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -130,6 +151,8 @@ CASES: dict[str, Callable[[], None]] = {
     "agm_error": agm_error,
     "cosine_head_count": cosine_head_count,
     "pmr_without_epoch_end": pmr_without_epoch_end,
+    "reparametrized_after_balancer": reparametrized_after_balancer,
+    "agm_many_modalities": agm_many_modalities,
 }
 
 
@@ -141,7 +164,8 @@ def provoke(case: Callable[[], None]) -> tuple[str, str]:
             case()
         except Exception as error:  # noqa: BLE001 - the class is what is checked
             return type(error).__name__, str(error)
-    issued = [w for w in caught if issubclass(w.category, gb.errors.MissingCallWarning)]
+    warned = (gb.errors.MissingCallWarning, gb.errors.CostWarning)
+    issued = [w for w in caught if issubclass(w.category, warned)]
     assert issued, "the case neither raised nor warned"
     return issued[0].category.__name__, str(issued[0].message)
 

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from gradbalance._checks import check_alpha, check_choice, check_feature_dims, check_number
+from gradbalance._checks import (
+    check_alpha,
+    check_choice,
+    check_feature_dims,
+    check_int,
+    check_number,
+)
 from gradbalance._fusion_call import (
     MISSING_FUSION,
     FusionCall,
@@ -18,10 +24,11 @@ from gradbalance._fusion_call import (
     check_static_widths,
 )
 from gradbalance._fusion_call import fusion_call as _fusion_call
+from gradbalance._shapley import EXACT_PASS_LIMIT, ShapleyMode, ShapleyPlan, exact_passes
 from gradbalance._step import Step
 from gradbalance._task import Regression
-from gradbalance.coefficients import agm_coefficients, agm_losses, shapley_matrix
-from gradbalance.errors import ConfigurationError, MissingCallWarning
+from gradbalance.coefficients import agm_coefficients, agm_losses
+from gradbalance.errors import ConfigurationError, CostWarning, MissingCallWarning
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
 
 Masking = Literal["feature", "input"]
@@ -59,6 +66,16 @@ class AGM(Method):
     With bias-free encoders (``encoder(0) = 0``) and a head without batch statistics the two
     modes coincide.
 
+    Cost: the exact decomposition runs ``2^M - 2`` masked passes per training step (2 for
+    M = 2, 14 for M = 4, 65,534 for M = 16). Above 254 (M > 8) the constructor warns
+    (:class:`~gradbalance.errors.CostWarning`, giving the number) unless ``shapley="exact"``
+    is passed explicitly. ``shapley="sampled"`` estimates the Shapley values from
+    ``shapley_samples`` random orders of the modalities per step (Castro et al., 2009): each
+    modality's marginal contribution ``f(before + m) - f(before)`` averaged over the orders,
+    unbiased, summing to ``f`` exactly, in at most ``shapley_samples * (M - 1)`` passes. The
+    orders come from a CPU generator seeded with ``shapley_seed`` (in ``state_dict``), so
+    every DDP rank runs the same passes.
+
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: one submodule per modality (list or dict ``name -> module``), M >= 2.
@@ -90,6 +107,10 @@ class AGM(Method):
             parameters outside the encoders, i.e. the fusion).
         clip_threshold, clip_max_norm: 1.0 and 1.0 in the official code (5 and 5 in the MLB authors'
             three-modality code).
+        shapley: ``"exact"`` (the default: every coalition) or ``"sampled"`` (the
+            permutation estimate above). Left out, exact, with a warning above 254 passes.
+        shapley_samples: orders drawn per step with ``"sampled"`` (default 16).
+        shapley_seed: seed of the orders' generator (use the same on every rank).
         probes: attach detached linear probes (stop-gradient heads that never reach the
             encoders; their own cross-entropy is added to the loss), so that
             :meth:`~gradbalance.Balancer.unimodal_logits` has a classifier of each modality
@@ -150,6 +171,9 @@ class AGM(Method):
         clip_watch: Iterable[nn.Parameter] | None = None,
         clip_threshold: float = 1.0,
         clip_max_norm: float = 1.0,
+        shapley: ShapleyMode | None = None,
+        shapley_samples: int = 16,
+        shapley_seed: int = 0,
         probes: bool = False,
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
@@ -174,6 +198,10 @@ class AGM(Method):
         else:
             check_choice("masking", masking, ("feature", "input"))
         check_choice("fusion_inputs", fusion_inputs, ("features", "outputs"))
+        if shapley is not None:
+            check_choice("shapley", shapley, ("exact", "sampled"))
+        shapley_samples = check_int("shapley_samples", shapley_samples, minimum=1)
+        shapley_seed = check_int("shapley_seed", shapley_seed, minimum=0)
         max_exponent = check_number("max_exponent", max_exponent, minimum=0.0, strict=True)
         if min_coefficient is not None:
             min_coefficient = check_number("min_coefficient", min_coefficient, minimum=0.0)
@@ -224,10 +252,22 @@ class AGM(Method):
         self.clip_threshold = clip_threshold
         self.clip_max_norm = clip_max_norm
         self.__dict__["_clip_watch"] = watch
-        coalitions, weights = shapley_matrix(len(self.names))
-        self._coalitions = coalitions
+        passes = exact_passes(len(self.names))
+        if shapley is None and passes > EXACT_PASS_LIMIT:
+            warnings.warn(
+                f"AGM's exact Shapley decomposition over {len(self.names)} modalities runs "
+                f"{passes} masked fusion passes per training step (2^M - 2; more than "
+                f"{EXACT_PASS_LIMIT} is slow): pass shapley='sampled' for an unbiased estimate "
+                f"in at most shapley_samples * (M - 1) passes ({shapley_samples} orders: "
+                f"{shapley_samples * (len(self.names) - 1)}), or shapley='exact' to keep it",
+                CostWarning,
+                stacklevel=3,
+            )
+        self.shapley = shapley or "exact"
+        self._plan = ShapleyPlan(len(self.names), self.shapley, shapley_samples, shapley_seed)
         device = self.last_scores.device
-        self.register_buffer("_shapley", weights.to(torch.float32).to(device), persistent=False)
+        exact = torch.zeros(0, 0) if self._plan.exact is None else self._plan.exact[1]
+        self.register_buffer("_shapley", exact.to(torch.float32).to(device), persistent=False)
         self.register_buffer("running_losses", torch.zeros(len(self.names), device=device))
         self.register_buffer("running_count", torch.zeros((), dtype=torch.int64, device=device))
         self._after_backward_calls = 0
@@ -259,14 +299,16 @@ class AGM(Method):
     ) -> torch.Tensor:
         """``(M, B, K)``: each modality's Shapley logits for the last forward (with graph).
 
-        Runs the 2^M - 2 masked passes. ``logits`` are the fused logits of that forward.
+        Runs the 2^M - 2 masked passes (with ``shapley="sampled"``, those of freshly drawn
+        orders). ``logits`` are the fused logits of that forward.
         """
         if features is None:
             captures = self._captures.latest_captures()
             features = {name: self._feature(name, c.output) for name, c in captures.items()}
             self.__dict__["_last_outputs"] = {name: c.output for name, c in captures.items()}
+        coalitions, weights = self._plan.draw()
         values = [logits]
-        for coalition in self._coalitions[1:]:
+        for coalition in coalitions[1:]:
             masked_logits = self._masked_logits(coalition, features)
             if not isinstance(masked_logits, torch.Tensor) or masked_logits.shape != logits.shape:
                 shape = getattr(masked_logits, "shape", type(masked_logits).__name__)
@@ -275,7 +317,11 @@ class AGM(Method):
                     f"{tuple(logits.shape)}"
                 )
             values.append(masked_logits.to(logits.device))
-        weights = self._shapley.to(device=logits.device, dtype=logits.dtype)
+        if self._plan.exact is not None:
+            weights = self._shapley  # cached on the device
+        elif logits.device.type != "cpu":  # pinned: copied without a host synchronisation
+            weights = weights.float().pin_memory().to(logits.device, non_blocking=True)
+        weights = weights.to(device=logits.device, dtype=logits.dtype)
         stacked = torch.stack(values)
         if stacked.dim() == 2:  # regression with one output predicted as (B,)
             stacked = stacked.unsqueeze(-1)
@@ -363,9 +409,17 @@ class AGM(Method):
         for (grad_device, dtype), group in groups.items():
             torch._foreach_mul_(group, factor.to(device=grad_device, dtype=dtype))
 
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "shapley": self._plan.state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self._plan.load(state.get("shapley", {}))
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, masking={self.masking!r}, "
+            f"shapley={self.shapley!r}, "
             f"clip={self.clip}, {self._window_repr()}"
         )
 

@@ -25,6 +25,10 @@ from gradbalance.methods._base import (
 NOISE_EPSILON = 1e-8
 """Added to each gradient's std before drawing OGM-GE's noise (as the official code)."""
 
+BACKWARD_FLOOR = 1e-4
+"""OGM-GE's smallest factor applied in ``backward()``; :meth:`OGMGE.after_backward` applies
+the rest of a smaller k, after reading the noise's std from the gradient ``k' g``."""
+
 
 class OGM(SlicedScoresMethod):
     """OGM: slow the dominant modality by ``1 - tanh(alpha * rho)`` (any M >= 2 modalities).
@@ -115,7 +119,9 @@ class OGM(SlicedScoresMethod):
         self.parameter_choice = parameters
         self._modulated = self._encoder_parameters(parameters)
         if parameters != "encoder":
-            self._request_parameter_scaling(self._modulated)
+            self._request_parameter_scaling(
+                self._modulated, lambda: self._encoder_parameters(parameters)
+            )
 
     def _loss(self, step: Step) -> torch.Tensor:
         total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
@@ -125,10 +131,10 @@ class OGM(SlicedScoresMethod):
         active = self.active()
         coefficients = ogm_coefficients(scores, self.alpha) if active else torch.ones_like(scores)
         step.store(coefficients, scores)
-        self._modulated_step(active)
+        self._modulated_step(step, active)
         return total
 
-    def _modulated_step(self, active: bool) -> None:
+    def _modulated_step(self, step: Step, active: bool) -> None:
         """Hook for OGM-GE: called after each training step's coefficients are stored."""
 
     def extra_repr(self) -> str:
@@ -165,10 +171,15 @@ class OGMGE(OGM):
     which the scaler skips anyway); a single-element gradient gets none (its std is
     undefined; the official code would add NaN). The noise comes from a ``torch.Generator``
     owned by the balancer, seeded with ``seed`` (part of ``state_dict``), so every DDP rank
-    draws the same numbers. The gradient arrives as ``k g``, so ``std(g) = std(k g) / k``;
-    with ``sync="local"`` under DDP, where k differs per rank, the ranks' k are averaged first
-    (one all-reduce of two numbers; with the default ``sync="global"`` they are equal
-    already), so the noise is identical on every rank and the replicas stay equal.
+    draws the same numbers. The std is that of the *unscaled* gradient g for every k, 0
+    included: ``backward()`` applies ``k' = max(k, 1e-4)``, so the gradient arrives as
+    ``k' g`` (g stays readable even where k underflows to 0, e.g. ``alpha=50``), and
+    :meth:`after_backward` takes ``std(g) = std(k' g / k')``, then applies the rest ``k / k'``
+    (1 unless k < 1e-4) and adds the noise. Without :meth:`after_backward` a k below 1e-4
+    thus acts as 1e-4. With ``sync="local"`` under DDP, where k differs per rank, the ranks'
+    k and k' are averaged first (one all-reduce of 2M numbers; with the default
+    ``sync="global"`` they are equal already), so the noise is identical on every rank and
+    the replicas stay equal.
 
     Args:
         seed: seed of the noise generator (use the same on every rank).
@@ -210,7 +221,9 @@ class OGMGE(OGM):
             self._generators[key] = generator
         return generator
 
-    def _modulated_step(self, active: bool) -> None:
+    def _modulated_step(self, step: Step, active: bool) -> None:
+        if step.binding is not None:  # backward applies max(k, floor); after_backward the rest
+            step.binding.values.clamp_(min=BACKWARD_FLOOR)
         self._noise_pending = active
         if active and not self._after_backward_calls and self.steps >= 50 and not self._warned:
             self._warned = True
@@ -223,7 +236,7 @@ class OGMGE(OGM):
             )
 
     def _rank_mean(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """With ``sync="local"`` under DDP, the ranks' coefficients differ: average them."""
+        """With ``sync="local"`` under DDP, the ranks' factors differ: average them."""
         if self.sync == "local" and self.world_size() > 1:
             coefficients = coefficients.clone()
             dist.all_reduce(coefficients, group=self.process_group)
@@ -240,7 +253,8 @@ class OGMGE(OGM):
         if not self._noise_pending:
             return
         self._noise_pending = False
-        coefficients = self._rank_mean(self.last_coefficients.clone())
+        k = self.last_coefficients
+        factors = self._rank_mean(torch.stack([k, k.clamp_min(BACKWARD_FLOOR)]))
         for index, name in enumerate(self.names):
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for param in self._modulated[name]:
@@ -248,15 +262,18 @@ class OGMGE(OGM):
                 if grad is not None and grad.numel() > 1:  # a 1-element std is undefined
                     groups.setdefault((grad.device, grad.dtype), []).append(grad)
             for (device, _), grads in groups.items():
-                self._add_noise(grads, coefficients[index].to(device))
+                self._add_noise(grads, *factors[:, index].to(device).unbind())
 
-    def _add_noise(self, grads: list[torch.Tensor], k: torch.Tensor) -> None:
-        """``g += N(0, (std(g / k) + 1e-8)^2)`` for each gradient, in ~20 kernels in all.
+    def _add_noise(self, grads: list[torch.Tensor], k: torch.Tensor, applied: torch.Tensor) -> None:
+        """``g' <- (k / k') g' + N(0, (std(g' / k') + 1e-8)^2)`` for each gradient ``g' = k' g``
+        (``k'`` the factor ``backward()`` applied), in ~20 kernels in all.
 
-        The gradients are flattened into one vector; per-gradient sums go through
-        ``segment_reduce`` (two-pass std), the noise is one ``randn`` split back into the
-        gradients' shapes (so the draws follow the parameters' order), and ``_foreach_add_``
-        adds it. A gradient with a non-finite element gets none.
+        The gradients are flattened into one vector and divided by ``k'`` (the unscaled
+        gradients); per-gradient sums go through ``segment_reduce`` (two-pass std), the noise
+        is one ``randn`` split back into the gradients' shapes (so the draws follow the
+        parameters' order), ``_foreach_mul_`` applies the rest of k (1 unless k is below the
+        floor) and ``_foreach_add_`` adds the noise. A gradient with a non-finite element gets
+        no noise.
         """
         device = grads[0].device
         sizes = [g.numel() for g in grads]
@@ -265,7 +282,7 @@ class OGMGE(OGM):
         lengths = self._lengths.get(key)
         if lengths is None:
             lengths = self._lengths[key] = torch.tensor(sizes, device=device)
-        flat = torch.cat([g.reshape(-1) for g in grads]).float()
+        flat = torch.cat([g.reshape(-1) for g in grads]).float() / applied
         counts = lengths.to(flat.dtype)
         # unsafe=True: skips the length checks, which read lengths on the host (a sync).
         sums = torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True)
@@ -275,12 +292,13 @@ class OGMGE(OGM):
             torch.segment_reduce(centered * centered, "sum", lengths=lengths, unsafe=True)
             / (counts - 1)
         ).sqrt()
-        sigma = torch.where(k > 0, std / k, torch.zeros_like(std)) + NOISE_EPSILON
+        sigma = std + NOISE_EPSILON
         finite = torch.isfinite(sigma)  # a NaN/inf gradient element makes its std non-finite
         sigma = torch.where(finite, sigma, torch.zeros_like(sigma))
         noise = torch.randn(total, generator=self._generator(device), device=device)
         noise = noise * torch.repeat_interleave(sigma, lengths, output_size=total)
         pieces = [n.view_as(g).to(g.dtype) for n, g in zip(noise.split(sizes), grads)]
+        torch._foreach_mul_(grads, (k / applied).to(grads[0].dtype))
         torch._foreach_add_(grads, pieces)
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -36,6 +36,29 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.
     )
 
 
+BATCH_NORM_EPS = 1e-5
+"""The ``eps`` of PMR's ``batch_norm`` standardisation (``BatchNorm1d``'s default)."""
+
+
+def batch_standardise(features: torch.Tensor) -> torch.Tensor:
+    """``(z - mean) / sqrt(var + 1e-5)`` over the batch, with the biased variance: the
+    training-mode ``BatchNorm1d(affine=False)`` of the MLB authors' PMR code.
+
+    Defined for a batch of one as the same formula: the sample equals the batch mean, so its
+    standardised feature is 0 (and so is its gradient); ``BatchNorm1d`` refuses that batch.
+
+    Example:
+        >>> batch_standardise(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
+        tensor([[-1.0000,  0.0000],
+                [ 1.0000,  0.0000]])
+        >>> batch_standardise(torch.tensor([[5.0, -1.0]]))
+        tensor([[0., 0.]])
+    """
+    centered = features - features.mean(0, keepdim=True)
+    variance = centered.square().mean(0, keepdim=True)
+    return centered * torch.rsqrt(variance + BATCH_NORM_EPS)
+
+
 def _masked(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Classes without a prototype yet get the lowest logit (probability 0)."""
     return logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
@@ -102,7 +125,11 @@ class PMR(Method):
         momentum: weight μ of the previous prototypes (official 0.2; 0 in the MLB authors' code).
         prototypes: ``"accumulate"`` or ``"explicit"``.
         batch_norm: standardise the features with their batch statistics before prototypes and
-            distances (the extra ``BatchNorm1d(affine=False)`` of the MLB authors' code).
+            distances (the extra ``BatchNorm1d(affine=False)`` of the MLB authors' code,
+            :func:`batch_standardise`). A training batch of one sample has no batch
+            statistics: its standardised features are 0, so the step gets no prototype
+            gradient (its prototype scores, and so the weights, are those of a zero feature)
+            and adds nothing to the prototypes; the fused cross-entropy trains as usual.
         first_blend_epoch: prototypes updated while :attr:`epoch` is below it are the plain
             class means (no blending with ``momentum``). The default 0 blends whenever
             previous prototypes exist; the official PMR code blends for the first time after
@@ -199,7 +226,7 @@ class PMR(Method):
     def _standardise(self, feature: torch.Tensor) -> torch.Tensor:
         feature = feature.float()
         if self.batch_norm:
-            feature = F.batch_norm(feature, None, None, training=True, momentum=0.0, eps=1e-5)
+            feature = batch_standardise(feature)
         return feature
 
     def _sized(self, kind: str, name: str, dim: int) -> torch.Tensor:
@@ -220,6 +247,8 @@ class PMR(Method):
     ) -> None:
         """Per-class sums of the (detached) features with ``index_add_``; non-finite features
         (or a training ``step`` skipped by ``nonfinite="skip"``) add nothing."""
+        if self.batch_norm and target.shape[0] == 1:
+            return  # a standardised batch of one is 0 whatever the sample: no information
         keep = step.keep_if_finite if step is not None else (lambda new, old: new)
         counts = self.class_counts
         target = target.to(counts.device)

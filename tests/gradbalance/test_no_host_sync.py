@@ -36,6 +36,9 @@ def _baseline(name, model, inputs):
     if name == "agm-feature":
         fusion = lambda *z: model.fusion(torch.cat(z, 1))  # noqa: E731
         return gb.AGM(model, towers, fusion=fusion, clip=True, min_coefficient=0.1, **common)
+    if name == "agm-sampled":  # a Shapley estimate from orders drawn every step
+        fusion = lambda *z: model.fusion(torch.cat(z, 1))  # noqa: E731
+        return gb.AGM(model, towers, fusion=fusion, shapley="sampled", shapley_samples=2, **common)
     if name == "agm-input":
         return gb.AGM(
             model,
@@ -60,7 +63,8 @@ def _baseline(name, model, inputs):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "name", ["ogm", "ogm-conv", "ogm-ge", "agm-feature", "agm-input", "pmr", "mslr"]
+    "name",
+    ["ogm", "ogm-conv", "ogm-ge", "agm-feature", "agm-sampled", "agm-input", "pmr", "mslr"],
 )
 def test_baseline_steps_never_sync(name, device):
     """The training step (loss, backward, after_backward) of every baseline, and the
