@@ -13,6 +13,7 @@ with the host. The parts behind this front: validation (``_checks``), hooks and 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -38,6 +39,8 @@ from gradbalance._head_logits import (
     separate_head_logits,
     stack_if_uniform,
 )
+from gradbalance._keywords import check_keywords
+from gradbalance._mode import is_training_step, mode_warning
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
@@ -46,6 +49,9 @@ from gradbalance._unimodal import no_unimodal_classifier
 from gradbalance.history import History, HistoryTable
 
 __all__ = ["Balancer", "pool_feature"]
+
+HISTORY_IN_STATE = 100_000
+"""The most recent recorded steps of :attr:`Balancer.history` that ``state_dict()`` keeps."""
 
 Pool = Literal["spatial", "tokens", "cls"]
 HeadMode = Literal["train", "probe", "none"]
@@ -58,6 +64,7 @@ class _AttachAfterInit(type):
     everything: a refused constructor leaves the model exactly as it was."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        check_keywords(cls, kwargs)
         balancer = super().__call__(*args, **kwargs)
         balancer._attach()
         return balancer
@@ -138,6 +145,9 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     _task: Task = CLASSIFICATION  # a method's task= sets its own before this constructor
 
+    _transient: tuple[str, ...] = ("_attachment", "_watch", "_captures", "_backward", "_ranks")
+    """Attributes a copy or pickle of the balancer leaves out (hooks, this step's graph)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -184,20 +194,53 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device))
         self._history = History(self.names, flush_every, device=device)
         self.__dict__["_root_model"] = model  # not a submodule: state_dict never holds it
-        self._attachment = Attachment(model, encoder_map, self)
-        self._watch = OptimizerWatch(model.parameters(), self.parameters)
         self._guard = NonFiniteGuard(self.names, device, nonfinite, bool(check_gradients))
-        self._captures = CaptureStore(self.names)
         self._index = {name: index for index, name in enumerate(self.names)}
         self._binding = Binding(torch.ones(m, device=device))
-        self._backward = BackwardBindings()
         self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
         self._paused = 0
         self._training_calls = 0
-        self._ranks = RankSync(model, process_group)
+        self._mode_set = False  # bal.train()/bal.eval() called: no eval-mode-encoder warning
+        self._warned_messages: set[str] = set()
         self._duties = LoopDuties()
+        self._new_links()
         self.steps = 0
         self.epoch = 0
+
+    def _new_links(self) -> None:
+        """The parts bound to this process and to the model object: hooks (not yet attached),
+        captures, the optimizer watch, the ranks' state."""
+        model = self._root_model
+        self._attachment = Attachment(model, self._encoders, self)
+        self._watch = OptimizerWatch(model.parameters(), self.parameters)
+        self._captures = CaptureStore(self.names)
+        self._backward = BackwardBindings()
+        self._ranks = RankSync(model, self.process_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The balancer's state for ``copy.deepcopy`` and pickling, without its hooks, the
+        captures of the latest forward (they hold the autograd graph) and the optimizer
+        watch: :meth:`__setstate__` attaches the copy to the copy of the model."""
+        state = dict(super().__getstate__())
+        for key in self._transient:
+            state.pop(key, None)
+        state["_binding"] = self._binding.values
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild a copied or unpickled balancer, attached to the model that travelled
+        with it (``copy.deepcopy`` of a module that holds both, ``torch.save`` of both)."""
+        super().__setstate__(state)
+        self._binding = Binding(state["_binding"])
+        self._new_links()
+        self._attach()
+
+    def train(self, mode: bool = True) -> Balancer:
+        """Train mode (default) or, with ``mode=False``, eval mode (:meth:`eval`): the switch
+        that decides whether a ``loss()`` with gradients enabled is a training step. A parent
+        module's ``.train()``/``.eval()`` sets it too (Lightning's validation loop)."""
+        self._mode_set = True
+        return super().train(mode)
 
     def _make_head(self, dim: int | None, device: torch.device) -> nn.Module:
         return self._task.make_head(dim, self.num_classes, device)
@@ -284,8 +327,10 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of this step; also computes and stores the coefficients.
 
-        Call it once after each forward of the model and before ``backward()``. Under
-        ``torch.no_grad()`` (validation), or with every encoder in eval mode, it returns the
+        Call it once after each forward of the model and before ``backward()``. It is a
+        training step when gradients are enabled and the balancer is in train mode (the
+        default; the encoders' own train/eval modes never matter). Under ``torch.no_grad()``
+        or ``torch.inference_mode()`` (validation), or after ``bal.eval()``, it returns the
         loss and leaves the coefficients, scores and history untouched.
 
         Args:
@@ -303,10 +348,10 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
         target = self._task.check_inputs(logits, target, self.num_classes)
-        training = grad_enabled and logits.requires_grad
-        if training and not any(c.train_mode for c in captures.values()):
-            self._captures.warn_eval_mode()
-            training = False
+        gradients = grad_enabled and logits.requires_grad
+        training = is_training_step(gradients, self.training)
+        encoders_training = any(c.train_mode for c in captures.values())
+        self._warn_once(mode_warning(gradients, self.training, self._mode_set, encoders_training))
         outputs = {name: c.output for name, c in captures.items()}
         features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
@@ -325,6 +370,11 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     def _loss(self, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    def _warn_once(self, message: str | None) -> None:
+        if message is not None and message not in self._warned_messages:
+            self._warned_messages.add(message)
+            warnings.warn(message, stacklevel=3)
 
     def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:
         self._training_calls += 1
@@ -438,11 +488,14 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "epoch": self.epoch}
+        history = self._history.state(HISTORY_IN_STATE)
+        return {"steps": self.steps, "epoch": self.epoch, "history": history}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.epoch = int(state.get("epoch", 0))
+        if "history" in state:  # state dicts of earlier releases hold no history
+            self._history.load_state(state["history"])
 
     def extra_repr(self) -> str:
         return f"encoders={self.names}, num_classes={self.num_classes}{self._task.describe()}"
