@@ -22,13 +22,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradbalance._attach import Attachment, module_device, refuse_owned
+from gradbalance._attach import DETACHED, Attachment, is_built, module_device, refuse_owned
 from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
 from gradbalance._checks import (
     check_choice,
     check_common,
     check_scaled_parameters,
-    upgrade_state_dict,
 )
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
 from gradbalance._duties import LoopDuties
@@ -43,15 +42,14 @@ from gradbalance._keywords import check_keywords
 from gradbalance._mode import is_training_step, mode_warning
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
+from gradbalance._state import BalancerState
 from gradbalance._step import Step
 from gradbalance._task import CLASSIFICATION, Task
 from gradbalance._unimodal import no_unimodal_classifier
-from gradbalance.history import History, HistoryTable
+from gradbalance.errors import CaptureError
+from gradbalance.history import History
 
 __all__ = ["Balancer", "pool_feature"]
-
-HISTORY_IN_STATE = 100_000
-"""The most recent recorded steps of :attr:`Balancer.history` that ``state_dict()`` keeps."""
 
 Pool = Literal["spatial", "tokens", "cls"]
 HeadMode = Literal["train", "probe", "none"]
@@ -70,7 +68,7 @@ class _AttachAfterInit(type):
         return balancer
 
 
-class Balancer(nn.Module, metaclass=_AttachAfterInit):
+class Balancer(BalancerState, metaclass=_AttachAfterInit):
     """Base class of every balancing method: taps, heads, coefficients, history.
 
     Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); all a user touches is
@@ -82,7 +80,11 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     coefficients, so two ``loss()`` results summed before one ``backward()`` are each scaled
     by their own; a training forward not followed by ``loss()`` is superseded by the next
     forward (one warning); the model pickled, deep-copied or wrapped in ``AveragedModel``
-    is the plain model (no hook travels); the heads follow the encoders' dtype.
+    is the plain model (no hook travels), while a copy or pickle that holds the balancer
+    too (a module holding both, ``torch.save({"model": model, "bal": bal})``) gives a
+    balancer attached to the copied model, with its whole state; the heads follow the
+    encoders' dtype. Training step or evaluation is decided by gradients and by the
+    balancer's own mode (``bal.train()``/``bal.eval()``), never by the encoders' modes.
 
     The heads see each encoder's output as the encoder returned it: the model continues with
     a copy, so an in-place operation after the encoder (``F.relu(z, inplace=True)``) changes
@@ -145,8 +147,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     _task: Task = CLASSIFICATION  # a method's task= sets its own before this constructor
 
-    _transient: tuple[str, ...] = ("_attachment", "_watch", "_captures", "_backward", "_ranks")
-    """Attributes a copy or pickle of the balancer leaves out (hooks, this step's graph)."""
 
     def __init__(
         self,
@@ -212,28 +212,15 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         captures, the optimizer watch, the ranks' state."""
         model = self._root_model
         self._attachment = Attachment(model, self._encoders, self)
-        self._watch = OptimizerWatch(model.parameters(), self.parameters)
+        parameters = model.parameters() if is_built(model) else ()
+        self._watch = OptimizerWatch(parameters, self.parameters)
         self._captures = CaptureStore(self.names)
         self._backward = BackwardBindings()
         self._ranks = RankSync(model, self.process_group)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """The balancer's state for ``copy.deepcopy`` and pickling, without its hooks, the
-        captures of the latest forward (they hold the autograd graph) and the optimizer
-        watch: :meth:`__setstate__` attaches the copy to the copy of the model."""
-        state = dict(super().__getstate__())
-        for key in self._transient:
-            state.pop(key, None)
-        state["_binding"] = self._binding.values
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild a copied or unpickled balancer, attached to the model that travelled
-        with it (``copy.deepcopy`` of a module that holds both, ``torch.save`` of both)."""
-        super().__setstate__(state)
-        self._binding = Binding(state["_binding"])
-        self._new_links()
-        self._attach()
+    def _require_attached(self) -> None:
+        if not self._attachment.attached:
+            raise CaptureError(DETACHED)
 
     def train(self, mode: bool = True) -> Balancer:
         """Train mode (default) or, with ``mode=False``, eval mode (:meth:`eval`): the switch
@@ -307,6 +294,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         Raises:
             CaptureError: that forward did not run every encoder (never stale values).
         """
+        self._require_attached()
         captures = self._captures.latest_captures()
         return {name: self._feature(name, c.output) for name, c in captures.items()}
 
@@ -345,6 +333,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
                 or an empty batch.
             OrderError: an optimizer updates the model but not the balancer's heads.
         """
+        self._require_attached()
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
         target = self._task.check_inputs(logits, target, self.num_classes)
@@ -439,16 +428,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     # --- results and state ------------------------------------------------------------------
 
-    def coefficient_buffer(self, name: str) -> torch.Tensor:
-        """The coefficient of encoder ``name`` used by the last training ``loss()`` (a view)."""
-        return self.last_coefficients[self._index[name]]
-
-    def record_history(
-        self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
-    ) -> None:
-        """Append one step to :attr:`history` (device-side)."""
-        self._history.record(coefficients, scores, valid, epoch=self.epoch, step=self.steps)
-
     def after_backward(self) -> None:
         """Per-parameter work on the final gradients; a no-op for MLB, Multi-Loss and Joint.
 
@@ -461,41 +440,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """Mark the end of a training epoch (advances :attr:`epoch`); call once per epoch."""
         self.epoch += 1
         self._duties.epoch_end()
-
-    @property
-    def coefficients(self) -> dict[str, torch.Tensor]:
-        """``{name: 0-dim tensor}``: the coefficients used by the last training ``loss()``."""
-        values = self.last_coefficients.detach().clone()
-        return {name: values[index] for index, name in enumerate(self.names)}
-
-    @property
-    def scores(self) -> dict[str, torch.Tensor]:
-        """``{name: 0-dim tensor}``: the per-modality scores of the last training ``loss()``."""
-        values = self.last_scores.detach().clone()
-        return {name: values[index] for index, name in enumerate(self.names)}
-
-    @property
-    def history(self) -> HistoryTable:
-        """Per-step ``{name: {"coefficients": (S,), "scores": (S,)}}`` on the CPU (finite
-        training steps only), a :class:`~gradbalance.HistoryTable` (epochs, exports)."""
-        self._guard.raise_recorded()
-        return self._history.as_dict(self._task.score_label)
-
-    def _load_from_state_dict(
-        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        state_dict = upgrade_state_dict(state_dict, prefix, self.names)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        history = self._history.state(HISTORY_IN_STATE)
-        return {"steps": self.steps, "epoch": self.epoch, "history": history}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.epoch = int(state.get("epoch", 0))
-        if "history" in state:  # state dicts of earlier releases hold no history
-            self._history.load_state(state["history"])
 
     def extra_repr(self) -> str:
         return f"encoders={self.names}, num_classes={self.num_classes}{self._task.describe()}"

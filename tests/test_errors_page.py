@@ -115,6 +115,18 @@ def pmr_without_epoch_end() -> None:
     bal.loss(model(A, V), Y).backward()  # training again, no epoch_end()
 
 
+def misspelt_option() -> None:
+    model, encoders = two_towers()
+    gb.make("mlb", model, encoders, num_classes=3, alpah=1)
+
+
+def removed_balancer() -> None:
+    model, encoders = two_towers()
+    bal = gb.MLB(model, encoders, 3)
+    bal.remove()
+    bal.loss(model(A, V), Y)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -130,6 +142,8 @@ CASES: dict[str, Callable[[], None]] = {
     "agm_error": agm_error,
     "cosine_head_count": cosine_head_count,
     "pmr_without_epoch_end": pmr_without_epoch_end,
+    "misspelt_option": misspelt_option,
+    "removed_balancer": removed_balancer,
 }
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import gradbalance as gb
+import gradbalance._state
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -288,7 +289,7 @@ def test_history_survives_a_state_dict_round_trip(name):
 
 
 def test_the_state_dict_keeps_the_most_recent_steps_of_the_history(monkeypatch):
-    monkeypatch.setattr(gb.balancer, "HISTORY_IN_STATE", 2)
+    monkeypatch.setattr(gradbalance._state, "HISTORY_IN_STATE", 2)
     model, bal = build("mlb")
     run(model, bal, seeds=(0, 1, 2))
     _, resumed = build("mlb", seed=1)
@@ -350,3 +351,64 @@ def test_hugging_face_trainer_predicts_one_row_per_sample_with_aligned_metrics(
     assert prediction.metrics["test_accuracy"] == pytest.approx(accuracy)
     assert prediction.metrics["test_fused_loss"] == pytest.approx(fused, rel=1e-5)
     assert prediction.metrics["test_loss"] > prediction.metrics["test_fused_loss"]  # + heads
+
+
+# --- rows 6 and 13 with Lightning itself -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lightning_module_copies_and_checkpoints_keep_an_attached_balancer(tmp_path, monkeypatch):
+    # Part of the dev extra (pinned in constraints.txt): a missing install fails, never skips.
+    import pytorch_lightning  # noqa: F401
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    example = runpy.run_path(str(ROOT / "examples" / "lightning_module.py"))
+    trainer, module = example["main"](max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    bal = module.balancer
+    assert bal.steps == 2
+    batch = next(iter(trainer.train_dataloader))
+    for twin in (copy.deepcopy(module), AveragedModel(module).module):
+        assert twin.balancer.steps == 2
+        assert torch.equal(twin.balancer.history.steps, bal.history.steps)
+        twin.training_step(batch, 0).backward()  # the copy balances the copy of the model
+        assert twin.balancer.steps == 3 and len(twin.balancer.history.steps) == 3
+    assert bal.steps == 2
+    path = tmp_path / "lightning.ckpt"
+    trainer.save_checkpoint(path)
+    restored = example["BalancedModule"].load_from_checkpoint(path).balancer
+    assert restored.steps == 2
+    for name in bal.names:
+        for quantity in ("coefficients", "scores"):
+            assert torch.equal(restored.history[name][quantity], bal.history[name][quantity])
+
+
+class SelfBalanced(nn.Module):
+    """A model that holds the balancer of its own encoders (not the documented layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TowerNet(INPUT_DIMS)
+        self.bal = gb.MLB(self, list(self.net.towers), NUM_CLASSES, feature_dims=12)
+
+    def forward(self, *inputs):
+        return self.net(*inputs)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_balancer_copied_inside_the_model_it_balances_says_so(how):
+    """Its copy cannot be re-attached while the model is still being restored: the first
+    use says what happened and what to do, instead of a missing-output error."""
+    model = SelfBalanced()
+    inputs, target = make_batch_for("mlb", INPUT_DIMS)
+    model.bal.loss(model(*inputs), target).backward()
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    with pytest.raises(gb.errors.CaptureError, match="copied or unpickled as part of the model"):
+        twin.bal.loss(twin(*inputs), target)
+    model.bal.loss(model(*inputs), target).backward()  # the original is untouched
+    assert model.bal.steps == 2
