@@ -8,7 +8,12 @@ as usual.
 
 * ``compute_loss`` returns ``bal.loss(model(...), labels)`` (the Trainer's ``backward()``
   applies the coefficients; its evaluation loop calls it under no_grad, which leaves them
-  alone).
+  alone). With ``return_outputs=True`` it returns ``(loss, {"logits": logits})``: the
+  Trainer reads predictions from a dict's values, but from a tuple's items *after the
+  first*, so ``(loss, logits)`` would drop every batch's first row.
+* The Trainer's ``eval_loss`` is ``bal.loss``: for MLB the fused loss *plus* the heads'
+  losses. ``compute_metrics`` reports the fused cross-entropy alone (``eval_fused_loss``)
+  and the accuracy, from the predictions.
 * The optimizer is passed in (``optimizers=(opt, None)``) because it must hold the
   balancer's heads as well as the model's parameters; the model stays untouched (the
   balancer is not one of its submodules), so its checkpoints are what they always were.
@@ -61,7 +66,16 @@ class BalancedTrainer(Trainer):
         labels = inputs.pop("labels")
         logits = model(**inputs)
         loss = self.balancer.loss(logits, labels)
-        return (loss, logits) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def compute_metrics(prediction) -> dict[str, float]:
+    """The fused model's own cross-entropy and accuracy (``eval_loss`` adds the heads')."""
+    logits = torch.as_tensor(prediction.predictions)
+    labels = torch.as_tensor(prediction.label_ids)
+    fused_loss = torch.nn.functional.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return {"fused_loss": float(fused_loss), "accuracy": float(accuracy)}
 
 
 class BalancerCallback(TrainerCallback):
@@ -112,11 +126,15 @@ def main(output_dir: str | None = None, max_steps: int = 60, **arguments):
         eval_dataset=AudioVisualData(256, seed=2),
         optimizers=(opt, None),
         balancer=bal,
+        compute_metrics=compute_metrics,
     )
     trainer.train()
     metrics = trainer.evaluate()
     k = {name: round(float(value), 3) for name, value in bal.coefficients.items()}
-    print(f"eval loss {metrics['eval_loss']:.4f}, k {k}")
+    print(
+        f"eval loss (fused + heads) {metrics['eval_loss']:.4f}, fused loss "
+        f"{metrics['eval_fused_loss']:.4f}, accuracy {metrics['eval_accuracy']:.3f}, k {k}"
+    )
     return trainer, bal
 
 

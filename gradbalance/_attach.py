@@ -58,6 +58,21 @@ _LATE_WRAPPERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _REGISTRATION_HOOK: list[RemovableHandle] = []
 
 
+DETACHED = (
+    "this balancer is not attached to its model: it was removed (bal.remove()), or it was "
+    "copied or unpickled as part of the model it balances, which cannot be re-attached. Keep "
+    "the balancer beside the model (e.g. both as submodules of a LightningModule, or "
+    "torch.save({'model': model, 'bal': bal})), or build a new balancer and load "
+    "bal.state_dict() into it"
+)
+
+
+def is_built(module: nn.Module) -> bool:
+    """Whether ``module`` is initialised (not an object whose state pickle or deepcopy is
+    still restoring)."""
+    return "_parameters" in module.__dict__
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (the CPU without any)."""
     for tensor in (*module.parameters(), *module.buffers()):

@@ -60,7 +60,6 @@ class CaptureStore:
         self.latest = _Slot()
         self.compiled: dict[str, tuple[Any, bool, bool, Binding | None]] = {}
         self._warned = False
-        self._warned_eval_mode = False
 
     def model_forward(self) -> None:
         """A forward of the whole model begins (eager, not paused)."""
@@ -110,21 +109,6 @@ class CaptureStore:
                 "or a dry-run forward; warned once). " + FIXES,
                 stacklevel=5,
             )
-
-    def warn_eval_mode(self) -> None:
-        """Once: a loss() with gradients on after a forward with every encoder in eval mode."""
-        if self._warned_eval_mode:
-            return
-        self._warned_eval_mode = True
-        warnings.warn(
-            "loss() was called with gradients enabled while every encoder is in eval mode: "
-            "gradbalance treats this call as evaluation and leaves the coefficients, scores and "
-            "history unchanged (a backward of it still applies the last coefficients). Call "
-            "model.train() before training steps and run evaluation under torch.no_grad(). To "
-            "train with frozen BatchNorm statistics, keep the encoders in train mode and call "
-            ".eval() on the BatchNorm layers only.",
-            stacklevel=4,
-        )
 
     def record_compiled(
         self, name: str, output: Any, grad_enabled: bool, train_mode: bool, binding: Binding | None

@@ -13,6 +13,7 @@ with the host. The parts behind this front: validation (``_checks``), hooks and 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -21,13 +22,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradbalance._attach import Attachment, module_device, refuse_owned
+from gradbalance._attach import DETACHED, Attachment, is_built, module_device, refuse_owned
 from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
 from gradbalance._checks import (
     check_choice,
     check_common,
     check_scaled_parameters,
-    upgrade_state_dict,
 )
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
 from gradbalance._duties import LoopDuties
@@ -38,13 +38,17 @@ from gradbalance._head_logits import (
     separate_head_logits,
     stack_if_uniform,
 )
+from gradbalance._keywords import check_keywords
+from gradbalance._mode import is_training_step, mode_warning
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._parameter_watch import ParameterWatch, Reselect
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
+from gradbalance._state import BalancerState
 from gradbalance._step import Step
 from gradbalance._task import CLASSIFICATION, Task
 from gradbalance._unimodal import no_unimodal_classifier
-from gradbalance.history import History, HistoryTable
+from gradbalance.errors import CaptureError
+from gradbalance.history import History
 
 __all__ = ["Balancer", "pool_feature"]
 
@@ -59,12 +63,13 @@ class _AttachAfterInit(type):
     everything: a refused constructor leaves the model exactly as it was."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        check_keywords(cls, kwargs)
         balancer = super().__call__(*args, **kwargs)
         balancer._attach()
         return balancer
 
 
-class Balancer(nn.Module, metaclass=_AttachAfterInit):
+class Balancer(BalancerState, metaclass=_AttachAfterInit):
     """Base class of every balancing method: taps, heads, coefficients, history.
 
     Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); all a user touches is
@@ -76,7 +81,11 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     coefficients, so two ``loss()`` results summed before one ``backward()`` are each scaled
     by their own; a training forward not followed by ``loss()`` is superseded by the next
     forward (one warning); the model pickled, deep-copied or wrapped in ``AveragedModel``
-    is the plain model (no hook travels); the heads follow the encoders' dtype.
+    is the plain model (no hook travels), while a copy or pickle that holds the balancer
+    too (a module holding both, ``torch.save({"model": model, "bal": bal})``) gives a
+    balancer attached to the copied model, with its whole state; the heads follow the
+    encoders' dtype. Training step or evaluation is decided by gradients and by the
+    balancer's own mode (``bal.train()``/``bal.eval()``), never by the encoders' modes.
 
     The heads see each encoder's output as the encoder returned it: the model continues with
     a copy, so an in-place operation after the encoder (``F.relu(z, inplace=True)``) changes
@@ -139,6 +148,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     _task: Task = CLASSIFICATION  # a method's task= sets its own before this constructor
 
+
     def __init__(
         self,
         model: nn.Module,
@@ -185,21 +195,41 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device))
         self._history = History(self.names, flush_every, device=device)
         self.__dict__["_root_model"] = model  # not a submodule: state_dict never holds it
-        self._attachment = Attachment(model, encoder_map, self)
-        self._watch = OptimizerWatch(model.parameters(), self.parameters)
         self._guard = NonFiniteGuard(self.names, device, nonfinite, bool(check_gradients))
-        self._captures = CaptureStore(self.names)
         self._index = {name: index for index, name in enumerate(self.names)}
         self._binding = Binding(torch.ones(m, device=device))
-        self._backward = BackwardBindings()
         self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
         self._parameter_watch = ParameterWatch(model, {}, None)
         self._paused = 0
         self._training_calls = 0
-        self._ranks = RankSync(model, process_group)
+        self._mode_set = False  # bal.train()/bal.eval() called: no eval-mode-encoder warning
+        self._warned_messages: set[str] = set()
         self._duties = LoopDuties()
+        self._new_links()
         self.steps = 0
         self.epoch = 0
+
+    def _new_links(self) -> None:
+        """The parts bound to this process and to the model object: hooks (not yet attached),
+        captures, the optimizer watch, the ranks' state."""
+        model = self._root_model
+        self._attachment = Attachment(model, self._encoders, self)
+        parameters = model.parameters() if is_built(model) else ()
+        self._watch = OptimizerWatch(parameters, self.parameters)
+        self._captures = CaptureStore(self.names)
+        self._backward = BackwardBindings()
+        self._ranks = RankSync(model, self.process_group)
+
+    def _require_attached(self) -> None:
+        if not self._attachment.attached:
+            raise CaptureError(DETACHED)
+
+    def train(self, mode: bool = True) -> Balancer:
+        """Train mode (default) or, with ``mode=False``, eval mode (:meth:`eval`): the switch
+        that decides whether a ``loss()`` with gradients enabled is a training step. A parent
+        module's ``.train()``/``.eval()`` sets it too (Lightning's validation loop)."""
+        self._mode_set = True
+        return super().train(mode)
 
     def _make_head(self, dim: int | None, device: torch.device) -> nn.Module:
         return self._task.make_head(dim, self.num_classes, device)
@@ -272,6 +302,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         Raises:
             CaptureError: that forward did not run every encoder (never stale values).
         """
+        self._require_attached()
         captures = self._captures.latest_captures()
         return {name: self._feature(name, c.output) for name, c in captures.items()}
 
@@ -292,8 +323,10 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of this step; also computes and stores the coefficients.
 
-        Call it once after each forward of the model and before ``backward()``. Under
-        ``torch.no_grad()`` (validation), or with every encoder in eval mode, it returns the
+        Call it once after each forward of the model and before ``backward()``. It is a
+        training step when gradients are enabled and the balancer is in train mode (the
+        default; the encoders' own train/eval modes never matter). Under ``torch.no_grad()``
+        or ``torch.inference_mode()`` (validation), or after ``bal.eval()``, it returns the
         loss and leaves the coefficients, scores and history untouched.
 
         Args:
@@ -308,13 +341,14 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
                 or an empty batch.
             OrderError: an optimizer updates the model but not the balancer's heads.
         """
+        self._require_attached()
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
         target = self._task.check_inputs(logits, target, self.num_classes)
-        training = grad_enabled and logits.requires_grad
-        if training and not any(c.train_mode for c in captures.values()):
-            self._captures.warn_eval_mode()
-            training = False
+        gradients = grad_enabled and logits.requires_grad
+        training = is_training_step(gradients, self.training)
+        encoders_training = any(c.train_mode for c in captures.values())
+        self._warn_once(mode_warning(gradients, self.training, self._mode_set, encoders_training))
         outputs = {name: c.output for name, c in captures.items()}
         features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
@@ -333,6 +367,11 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     def _loss(self, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    def _warn_once(self, message: str | None) -> None:
+        if message is not None and message not in self._warned_messages:
+            self._warned_messages.add(message)
+            warnings.warn(message, stacklevel=3)
 
     def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:
         self._training_calls += 1
@@ -398,16 +437,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
 
     # --- results and state ------------------------------------------------------------------
 
-    def coefficient_buffer(self, name: str) -> torch.Tensor:
-        """The coefficient of encoder ``name`` used by the last training ``loss()`` (a view)."""
-        return self.last_coefficients[self._index[name]]
-
-    def record_history(
-        self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
-    ) -> None:
-        """Append one step to :attr:`history` (device-side)."""
-        self._history.record(coefficients, scores, valid, epoch=self.epoch, step=self.steps)
-
     def after_backward(self) -> None:
         """Per-parameter work on the final gradients; a no-op for MLB, Multi-Loss and Joint.
 
@@ -420,38 +449,6 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         """Mark the end of a training epoch (advances :attr:`epoch`); call once per epoch."""
         self.epoch += 1
         self._duties.epoch_end()
-
-    @property
-    def coefficients(self) -> dict[str, torch.Tensor]:
-        """``{name: 0-dim tensor}``: the coefficients used by the last training ``loss()``."""
-        values = self.last_coefficients.detach().clone()
-        return {name: values[index] for index, name in enumerate(self.names)}
-
-    @property
-    def scores(self) -> dict[str, torch.Tensor]:
-        """``{name: 0-dim tensor}``: the per-modality scores of the last training ``loss()``."""
-        values = self.last_scores.detach().clone()
-        return {name: values[index] for index, name in enumerate(self.names)}
-
-    @property
-    def history(self) -> HistoryTable:
-        """Per-step ``{name: {"coefficients": (S,), "scores": (S,)}}`` on the CPU (finite
-        training steps only), a :class:`~gradbalance.HistoryTable` (epochs, exports)."""
-        self._guard.raise_recorded()
-        return self._history.as_dict(self._task.score_label)
-
-    def _load_from_state_dict(
-        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        state_dict = upgrade_state_dict(state_dict, prefix, self.names)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "epoch": self.epoch}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.epoch = int(state.get("epoch", 0))
 
     def extra_repr(self) -> str:
         return f"encoders={self.names}, num_classes={self.num_classes}{self._task.describe()}"

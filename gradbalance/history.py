@@ -120,6 +120,17 @@ class History:
             self._block[:, 2].fill_(1.0)
             self._flags_written = False
 
+    def state(self, limit: int) -> dict[str, torch.Tensor]:
+        """The last ``limit`` recorded steps, for a checkpoint: ``{"table": (S, 2, M),
+        "steps": (S, 2)}`` on the CPU (one transfer of the steps still on the device)."""
+        return {"table": self.tensor()[-limit:].clone(), "steps": self.steps_and_epochs()[-limit:]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the recorded steps by those of :meth:`state`."""
+        self.clear()
+        self._flushed = [state["table"].to("cpu", torch.float32)]
+        self._flushed_meta = [state["steps"].to("cpu", torch.int64)]
+
     def tensor(self) -> torch.Tensor:
         """All recorded (valid) steps as one CPU tensor of shape ``(steps, 2, M)``."""
         self.flush()

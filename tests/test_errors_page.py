@@ -136,6 +136,18 @@ def agm_many_modalities() -> None:
     gb.AGM(model, list(towers), 2, fusion=lambda *z: sum(z))
 
 
+def misspelt_option() -> None:
+    model, encoders = two_towers()
+    gb.make("mlb", model, encoders, num_classes=3, alpah=1)
+
+
+def removed_balancer() -> None:
+    model, encoders = two_towers()
+    bal = gb.MLB(model, encoders, 3)
+    bal.remove()
+    bal.loss(model(A, V), Y)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -153,6 +165,8 @@ CASES: dict[str, Callable[[], None]] = {
     "pmr_without_epoch_end": pmr_without_epoch_end,
     "reparametrized_after_balancer": reparametrized_after_balancer,
     "agm_many_modalities": agm_many_modalities,
+    "misspelt_option": misspelt_option,
+    "removed_balancer": removed_balancer,
 }
 
 

@@ -151,6 +151,7 @@ class AGM(Method):
     head_mode = "none"
     scales_gradients = False
     supported_tasks: tuple[str, ...] = ("classification", "regression")
+    _transient = (*Method._transient, "_last_outputs")
 
     def __init__(
         self,

@@ -101,11 +101,11 @@ class MMPareto(MultiLoss):
         return reduce_mean(stats, 1.0, self.process_group)[0]
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
-        """The tap: the model continues with one branch, the heads read the other."""
+        """The tap: the model continues with one branch, the heads read the other (whatever
+        the encoder's train/eval mode: every backward with gradients gets the combination)."""
         if (
             self._paused
             or not torch.is_grad_enabled()
-            or not module.training
             or not self.active()
             or (not torch.compiler.is_compiling() and in_backward())
         ):

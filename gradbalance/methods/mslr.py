@@ -35,7 +35,7 @@ class MSLR(SlicedScoresMethod):
     validation loop) adds the batch to this epoch's counts; then :meth:`epoch_end` applies
     them. You can also pass the accuracies:
     ``bal.epoch_end(accuracies={"audio": 0.61, "video": 0.48})``. Every evaluation ``loss()``
-    counts (under ``torch.no_grad()``, or with the encoders in eval mode), so run only
+    counts (under ``torch.no_grad()``, or after ``bal.eval()``), so run only
     validation batches through it between two ``epoch_end()`` calls.
 
     Args:

@@ -273,17 +273,35 @@ def test_model_moved_after_the_balancer(lazy):
         bal.loss(logits, target.to("meta"))
 
 
-def test_eval_mode_training_step_warns_and_changes_nothing():
+def test_eval_mode_encoders_train_and_warn_once():
+    """The encoders' modes never make a step evaluation: a model in eval mode with gradients
+    on is trained (one warning saying how to evaluate instead; none after bal.train())."""
     model, bal, opt = build()
     train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
     state = tensors_of(bal)
     model.eval()
     inputs, target = make_batch(INPUT_DIMS, seed=1)
-    with pytest.warns(UserWarning, match="every encoder is in eval mode"):
+    with pytest.warns(UserWarning, match="every encoder is in eval mode.*bal.eval"):
         bal.loss(model(*inputs), target)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bal.loss(model(*inputs), target)  # warned once
+    assert not torch.equal(state["last_coefficients"], bal.last_coefficients)
+    assert bal.steps == 3
+
+
+def test_balancer_in_eval_mode_is_evaluation_and_changes_nothing():
+    model, bal, opt = build()
+    train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
+    state = tensors_of(bal)
+    bal.eval()
+    inputs, target = make_batch(INPUT_DIMS, seed=1)
+    with pytest.warns(UserWarning, match="treated as evaluation.*Call bal.train"):
+        bal.loss(model(*inputs), target)  # encoders in train mode: probably a forgotten train()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal.loss(model(*inputs), target)  # eval mode everywhere: plain evaluation
     assert all(torch.equal(v, tensors_of(bal)[k]) for k, v in state.items())
     assert bal.steps == 1
 

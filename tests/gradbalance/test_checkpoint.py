@@ -69,12 +69,14 @@ def test_resume_is_bitwise_identical(name, options):
 
     assert torch.equal(flat_state(resumed_model, resumed), flat_state(model, bal))
     assert resumed.steps == bal.steps
-    # The history is not part of the state (keep bal.history yourself to plot a whole run):
-    # the resumed run's history is the uninterrupted run's last AFTER steps, bitwise.
+    # The history is part of the state: the resumed run's history is the uninterrupted
+    # run's whole history, bitwise, with the same step indices and epochs.
     for name_ in bal.names:
         for quantity in ("coefficients", "scores"):
-            expected = bal.history[name_][quantity][-AFTER:]
+            expected = bal.history[name_][quantity]
             assert torch.equal(resumed.history[name_][quantity], expected), quantity
+    assert torch.equal(resumed.history.steps, bal.history.steps)
+    assert torch.equal(resumed.history.epochs, bal.history.epochs)
     assert all(
         torch.equal(a, b) for a, b in zip(resumed.coefficients.values(), bal.coefficients.values())
     )
@@ -84,7 +86,10 @@ def test_state_dict_holds_the_counters():
     model, bal, opt = setup("mlb", 0, nonfinite="skip")
     steps(model, bal, opt, 0, 2)
     state = bal.state_dict()
-    assert state["_extra_state"] == {"steps": 2, "epoch": 1}
+    extra = state["_extra_state"]
+    assert (extra["steps"], extra["epoch"]) == (2, 1)
+    assert torch.equal(extra["history"]["steps"][:, 0], bal.history.steps)
+    assert torch.equal(extra["history"]["table"][:, 0, 1], bal.history["towers_1"]["coefficients"])
     assert int(state["nonfinite_steps"]) == 0
 
 
