@@ -64,3 +64,8 @@ class UnavailableError(GradbalanceError, RuntimeError):
 class MissingCallWarning(UserWarning):
     """The training loop skips a call the method needs (``bal.epoch_end()`` once per epoch,
     ``bal.after_backward()`` before each optimizer step); issued once per balancer and kind."""
+
+
+class LoggerWarning(UserWarning):
+    """A logger given to :class:`~gradbalance.integrations.BalancerLog` raised while writing;
+    training went on (issued once per ``BalancerLog``, which counts the failed writes)."""

@@ -115,6 +115,24 @@ def pmr_without_epoch_end() -> None:
     bal.loss(model(A, V), Y).backward()  # training again, no epoch_end()
 
 
+def unknown_logger() -> None:
+    model, encoders = two_towers()
+    gb.integrations.BalancerLog(gb.MLB(model, encoders, 3), "balance.txt")
+
+
+def failing_logger() -> None:
+    model, encoders = two_towers()
+    bal = gb.MLB(model, encoders, 3)
+
+    def full(values, step):
+        raise OSError("disk full")
+
+    log = gb.integrations.BalancerLog(bal, full)
+    for _ in range(3):
+        bal.loss(model(A, V), Y).backward()
+    log.step()
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -130,6 +148,8 @@ CASES: dict[str, Callable[[], None]] = {
     "agm_error": agm_error,
     "cosine_head_count": cosine_head_count,
     "pmr_without_epoch_end": pmr_without_epoch_end,
+    "unknown_logger": unknown_logger,
+    "failing_logger": failing_logger,
 }
 
 
@@ -141,7 +161,8 @@ def provoke(case: Callable[[], None]) -> tuple[str, str]:
             case()
         except Exception as error:  # noqa: BLE001 - the class is what is checked
             return type(error).__name__, str(error)
-    issued = [w for w in caught if issubclass(w.category, gb.errors.MissingCallWarning)]
+    ours = (gb.errors.MissingCallWarning, gb.errors.LoggerWarning)
+    issued = [w for w in caught if issubclass(w.category, ours)]
     assert issued, "the case neither raised nor warned"
     return issued[0].category.__name__, str(issued[0].message)
 
