@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -155,20 +158,26 @@ def test_one_host_read_per_logged_step_none_otherwise(tmp_path, method, device):
     bal = gb.make(method, model, list(model.towers), num_classes=4, flush_every=1000)
     log = BalancerLog(bal, tmp_path / "balance.jsonl", every=3)
     bal.loss(model(*inputs), target).backward()  # materialises lazy heads
-    reads = []
+    reads, cuda_syncs = [], []
     for _ in range(6):
         bal.loss(model(*inputs), target).backward()
         counter = CountHostReads()
-        if device == "cuda":
+        if device == "cuda":  # the CUDA runtime's own count of synchronising calls
+            torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            with counter:
+            with warnings.catch_warnings(record=True) as caught, counter:
+                warnings.simplefilter("always")
                 log.step()
         finally:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
         reads.append(counter.count)
+        cuda_syncs.append(sum("synchroniz" in str(w.message) for w in caught))
     assert reads == [0, 1, 0, 0, 1, 0]  # bal.steps 2..7: steps 3 and 6 are logged
+    if device == "cuda":
+        assert [cuda_syncs[i] for i in (0, 2, 3, 5)] == [0, 0, 0, 0]
+        assert all(cuda_syncs[i] <= 1 for i in (1, 4)), cuda_syncs
     assert log.logged == 2
 
 
@@ -363,3 +372,18 @@ def test_trainer_callback_puts_the_values_in_the_trainers_log_history(tmp_path):
         assert "loss" in entry
     summary = trainer.state.log_history[-1]
     assert "train_runtime" in summary and "gradbalance/k_audio" not in summary
+
+
+def test_importing_gradbalance_imports_no_logging_framework():
+    """torch only: TensorBoard, Lightning and transformers load with their adapter, not before."""
+    code = (
+        "import sys, torch, gradbalance as gb\n"
+        "model = gb.testing.TwoTowerNet()\n"
+        "bal = gb.MLB(model, [model.audio, model.video], num_classes=3)\n"
+        "gb.integrations.BalancerLog(bal, lambda values, step: None)\n"
+        "heavy = ('tensorboard', 'pytorch_lightning', 'lightning', 'transformers')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
