@@ -62,6 +62,14 @@ def _series(balancer: Balancer) -> dict[str, tuple[list[str], torch.Tensor]]:
     return series
 
 
+def _check_balancer(balancer: Any) -> None:
+    if not isinstance(balancer, Balancer):
+        raise InputTypeError(
+            f"balancer must be a gradbalance balancer (gb.MLB(...), ...), got "
+            f"{type(balancer).__name__}"
+        )
+
+
 def balancer_values(balancer: Balancer) -> dict[str, float]:
     """``{"k_audio": 0.83, "score_audio": 0.41, ...}``: the balancer's values of its last
     training step, read in one device-to-host copy.
@@ -79,11 +87,7 @@ def balancer_values(balancer: Balancer) -> dict[str, float]:
         >>> sorted(gb.integrations.balancer_values(bal))[:4]
         ['conflicts_audio', 'conflicts_video', 'cosine_audio', 'cosine_video']
     """
-    if not isinstance(balancer, Balancer):
-        raise InputTypeError(
-            f"balancer must be a gradbalance balancer (gb.MLB(...), ...), got "
-            f"{type(balancer).__name__}"
-        )
+    _check_balancer(balancer)
     series = _series(balancer)
     packed = torch.cat([t.detach().double() for _, t in series.values()])
     host = packed.to("cpu", copy=True).tolist()  # the one host synchronisation
@@ -129,7 +133,7 @@ class BalancerLog:
         if not isinstance(every, int) or isinstance(every, bool):
             raise InputTypeError(f"every must be an int >= 1, got {every!r}")
         self.every = int(check_number("every", every, minimum=1))
-        balancer_values(balancer)  # refuses a non-balancer at once
+        _check_balancer(balancer)
         self.balancer = balancer
         self._write = make_writer(logger)
         self._last: int | None = None
@@ -234,7 +238,7 @@ def lightning_callback(balancer: Balancer, every: int | None = None) -> Any:
         >>> type(callback).__mro__[1].__name__
         'Callback'
     """
-    balancer_values(balancer)
+    _check_balancer(balancer)
     return _lightning_callback_class()(balancer, every)
 
 
@@ -286,5 +290,5 @@ def trainer_callback(balancer: Balancer) -> Any:
         >>> type(callback).__mro__[1].__name__
         'TrainerCallback'
     """
-    balancer_values(balancer)
+    _check_balancer(balancer)
     return _trainer_callback_class()(balancer)
