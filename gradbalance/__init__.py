@@ -8,7 +8,7 @@ ordinary ``backward()``::
     loss.backward()
 """
 
-from gradbalance import coefficients, diagnostics, errors, testing
+from gradbalance import coefficients, diagnostics, errors, integrations, testing
 from gradbalance.balancer import Balancer
 from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, HistoryTable, plot_history
@@ -44,6 +44,7 @@ __all__ = [
     "coefficients",
     "diagnostics",
     "errors",
+    "integrations",
     "make",
     "plot_history",
     "testing",

@@ -71,3 +71,8 @@ class CostWarning(UserWarning):
     """A configuration whose cost per training step is far above the usual (AGM's exact
     Shapley decomposition over many modalities); the message gives the cost and the option
     that avoids it."""
+
+
+class LoggerWarning(UserWarning):
+    """A logger given to :class:`~gradbalance.integrations.BalancerLog` raised while writing;
+    training went on (issued once per ``BalancerLog``, which counts the failed writes)."""

@@ -6,6 +6,8 @@ One run trains one method × fusion × backbone × dataset × fold and writes, u
   accuracies and ECE of the fused prediction and of each modality, mean coefficients and
   scores, learning rate, time) and ``{"kind": "step", ...}`` every ``log_every`` steps
   (coefficients, scores, running loss);
+* ``tensorboard/`` with ``--logger tensorboard``: the step and epoch records' scalars and the
+  balancer's values (``gradbalance/k_audio``, ...) as TensorBoard events;
 * ``results.json``: the configuration, the best epoch, and the validation and test metrics of
   the best-validation checkpoint (``val``, ``test``: fused and per modality), the test metrics
   of the last epoch (``test_last``), final coefficients, timings;
@@ -67,6 +69,7 @@ from reference_models.training.config import (
 from reference_models.training.loop import Session, build_run, train
 from reference_models.training.report import summary_text
 from reference_models.training.step import RunState, evaluate, train_step
+from reference_models.training.tensorboard import LOGGERS
 from reference_models.unimodal import UnimodalClassifier
 
 __all__ = [
@@ -150,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--amp", action="store_true", default=None, help="bf16 autocast")
     add("--workers", type=int)
     add("--log-every", type=int)
+    add(
+        "--logger",
+        choices=LOGGERS,
+        help="also log to TensorBoard under OUT/tensorboard (log.jsonl is always written)",
+    )
     add("--checkpoint-every", type=int)
     add("--stop-after", type=int, help="stop after N epochs of this invocation (resumable)")
     add("--threads", type=int)

@@ -148,6 +148,24 @@ def removed_balancer() -> None:
     bal.loss(model(A, V), Y)
 
 
+def unknown_logger() -> None:
+    model, encoders = two_towers()
+    gb.integrations.BalancerLog(gb.MLB(model, encoders, 3), "balance.txt")
+
+
+def failing_logger() -> None:
+    model, encoders = two_towers()
+    bal = gb.MLB(model, encoders, 3)
+
+    def full(values, step):
+        raise OSError("disk full")
+
+    log = gb.integrations.BalancerLog(bal, full)
+    for _ in range(3):
+        bal.loss(model(A, V), Y).backward()
+    log.step()
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -167,6 +185,8 @@ CASES: dict[str, Callable[[], None]] = {
     "agm_many_modalities": agm_many_modalities,
     "misspelt_option": misspelt_option,
     "removed_balancer": removed_balancer,
+    "unknown_logger": unknown_logger,
+    "failing_logger": failing_logger,
 }
 
 
@@ -178,7 +198,7 @@ def provoke(case: Callable[[], None]) -> tuple[str, str]:
             case()
         except Exception as error:  # noqa: BLE001 - the class is what is checked
             return type(error).__name__, str(error)
-    warned = (gb.errors.MissingCallWarning, gb.errors.CostWarning)
+    warned = (gb.errors.MissingCallWarning, gb.errors.CostWarning, gb.errors.LoggerWarning)
     issued = [w for w in caught if issubclass(w.category, warned)]
     assert issued, "the case neither raised nor warned"
     return issued[0].category.__name__, str(issued[0].message)

@@ -16,6 +16,7 @@ from typing import Any
 from gradbalance.metrics import BINNINGS
 from reference_models.recipes import BACKBONES, DATASETS, FUSIONS, METHOD_ALIASES, METHODS
 from reference_models.schedule import SCHEDULES
+from reference_models.training.tensorboard import LOGGERS
 
 try:  # Python >= 3.11
     import tomllib
@@ -66,6 +67,7 @@ RESUMABLE_CHANGES = frozenset(
         "threads",
         "stop_after",
         "log_every",
+        "logger",
         "checkpoint_every",
         "description",
         "eval_batch_size",
@@ -169,6 +171,9 @@ class TrainConfig:
         amp: bf16 autocast of the forward and loss.
         workers: DataLoader worker processes (real datasets).
         log_every: steps between two ``step`` records of the log (and progress-bar updates).
+        logger: ``none`` or ``tensorboard``: also write the step and epoch records' scalars
+            and the balancer's values to TensorBoard under ``out/tensorboard`` (needs
+            tensorboard).
         probes: train a detached linear probe per modality (never reaches the encoders).
         ece_bins: ECE bins (15).
         ece_binning: ``classical`` (eq. 10, ``(lo, hi]``) or ``torchmetrics``.
@@ -212,6 +217,7 @@ class TrainConfig:
     amp: bool = False
     workers: int = 0
     log_every: int = 50
+    logger: str = "none"
     probes: bool = True
     ece_bins: int = 15
     ece_binning: str = "classical"
@@ -239,6 +245,7 @@ class TrainConfig:
             "method": tuple(METHODS),
             "schedule": SCHEDULES,
             "ece_binning": BINNINGS,
+            "logger": LOGGERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -37,6 +37,7 @@ from reference_models.training.components import (
 )
 from reference_models.training.config import TrainConfig
 from reference_models.training.step import RunState, evaluate, forward_passes, train_step
+from reference_models.training.tensorboard import TensorBoardLog, open_logger
 
 __all__ = ["Session", "build_run", "train"]
 
@@ -241,7 +242,9 @@ def _open_log(out: Path, progress: Progress, config: TrainConfig, seed: int) -> 
     return log
 
 
-def _train_epoch(session: Session, progress: Progress, log: TextIO) -> dict[str, Any]:
+def _train_epoch(
+    session: Session, progress: Progress, log: TextIO, board: TensorBoardLog | None
+) -> dict[str, Any]:
     """One pass over the training batches; returns the epoch's training metrics."""
     state, config = session.state, session.state.config
     session.epoch_start()
@@ -270,6 +273,8 @@ def _train_epoch(session: Session, progress: Progress, log: TextIO) -> dict[str,
         if progress.step % config.log_every == 0:
             record = report.step_record(state, progress.epoch, progress.step, index + 1)
             log.write(json.dumps(record) + "\n")
+            if board is not None:
+                board.step(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     if bar is not None:
@@ -284,11 +289,17 @@ def _train_epoch(session: Session, progress: Progress, log: TextIO) -> dict[str,
     }
 
 
-def _epoch(session: Session, progress: Progress, log: TextIO, best_path: Path) -> None:
+def _epoch(
+    session: Session,
+    progress: Progress,
+    log: TextIO,
+    board: TensorBoardLog | None,
+    best_path: Path,
+) -> None:
     """Train one epoch, validate, keep the best checkpoint, log the epoch record."""
     state = session.state
     start = time.perf_counter()
-    trained = _train_epoch(session, progress, log)
+    trained = _train_epoch(session, progress, log, board)
     val = evaluate(state, session.val_loader, collect=True)
     epoch_end = getattr(state.balancer, "epoch_end", None)
     if epoch_end is not None:
@@ -318,6 +329,8 @@ def _epoch(session: Session, progress: Progress, log: TextIO, best_path: Path) -
     progress.epochs.append(record)
     log.write(json.dumps(record) + "\n")
     log.flush()
+    if board is not None:
+        board.epoch(record)
     progress.epoch += 1
 
 
@@ -347,14 +360,16 @@ def _train(session: Session, out: Path, start_time: float, verbose: bool) -> dic
     resuming = config.resume and last_path.is_file()
     progress = Progress.resume(session, last_path) if resuming else Progress()
     log = _open_log(out, progress, config, session.seed)
+    board: TensorBoardLog | None = None
     stopped_early = False
     epochs_this_call = 0
     try:
+        board = open_logger(config.logger, out, session.state.balancer)
         while progress.epoch < config.max_epochs:
             if progress.stale >= config.patience > 0:  # a resumed run that had stopped already
                 stopped_early = True
                 break
-            _epoch(session, progress, log, best_path)
+            _epoch(session, progress, log, board, best_path)
             epochs_this_call += 1
             stopped_early = config.patience > 0 and progress.stale >= config.patience
             pausing = config.stop_after is not None and epochs_this_call >= config.stop_after
@@ -370,6 +385,8 @@ def _train(session: Session, out: Path, start_time: float, verbose: bool) -> dic
                 break
     finally:
         log.close()
+        if board is not None:
+            board.close()
     finished = progress.epoch >= config.max_epochs or stopped_early
     wall_time = progress.elapsed + time.perf_counter() - start_time
     results, history = _finish(session, progress, best_path)

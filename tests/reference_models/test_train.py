@@ -313,6 +313,34 @@ def test_outputs_log_results_and_plots(tmp_path):
     assert "fused" in (out / "summary.txt").read_text()
 
 
+def test_logger_tensorboard_writes_the_step_records_beside_the_json_lines(tmp_path):
+    """``--logger tensorboard``: the step records' loss and the balancer's values (the same
+    numbers as ``log.jsonl``'s step records) and the epoch metrics, read back from the events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = config_from_args(["--logger", "tensorboard"])
+    assert config.logger == "tensorboard"
+    train(tiny(tmp_path, method="mlb", logger="tensorboard"), verbose=False)
+    out = tmp_path / "run"
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if line["kind"] == "step"]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+
+    def scalars(tag):
+        return {s.step: s.value for s in events.Scalars(tag)}
+
+    assert sorted(scalars("train/loss")) == [line["step"] for line in steps]
+    for name in ("audio", "video"):
+        logged = scalars(f"gradbalance/k_{name}")
+        assert logged == pytest.approx({r["step"]: r["coefficients"][name] for r in steps})
+        scores = scalars(f"gradbalance/score_{name}")
+        assert scores == pytest.approx({r["step"]: r["scores"][name] for r in steps})
+    epochs = [line for line in lines if line["kind"] == "epoch"]
+    val = scalars("epoch/val_accuracy")
+    assert val == pytest.approx({r["epoch"]: r["val"]["fused"]["accuracy"] for r in epochs})
+
+
 # CPU bf16 pitfall: oneDNN's bf16 weight-gradient kernel of a strided 1x1 convolution reads
 # past its input when that input is 1 pixel wide, so NaN left in freed memory can reach the
 # gradient (about 1 run in 5 with TINY_DATA, whose maps are 1 pixel wide at layer4). The bf16
