@@ -68,6 +68,10 @@ class CaptureStore:
         self.forward += 1
         self.model_forwards += 1
         self.grad_forward = self.forward if grad_enabled else -1
+        # Captures of an encoder compiled on its own in an earlier forward of this grad mode are
+        # superseded (deleted in place: compiled code holds this dict).
+        for key in [key for key in self.compiled if key[0] == grad_enabled]:
+            del self.compiled[key]
 
     def record(
         self, name: str, output: Any, grad_enabled: bool, train_mode: bool, binding: Binding | None

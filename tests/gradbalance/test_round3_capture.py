@@ -3,6 +3,8 @@
 * an encoder returning the user's own dataclass: every tensor it holds is scaled (and
   MMPareto combines it); an object whose tensors cannot be reached is refused at the first
   forward, naming its type and the fix;
+* the encoders called in another order than the balancer lists them: each head reads its
+  own encoder's feature;
 * one encoder compiled on its own after the balancer (``model.audio.compile()`` or
   ``model.audio = torch.compile(model.audio)``), the other eager: trains like eager;
 * ``torch.func`` transforms over a balanced model: a gradbalance error naming the supported
@@ -276,6 +278,15 @@ def test_one_encoder_compiled_after_the_balancer_trains_like_eager(name, how):
         for n in bal.names:
             torch.testing.assert_close(bal.coefficients[n], eager.coefficients[n])
     assert bal.steps == eager.steps == 2
+    # A forward that skips the compiled encoder after an abandoned one: never the output of
+    # the earlier forward.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the abandoned forward
+        model(*inputs)
+        model.skip = 0
+        logits = model(*inputs)
+    with pytest.raises(gb.errors.CaptureError, match="towers_0"):
+        bal.loss(logits, target)
 
 
 # --- row 9: torch.func transforms -------------------------------------------------------------
