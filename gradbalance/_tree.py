@@ -53,11 +53,7 @@ def _map_leaf(function: TensorFn, leaf: Any, name: str) -> Any:
     if isinstance(leaf, torch.Tensor):
         return function(leaf)
     if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
-        mapped = copy.copy(leaf)
-        for item in dataclasses.fields(leaf):
-            value = map_tensors(function, getattr(leaf, item.name), name)
-            object.__setattr__(mapped, item.name, value)  # frozen dataclasses too
-        return mapped
+        return _map_dataclass(function, leaf, name)
     if _holds_tensors(leaf):
         kind = type(leaf).__qualname__
         raise InputTypeError(
@@ -68,6 +64,22 @@ def _map_leaf(function: TensorFn, leaf: Any, name: str) -> Any:
             "with torch.utils._pytree.register_pytree_node"
         )
     return leaf
+
+
+def _map_dataclass(function: TensorFn, leaf: Any, name: str) -> Any:
+    """A new instance with every field mapped. Built by ``dataclasses.replace`` (which
+    ``torch.compile`` traces without a graph break), or copied when ``replace`` refuses the
+    class (an ``InitVar`` it cannot fill); every field is then set as mapped (also the
+    ``init=False`` ones, and on frozen dataclasses)."""
+    items = dataclasses.fields(leaf)
+    values = {item.name: map_tensors(function, getattr(leaf, item.name), name) for item in items}
+    try:
+        mapped = dataclasses.replace(leaf, **{f.name: values[f.name] for f in items if f.init})
+    except ValueError:
+        mapped = copy.copy(leaf)
+    for key, value in values.items():
+        object.__setattr__(mapped, key, value)
+    return mapped
 
 
 def _holds_tensors(leaf: Any) -> bool:

@@ -31,9 +31,17 @@ from balancer_factories import FACTORIES, HIDDEN, INPUT_DIMS, NUM_CLASSES, facto
 from conftest import make_batch
 from contract_models import TowerNet
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.checkpoint import checkpoint
 
 import gradbalance as gb
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def gradients(*modules: nn.Module) -> list[torch.Tensor]:
@@ -141,6 +149,19 @@ def test_dataclass_output_trains_like_a_tuple_output(name, kind):
         torch.testing.assert_close(bal.cosine_values, reference.cosine_values)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("name", factory_params())
+def test_dataclass_output_under_compile_trains_like_eager_in_one_graph(name):
+    model, bal = packed(name, "dataclass")
+    reference_model, reference = packed(name, "tuple")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)  # after the balancer
+    for got, expected in zip(two_steps(compiled, bal), two_steps(reference_model, reference)):
+        assert_same_gradients(got, expected)
+    assert counter.frame_count == 1  # no graph break
+
+
 FUSED_PATH_FACTOR: dict[str, Callable[[gb.Balancer, str], torch.Tensor | float]] = {
     "mmpareto": lambda bal, _: bal.gamma,  # g_uni = 0 on the side branch: gamma * g_mm
     "gblend": lambda bal, _: bal.weights["fused"],  # the fused loss's weight
@@ -239,13 +260,6 @@ def test_encoders_called_in_another_order_train_like_in_order(name):
 
 
 # --- row 8: one encoder compiled on its own, after the balancer -------------------------------
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def compile_one_encoder(model: TowerNet, how: str) -> None:
