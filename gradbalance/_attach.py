@@ -27,13 +27,33 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from gradbalance.errors import WRAP_ORDER, ConfigurationError, OrderError
+from gradbalance.errors import WRAP_ORDER, CaptureError, ConfigurationError, OrderError
 
 DATA_PARALLEL_REFUSED = (
     "nn.DataParallel is not supported: it runs replicas of the model in threads, so one "
     "balancer would see several partial batches per step. Use DistributedDataParallel "
     f"(torchrun) instead, in this order: {WRAP_ORDER}"
 )
+
+_FUNCTORCH_LEVEL = getattr(torch._C._functorch, "maybe_current_level", None)
+
+
+def refuse_functional_transform(name: str) -> None:
+    """Refuse a tap inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``...).
+
+    Raises:
+        CaptureError: encoder ``name`` runs inside such a transform.
+    """
+    if torch.compiler.is_compiling() or _FUNCTORCH_LEVEL is None or _FUNCTORCH_LEVEL() is None:
+        return
+    raise CaptureError(
+        f"encoder {name!r} ran inside a torch.func transform (grad, vmap, jacrev, ...): "
+        "gradbalance scales gradients in autograd's ordinary backward and keeps per-step "
+        "state, which these transforms do not support. Train with loss = bal.loss(logits, y); "
+        "loss.backward() (torch.func.functional_call without a transform works), and run "
+        "transformed passes over the model (per-sample gradients) inside `with bal.paused():`"
+    )
+
 
 _HOOK_DICTS = (
     "_forward_hooks",

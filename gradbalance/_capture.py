@@ -58,13 +58,19 @@ class CaptureStore:
         self.model_forwards = 0
         self.slots: dict[bool, _Slot] = {True: _Slot(), False: _Slot()}
         self.latest = _Slot()
-        self.compiled: dict[str, tuple[Any, bool, bool, Binding | None]] = {}
+        self.compiled: dict[tuple[bool, str], tuple[Any, bool, Binding | None]] = {}
+        self.grad_forward = -1  # the latest forward of the model with gradients enabled
         self._warned = False
 
-    def model_forward(self) -> None:
+    def model_forward(self, grad_enabled: bool) -> None:
         """A forward of the whole model begins (eager, not paused)."""
         self.forward += 1
         self.model_forwards += 1
+        self.grad_forward = self.forward if grad_enabled else -1
+        # Captures of an encoder compiled on its own in an earlier forward of this grad mode are
+        # superseded (deleted in place: compiled code holds this dict).
+        for key in [key for key in self.compiled if key[0] == grad_enabled]:
+            del self.compiled[key]
 
     def record(
         self, name: str, output: Any, grad_enabled: bool, train_mode: bool, binding: Binding | None
@@ -115,25 +121,35 @@ class CaptureStore:
     ) -> None:
         """Inside a compiled forward: one store, no Python-side checks (they would add guards
         and recompiles). :meth:`take` ingests it."""
-        self.compiled[name] = (output, grad_enabled, train_mode, binding)
+        self.compiled[grad_enabled, name] = (output, train_mode, binding)
 
     def _ingest_compiled(self) -> None:
+        """The captures made in compiled code, per grad mode. Those of an encoder compiled on
+        its own (``model.audio.compile()``) join the eager forward that holds the other
+        encoders' captures; those of a compiled model form a new forward."""
         if not self.compiled:
             return
-        self.forward += 1
-        for name, (output, grad_enabled, train_mode, binding) in self.compiled.items():
-            slot = self.slots[grad_enabled]
-            if slot.forward != self.forward:
+        new_forward = False
+        for grad_enabled, slot in self.slots.items():
+            entries = {n: e for (g, n), e in self.compiled.items() if g == grad_enabled}
+            if not entries:
+                continue
+            if not slot.captures or slot.captures.keys() & entries.keys():
+                if not new_forward:
+                    self.forward, new_forward = self.forward + 1, True
                 slot.captures, slot.forward = {}, self.forward
-            capture = Capture(output, self.forward, train_mode, binding)
-            slot.captures[name] = capture
-            if self.latest.forward != self.forward:
-                self.latest = _Slot(self.forward)
-            self.latest.captures[name] = capture
+            if slot.forward > self.latest.forward:
+                self.latest = _Slot(slot.forward)
+            for name, (output, train_mode, binding) in entries.items():
+                capture = Capture(output, slot.forward, train_mode, binding)
+                slot.captures[name] = capture
+                if self.latest.forward == slot.forward:
+                    self.latest.captures[name] = capture
         self.compiled.clear()
 
     def take(self, grad_enabled: bool) -> dict[str, Capture]:
-        """This step's captures (the latest forward in this grad mode), consumed.
+        """This step's captures (the latest forward in this grad mode), consumed, in the
+        encoders' order.
 
         Raises:
             CaptureError: an encoder produced no output in that forward, or the forward ran
@@ -144,8 +160,17 @@ class CaptureStore:
         captures, slot.captures = slot.captures, {}
         missing = [name for name in self.names if name not in captures]
         if not missing:
-            return captures
+            return self._in_order(captures)
         other = self.slots[not grad_enabled]
+        without_grad = [n for n in missing if n in other.captures]
+        if grad_enabled and without_grad and other.forward == self.grad_forward:
+            raise CaptureError(
+                f"encoder(s) {without_grad} ran under torch.no_grad() inside a forward of the "
+                "model with gradients enabled, so their gradients cannot be balanced: "
+                "torch.utils.checkpoint(..., use_reentrant=True) runs its function so. Use "
+                "use_reentrant=False (to freeze an encoder, use requires_grad_(False) rather "
+                "than torch.no_grad())"
+            )
         if not captures and all(name in other.captures for name in self.names):
             mode = "enabled" if grad_enabled else "disabled (torch.no_grad)"
             forward = "torch.no_grad()" if grad_enabled else "gradients enabled"
@@ -167,7 +192,12 @@ class CaptureStore:
         missing = [name for name in self.names if name not in self.latest.captures]
         if missing:
             raise CaptureError(self._missing_message(missing, "in the latest forward"))
-        return dict(self.latest.captures)
+        return self._in_order(self.latest.captures)
+
+    def _in_order(self, captures: dict[str, Capture]) -> dict[str, Capture]:
+        """In the encoders' order, whatever order the model called them in (the heads and
+        every per-modality tensor follow that order)."""
+        return {name: captures[name] for name in self.names}
 
     def _missing_message(self, missing: list[str], when: str) -> str:
         return (
@@ -184,13 +214,16 @@ class CaptureStore:
         self.compiled.clear()
 
 
-def pool_feature(output: torch.Tensor, pool: str | None, name: str) -> torch.Tensor:
+def pool_feature(
+    output: torch.Tensor, pool: str | None, name: str, *, source: str = "returned"
+) -> torch.Tensor:
     """Turn an encoder output into a ``(B, D)`` feature.
 
     ``pool=None`` (automatic): 2-D outputs are used as they are, 4-D/5-D convolution maps
     ``(B, C, ...)`` are averaged over their spatial/temporal dims. Other shapes need an
     explicit choice: ``"spatial"`` (mean over dims 2+, for ``(B, C, L)`` maps), ``"tokens"``
-    (mean over dim 1, for ``(B, T, D)`` sequences) or ``"cls"`` (``x[:, 0]``).
+    (mean over dim 1, for ``(B, T, D)`` sequences) or ``"cls"`` (``x[:, 0]``). ``source``
+    says in the errors where ``output`` came from (``"returned"``: the encoder's output).
 
     Example:
         >>> pool_feature(torch.ones(2, 5, 3, 3), None, "video").shape
@@ -202,15 +235,15 @@ def pool_feature(output: torch.Tensor, pool: str | None, name: str) -> torch.Ten
         if output.dim() in (4, 5):
             return output.mean(dim=tuple(range(2, output.dim())))
         raise ConfigurationError(
-            f"encoder {name!r} returned shape {tuple(output.shape)}; only (B, D) features and "
+            f"encoder {name!r} {source} shape {tuple(output.shape)}; only (B, D) features and "
             "(B, C, H, W) / (B, C, T, H, W) maps are pooled automatically. Pass "
             f"pool={{'{name}': 'tokens'}} for a (B, T, D) sequence (or 'cls', 'spatial'), "
             f"or features={{'{name}': callable}} returning a (B, D) tensor"
         )
     if output.dim() < 3:
         raise ConfigurationError(
-            f"pool={pool!r} for encoder {name!r} needs a >= 3-D output, "
-            f"got shape {tuple(output.shape)}"
+            f"pool={pool!r} for encoder {name!r} needs a >= 3-D output, but it {source} "
+            f"shape {tuple(output.shape)}"
         )
     if pool == "spatial":
         return output.mean(dim=tuple(range(2, output.dim())))
@@ -222,15 +255,25 @@ def pool_feature(output: torch.Tensor, pool: str | None, name: str) -> torch.Ten
 def extract_feature(
     name: str, output: Any, pool: str | None, function: FeatureFn | None
 ) -> torch.Tensor:
-    """Encoder ``name``'s ``(B, D)`` feature from its raw output (``features=`` or pooling)."""
+    """Encoder ``name``'s ``(B, D)`` feature from its raw output (``features=`` or pooling).
+
+    Without ``features=``, a tensor output is pooled (:func:`pool_feature`), and so is the
+    ``last_hidden_state`` of an output that has one (a Hugging Face ``ModelOutput``).
+    """
+    hidden = getattr(output, "last_hidden_state", None)
     if function is not None:
         feature = function(output)
     elif isinstance(output, torch.Tensor):
         feature = pool_feature(output, pool, name)
+    elif isinstance(hidden, torch.Tensor):
+        source = f"returned a {type(output).__name__} whose last_hidden_state has"
+        feature = pool_feature(hidden, pool, name, source=source)
     else:
         raise InputTypeError(
             f"encoder {name!r} returned a {type(output).__name__}; pass "
-            f"features={{'{name}': callable}} that returns its (B, D) feature tensor"
+            f"features={{'{name}': callable}} that returns its (B, D) feature tensor (pool= "
+            "applies to a tensor output and to the last_hidden_state of a Hugging Face "
+            "ModelOutput)"
         )
     if not isinstance(feature, torch.Tensor) or feature.dim() != 2:
         shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from gradbalance._loss_weights import mmpareto_weights
+from gradbalance._tree import map_tensors
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Watch = Callable[[torch.Tensor], None]
@@ -100,16 +100,20 @@ class _ParetoFork(torch.autograd.Function):
         return combined.to(g_model.dtype), None
 
 
-def pareto_fork(output: Any, site: ParetoSite) -> tuple[Any, Any]:
-    """``(model_branch, head_branch)`` of a (nested) encoder output; each tensor leaf that
-    requires a gradient is forked (each such leaf is combined on its own)."""
-    leaves, spec = pytree.tree_flatten(output)
-    model_leaves, head_leaves = [], []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-            model_leaf, head_leaf = _ParetoFork.apply(leaf, site)
-        else:
-            model_leaf = head_leaf = leaf
-        model_leaves.append(model_leaf)
-        head_leaves.append(head_leaf)
-    return pytree.tree_unflatten(model_leaves, spec), pytree.tree_unflatten(head_leaves, spec)
+def pareto_fork(output: Any, site: ParetoSite, name: str) -> tuple[Any, Any]:
+    """``(model_branch, head_branch)`` of encoder ``name``'s (nested) output; each tensor that
+    requires a gradient is forked (each such tensor is combined on its own). Containers and
+    dataclasses are walked (:func:`gradbalance._tree.map_tensors`)."""
+    head_tensors: list[torch.Tensor] = []
+
+    def fork(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.requires_grad:
+            head_tensors.append(tensor)
+            return tensor
+        model_tensor, head_tensor = _ParetoFork.apply(tensor, site)
+        head_tensors.append(head_tensor)
+        return model_tensor
+
+    model_branch = map_tensors(fork, output, name)
+    forked = iter(head_tensors)  # the same walk visits the tensors in the same order
+    return model_branch, map_tensors(lambda _: next(forked), output, name)

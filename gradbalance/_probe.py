@@ -79,11 +79,13 @@ class Taps:
         return hook
 
     def take(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The latest forward's features, in the order of ``names`` (not the calls' order)."""
+        names = list(names)
         missing = [name for name in names if name not in self.latest]
         if missing:
             raise InputError(f"the forward did not run the encoder(s) {missing}")
         taken, self.latest = self.latest, {}
-        return taken
+        return {name: taken[name] for name in names}
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from gradbalance._tree import map_tensors
 from gradbalance.errors import CaptureError
 
 GradientWatch = Callable[[torch.Tensor], None]
@@ -80,9 +80,12 @@ def scale_grad(
     return _ScaleGrad.apply(x, k, watch)
 
 
-def scale_grad_tree(output: Any, k: torch.Tensor | None, watch: GradientWatch | None = None) -> Any:
-    """Apply :func:`scale_grad` to every tensor leaf of a (nested) output."""
-    return pytree.tree_map_only(torch.Tensor, lambda t: scale_grad(t, k, watch), output)
+def scale_grad_tree(
+    output: Any, k: torch.Tensor | None, name: str, watch: GradientWatch | None = None
+) -> Any:
+    """Apply :func:`scale_grad` to every tensor of encoder ``name``'s (nested) output
+    (containers and dataclasses are walked, see :func:`gradbalance._tree.map_tensors`)."""
+    return map_tensors(lambda t: scale_grad(t, k, watch), output, name)
 
 
 class Binding:

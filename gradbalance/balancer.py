@@ -22,7 +22,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradbalance._attach import DETACHED, Attachment, is_built, module_device, refuse_owned
+from gradbalance._attach import (
+    DETACHED,
+    Attachment,
+    is_built,
+    module_device,
+    refuse_functional_transform,
+    refuse_owned,
+)
 from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_feature
 from gradbalance._checks import (
     check_choice,
@@ -266,7 +273,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         if torch.compiler.is_compiling() or self._paused:
             return
         if not in_backward():
-            self._captures.model_forward()
+            self._captures.model_forward(torch.is_grad_enabled())
             self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training, self)
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
@@ -277,14 +284,15 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         binding = self._binding if grad else None
         index = self._index[name]
         k = binding.views[index] if binding is not None and self.scales_gradients else None
+        refuse_functional_transform(name)
         if torch.compiler.is_compiling():
             self._captures.record_compiled(name, output, grad, module.training, binding)
-            return scale_grad_tree(output, k)
+            return scale_grad_tree(output, k, name)
         if not in_backward():  # checkpointing recomputes: scale again, capture nothing
             self._ranks.check_wrapper(self)
             self._captures.record(name, output, grad, module.training, binding)
         watch = self._guard.watch(index) if grad else None
-        return scale_grad_tree(output, k, watch)
+        return scale_grad_tree(output, k, name, watch)
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -35,12 +35,14 @@ class InputError(GradbalanceError, ValueError):
 
 
 class InputTypeError(GradbalanceError, TypeError):
-    """``loss()`` or a constructor received an object of the wrong type."""
+    """``loss()`` or a constructor received an object of the wrong type, or an encoder
+    returned one the balancer cannot use (tensors it cannot reach, no feature to pool)."""
 
 
 class CaptureError(GradbalanceError, RuntimeError):
     """The forwards and ``loss()`` calls do not form training steps the balancer can use
-    (an encoder skipped or called twice, a grad-mode mismatch)."""
+    (an encoder skipped or called twice, a grad-mode mismatch, an encoder under reentrant
+    checkpointing or inside a ``torch.func`` transform)."""
 
 
 class OrderError(GradbalanceError, RuntimeError):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import gradbalance as gb
 
@@ -166,6 +167,66 @@ def failing_logger() -> None:
     log.step()
 
 
+class Reentrant(gb.testing.TwoTowerNet):
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        a = checkpoint(self.audio, audio.requires_grad_(), use_reentrant=True)
+        return self.fusion(torch.cat([a, self.video(video)], dim=-1))
+
+
+def reentrant_checkpoint() -> None:
+    model = Reentrant()
+    gb.MLB(model, [model.audio, model.video], 3).loss(model(A.clone(), V), Y)
+
+
+def functional_transform() -> None:
+    model, encoders = two_towers()
+    bal = gb.MLB(model, encoders, 3)
+    params = dict(model.named_parameters())
+    torch.func.grad(lambda p: bal.loss(torch.func.functional_call(model, p, (A, V)), Y))(params)
+
+
+class Opaque:
+    def __init__(self, feature: torch.Tensor):
+        self.feature = feature
+
+
+class OpaqueTowers(gb.testing.TwoTowerNet):
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        return self.fusion(torch.cat([self.audio(audio).feature, self.video(video)], dim=-1))
+
+
+def unreachable_tensors() -> None:
+    model = OpaqueTowers()
+    gb.MLB(model, [model.audio, model.video], 3, features=lambda out: out.feature)
+    model.audio.register_forward_hook(lambda module, inputs, out: Opaque(out), prepend=True)
+    model(A, V)
+
+
+class DictTowers(gb.testing.TwoTowerNet):
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        return self.fusion(torch.cat([self.audio(audio)["z"], self.video(video)], dim=-1))
+
+
+def dict_without_features() -> None:
+    model = DictTowers()
+    bal = gb.MLB(model, [model.audio, model.video], 3)
+    model.audio.register_forward_hook(lambda module, inputs, out: {"z": out}, prepend=True)
+    bal.loss(model(A, V), Y)
+
+
+def model_output_without_pool() -> None:
+    import transformers
+
+    sizes = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}
+    config = transformers.BertConfig(vocab_size=100, intermediate_size=64, **sizes)
+    model = nn.ModuleDict({"text": transformers.BertModel(config, add_pooling_layer=False)})
+    model.add_module("video", nn.Linear(6, 32))
+    bal = gb.MLB(model, {"text": model.text, "video": model.video}, 3)
+    model.text(input_ids=torch.randint(0, 100, (4, 12)))
+    model.video(V)
+    bal.features()
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -187,6 +248,11 @@ CASES: dict[str, Callable[[], None]] = {
     "removed_balancer": removed_balancer,
     "unknown_logger": unknown_logger,
     "failing_logger": failing_logger,
+    "reentrant_checkpoint": reentrant_checkpoint,
+    "functional_transform": functional_transform,
+    "unreachable_tensors": unreachable_tensors,
+    "dict_without_features": dict_without_features,
+    "model_output_without_pool": model_output_without_pool,
 }
 
 
@@ -204,7 +270,12 @@ def provoke(case: Callable[[], None]) -> tuple[str, str]:
     return issued[0].category.__name__, str(issued[0].message)
 
 
-@pytest.mark.parametrize("name", CASES)
+SLOW_CASES = ("model_output_without_pool",)  # imports transformers
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CASES else []) for n in CASES]
+)
 def test_the_page_quotes_the_message_as_it_reads(name):
     kind, message = provoke(CASES[name])
     rows = [(text, kinds) for text, kinds in quoted() if message.startswith(text)]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradbalance._attach import refuse_functional_transform
 from gradbalance._checks import check_number
 from gradbalance._distributed import reduce_mean
 from gradbalance._pareto import ParetoSite, pareto_fork
@@ -110,6 +111,7 @@ class MMPareto(MultiLoss):
             or (not torch.compiler.is_compiling() and in_backward())
         ):
             return super()._on_output(name, module, output)
+        refuse_functional_transform(name)
         index = self._index[name]
         global_sync = self.sync == "global" and self.world_size() > 1
         site = ParetoSite(
@@ -120,7 +122,7 @@ class MMPareto(MultiLoss):
             reduce=partial(MMPareto._reduce, self) if global_sync else None,
             watch=None if torch.compiler.is_compiling() else self._guard.watch(index),
         )
-        model_branch, head_branch = pareto_fork(output, site)
+        model_branch, head_branch = pareto_fork(output, site, name)
         super()._on_output(name, module, head_branch)  # captured: the heads read this branch
         return model_branch
 
