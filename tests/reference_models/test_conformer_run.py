@@ -41,6 +41,7 @@ def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 150 s alone, 400 s on a loaded 2-core machine
 def test_prepare_faces_then_reproduce_the_conformer_column(tmp_path):
     raw, out = tmp_path / "RAW", tmp_path / "OUT"
     names = raw_cremad(raw)
