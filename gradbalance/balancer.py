@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
+from itertools import chain
 from typing import Any, Literal
 
 import torch
@@ -38,6 +39,7 @@ from gradbalance._head_logits import (
     separate_head_logits,
     stack_if_uniform,
 )
+from gradbalance._named_parameters import NamedParameters
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._step import Step
@@ -185,7 +187,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._history = History(self.names, flush_every, device=device)
         self.__dict__["_root_model"] = model  # not a submodule: state_dict never holds it
         self._attachment = Attachment(model, encoder_map, self)
-        self._watch = OptimizerWatch(model.parameters(), self.parameters)
+        self._watch = OptimizerWatch(model, self.parameters)
         self._guard = NonFiniteGuard(self.names, device, nonfinite, bool(check_gradients))
         self._captures = CaptureStore(self.names)
         self._index = {name: index for index, name in enumerate(self.names)}
@@ -210,6 +212,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         for name, params in self._scaled_parameters.items():
             hook = partial(self._backward.scale, self._index[name])
             self._attachment.add_gradient_hooks(params, hook)
+        self._hooked = NamedParameters(self._root_model, chain(*self._scaled_parameters.values()))
 
     def _request_parameter_scaling(self, parameters: Mapping[str, Iterable[nn.Parameter]]) -> None:
         """Validate (in a constructor) parameters whose gradients k_name also scales."""
@@ -330,6 +333,7 @@ class Balancer(nn.Module, metaclass=_AttachAfterInit):
         self._training_calls += 1
         self._watch.check()
         self._ranks.prepare(self, self._attachment)
+        self._hooked.refuse_replaced()
         self._guard.step = self.steps
         step.finite = self._guard.check_inputs(
             stacked if stacked is not None else list(step.features.values()), step.logits
