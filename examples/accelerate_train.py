@@ -1,8 +1,8 @@
 """MLB with Hugging Face Accelerate: ``Accelerator.prepare`` wraps the model after the balancer.
 
-    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py       # 2 GPUs
-    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py --cpu # 2 CPU processes
-    python examples/accelerate_train.py --cpu                                          # one process
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py        # 2 GPUs
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py --cpu  # 2 CPUs
+    python examples/accelerate_train.py --cpu                                           # 1 CPU
 
 (``accelerate launch --cpu --num_processes 2`` starts one process unless run under mpirun:
 on CPUs, launch with ``--multi_gpu`` and let the script ask for the CPU.)

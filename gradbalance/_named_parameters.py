@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from gradbalance.errors import OrderError
@@ -42,11 +43,11 @@ class NamedParameters:
         True
     """
 
-    def __init__(self, model: nn.Module, parameters: Iterable[nn.Parameter]) -> None:
+    def __init__(self, model: nn.Module, parameters: Iterable[torch.Tensor]) -> None:
         names = {id(param): name for name, param in model.named_parameters()}
         self.model = model
-        self.entries: list[str | nn.Parameter] = []
-        self.originals: list[weakref.ref[nn.Parameter]] = []
+        self.entries: list[str | torch.Tensor] = []
+        self.originals: list[weakref.ref[torch.Tensor]] = []
         for param in parameters:
             self.entries.append(names.get(id(param), param))
             self.originals.append(weakref.ref(param))
@@ -54,7 +55,7 @@ class NamedParameters:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def current(self) -> list[nn.Parameter]:
+    def current(self) -> list[torch.Tensor]:
         """The parameters registered under the remembered names now."""
         return [
             self.model.get_parameter(entry) if isinstance(entry, str) else entry

@@ -129,10 +129,11 @@ def jobs(rank: int) -> list[tuple[str, object]]:
     ]
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     per_weight = {"parameters": lambda name, param: name.endswith("weight")}
+    reshard = {"reshard_after_forward": True}
     found += [
-        ("mlb-reshard-root", lambda: train(rank, "mlb", {"reshard_after_forward": True})),
+        ("mlb-reshard-root", lambda: train(rank, "mlb", reshard)),
         ("mlb-bf16-params", lambda: train(rank, "mlb", {"mp_policy": bf16})),
-        ("ogm-reshard-root", lambda: refused(rank, "ogm", {"reshard_after_forward": True}, {}, True)),
+        ("ogm-reshard-root", lambda: refused(rank, "ogm", reshard, {}, True)),
         ("ogm-per-parameter", lambda: refused(rank, "ogm", {}, per_weight, True)),
         ("optimizer-without-heads", lambda: refused(rank, "mlb", {}, {}, False)),
     ]
