@@ -115,6 +115,14 @@ def pmr_without_epoch_end() -> None:
     bal.loss(model(A, V), Y).backward()  # training again, no epoch_end()
 
 
+def parameters_replaced() -> None:
+    """As FSDP2's fully_shard does: new parameter objects under the same names."""
+    model, encoders = two_towers()
+    bal = gb.OGM(model, encoders, 3, parameters=lambda name, param: name.endswith("weight"))
+    model.audio[0].weight = nn.Parameter(model.audio[0].weight.detach().clone())
+    bal.loss(model(A, V), Y)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -130,6 +138,7 @@ CASES: dict[str, Callable[[], None]] = {
     "agm_error": agm_error,
     "cosine_head_count": cosine_head_count,
     "pmr_without_epoch_end": pmr_without_epoch_end,
+    "parameters_replaced": parameters_replaced,
 }
 
 
