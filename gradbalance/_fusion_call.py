@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from gradbalance._sharded import refuse_sharded
 from gradbalance.errors import ConfigurationError, InputError
 
 FusionCall = Literal["per-modality", "concatenated"]
@@ -79,6 +80,8 @@ def call_fusion(
     fusion: Callable[..., torch.Tensor], mode: FusionCall, inputs: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """Run ``fusion`` on the features in encoder order, concatenated or one per argument."""
+    if isinstance(fusion, nn.Module):
+        refuse_sharded(fusion, "fusion")
     if mode == "per-modality":
         return fusion(*inputs)
     expected = linear_in_features(fusion)

@@ -24,16 +24,17 @@ class OptimizerWatch:
     """Notes optimizer steps over a model and over a balancer's heads.
 
     Args:
-        model_parameters: the model's parameters.
+        model: the user's model (its parameters are read again when an optimizer seems to
+            miss them: FSDP2's ``fully_shard`` replaces them after the balancer).
         head_parameters: returns the balancer's parameters (they may be created lazily).
     """
 
     def __init__(
-        self,
-        model_parameters: Iterable[nn.Parameter],
-        head_parameters: Callable[[], Iterable[nn.Parameter]],
+        self, model: nn.Module, head_parameters: Callable[[], Iterable[nn.Parameter]]
     ) -> None:
-        self.model_ids = frozenset(id(p) for p in model_parameters)
+        self.model = model
+        self.model_ids: frozenset[int] = frozenset()  # read at the first step (lazily: the
+        # model may still be restoring when a copy of the balancer builds its watch)
         self.head_parameters = head_parameters
         self.stepped_model = False
         self.stepped_heads = False
@@ -44,7 +45,9 @@ class OptimizerWatch:
         if not ids.isdisjoint(id(p) for p in self.head_parameters()):
             self.stepped_heads = True
         if ids.isdisjoint(self.model_ids):
-            return False
+            self.model_ids = frozenset(id(p) for p in self.model.parameters())
+            if ids.isdisjoint(self.model_ids):
+                return False
         self.stepped_model = True
         return True
 

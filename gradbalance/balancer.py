@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
+from itertools import chain
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,6 @@ from torch import nn
 from gradbalance._attach import (
     DETACHED,
     Attachment,
-    is_built,
     module_device,
     refuse_functional_transform,
     refuse_owned,
@@ -47,6 +47,7 @@ from gradbalance._head_logits import (
 )
 from gradbalance._keywords import check_keywords
 from gradbalance._mode import is_training_step, mode_warning
+from gradbalance._named_parameters import NamedParameters
 from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._parameter_watch import ParameterWatch, Reselect
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
@@ -221,8 +222,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         captures, the optimizer watch, the ranks' state."""
         model = self._root_model
         self._attachment = Attachment(model, self._encoders, self)
-        parameters = model.parameters() if is_built(model) else ()
-        self._watch = OptimizerWatch(parameters, self.parameters)
+        self._watch = OptimizerWatch(model, self.parameters)
         self._captures = CaptureStore(self.names)
         self._backward = BackwardBindings()
         self._ranks = RankSync(model, self.process_group)
@@ -250,6 +250,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             hook = partial(self._backward.scale, self._index[name])
             self._attachment.add_gradient_hooks(params, hook)
         self._parameter_watch.start()  # a re-parametrized model is caught at the next loss()
+        self._hooked = NamedParameters(self._root_model, chain(*self._scaled_parameters.values()))
 
     def _request_parameter_scaling(
         self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
@@ -386,6 +387,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         self._watch.check()
         self._parameter_watch.check()
         self._ranks.prepare(self, self._attachment)
+        self._hooked.refuse_replaced()
         self._guard.step = self.steps
         step.finite = self._guard.check_inputs(
             stacked if stacked is not None else list(step.features.values()), step.logits

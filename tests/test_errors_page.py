@@ -227,6 +227,14 @@ def model_output_without_pool() -> None:
     bal.features()
 
 
+def parameters_replaced() -> None:
+    """As FSDP2's fully_shard does: new parameter objects under the same names."""
+    model, encoders = two_towers()
+    bal = gb.OGM(model, encoders, 3, parameters=lambda name, param: name.endswith("weight"))
+    model.audio[0].weight = nn.Parameter(model.audio[0].weight.detach().clone())
+    bal.loss(model(A, V), Y)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -253,6 +261,7 @@ CASES: dict[str, Callable[[], None]] = {
     "unreachable_tensors": unreachable_tensors,
     "dict_without_features": dict_without_features,
     "model_output_without_pool": model_output_without_pool,
+    "parameters_replaced": parameters_replaced,
 }
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._checks import check_fusion_head, check_window
+from gradbalance._sharded import refuse_sharded
 from gradbalance._step import Step
 from gradbalance._task import make_task
 from gradbalance.balancer import Balancer
@@ -55,6 +56,7 @@ def modality_slices(head: nn.Module, features: Sequence[torch.Tensor]) -> list[t
         raise ConfigurationError(
             "fusion_head must be an nn.Linear or have modality_logits(*features)"
         )
+    refuse_sharded(head, "fusion_head")
     widths = [feature.shape[-1] for feature in features]
     if sum(widths) != head.weight.shape[1]:
         raise ConfigurationError(

@@ -24,6 +24,7 @@ from gradbalance._fusion_call import (
     check_static_widths,
 )
 from gradbalance._fusion_call import fusion_call as _fusion_call
+from gradbalance._named_parameters import NamedParameters
 from gradbalance._shapley import EXACT_PASS_LIMIT, ShapleyMode, ShapleyPlan, exact_passes
 from gradbalance._step import Step
 from gradbalance._task import Regression
@@ -252,7 +253,7 @@ class AGM(Method):
         self.clip = bool(clip)
         self.clip_threshold = clip_threshold
         self.clip_max_norm = clip_max_norm
-        self.__dict__["_clip_watch"] = watch
+        self.__dict__["_clip_watch"] = NamedParameters(model, watch)
         passes = exact_passes(len(self.names))
         if shapley is None and passes > EXACT_PASS_LIMIT:
             warnings.warn(
@@ -391,7 +392,7 @@ class AGM(Method):
         self._after_backward_calls += 1
         if not self.clip:
             return
-        watched = [p.grad for p in self.__dict__["_clip_watch"] if p.grad is not None]
+        watched = [p.grad for p in self.__dict__["_clip_watch"].current() if p.grad is not None]
         grads = [p.grad for p in self.__dict__["_model"].parameters() if p.grad is not None]
         if not watched or not grads:
             return

@@ -260,6 +260,26 @@ def test_clip_rule_against_manual():
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), kept))
 
 
+def test_clip_watch_follows_parameters_replaced_after_the_balancer():
+    """FSDP2's fully_shard registers new parameter objects under the same names after the
+    balancer: the clipping rule watches (and clips) those, found by name."""
+    torch.manual_seed(0)
+    model = MultiTowerNet((5, 7))
+    inputs, target = make_batch((5, 7))
+    options = {"clip": True, "clip_threshold": 0.05, "clip_max_norm": 0.1}
+    bal = gb.AGM(model, list(model.towers), 4, fusion=fusion_of(model), **options)
+    for module in (model.fusion, model.towers[0][0]):
+        for name, param in list(module.named_parameters()):
+            setattr(module, name, nn.Parameter(param.detach().clone()))
+    bal.loss(model(*inputs), target).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    assert max(p.grad.abs().max().item() for p in model.fusion.parameters()) > 0.05
+    bal.after_backward()
+    scale = 0.1 / (torch.linalg.vector_norm(torch.stack([g.norm() for g in before])) + 1e-6)
+    for p, g in zip(model.parameters(), before):
+        torch.testing.assert_close(p.grad, g * scale)
+
+
 def test_min_coefficient_max_exponent_and_update_order():
     torch.manual_seed(0)
     model = MultiTowerNet((5, 7))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from balancer_factories import FACTORIES, INPUT_DIMS, factory_params, train_step
 from conftest import MultiTowerNet, make_batch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradbalance as gb
@@ -334,6 +335,23 @@ def test_optimizer_without_the_heads_is_refused():
     train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
     with pytest.raises(RuntimeError, match=r"no optimizer updates the balancer's heads"):
         train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=1))
+
+
+def test_optimizer_without_the_heads_is_refused_after_parameters_are_replaced():
+    """As FSDP2's fully_shard after the balancer: the model's parameters are new objects, and
+    an optimizer over them (without the heads) is still recognised as stepping the model."""
+    torch.manual_seed(0)
+    model = MultiTowerNet(INPUT_DIMS)
+    bal = gb.MLB(model, list(model.towers), num_classes=4)
+    originals = list(model.parameters())  # alive: their ids are never reused
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(param.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=0))
+    with pytest.raises(RuntimeError, match=r"no optimizer updates the balancer's heads"):
+        train_step(model, bal, opt, *make_batch(INPUT_DIMS, seed=1))
+    assert all(p is not q for p, q in zip(originals, model.parameters()))
 
 
 def test_lazy_heads_with_the_optimizer_in_the_documented_order():
