@@ -11,7 +11,8 @@ turns that case into an error.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,15 @@ REPLACED_PARAMETERS = (
     "not supported under fully_shard: scale the encoders' outputs instead (the default; OGM "
     "parameters='encoder'), or use DistributedDataParallel"
 )
+
+
+def _gone() -> None:
+    return None
+
+
+def _weak(param: torch.Tensor | None) -> Callable[[], torch.Tensor | None]:
+    """A weak reference to ``param``; one that is always dead for ``None``."""
+    return _gone if param is None else weakref.ref(param)
 
 
 class NamedParameters:
@@ -47,10 +57,20 @@ class NamedParameters:
         names = {id(param): name for name, param in model.named_parameters()}
         self.model = model
         self.entries: list[str | torch.Tensor] = []
-        self.originals: list[weakref.ref[torch.Tensor]] = []
+        self.originals: list[Callable[[], torch.Tensor | None]] = []
         for param in parameters:
             self.entries.append(names.get(id(param), param))
-            self.originals.append(weakref.ref(param))
+            self.originals.append(_weak(param))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deepcopy the originals themselves (a weak reference cannot be): inside
+        a pickle of the model they are its parameters, so identity survives the round trip."""
+        return {**self.__dict__, "originals": [original() for original in self.originals]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        originals = state.pop("originals")
+        self.__dict__.update(state)
+        self.originals = [_weak(param) for param in originals]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -29,6 +29,7 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from gradbalance._named_parameters import REPLACED_PARAMETERS
 from gradbalance.errors import OrderError
 
 Selection = Mapping[str, Sequence[torch.Tensor]]
@@ -124,9 +125,12 @@ class ParameterWatch:
         if not self.changed:
             return
         names = parameter_names(self.model)
+        current = set(names.values())
         for key, old in self.names.items():
             new = names.get(key)
             if new != old:
+                if new is None and old in current:
+                    raise OrderError(REPLACED_PARAMETERS)  # a new object under the same name
                 where = f"is now {new!r}" if new else "is no longer a parameter of the model"
                 raise OrderError(
                     f"the balancer scales the gradient of parameter {old!r} per parameter "
