@@ -195,6 +195,9 @@ class Progress:
         state.scheduler.load_state_dict(saved["scheduler"])
         session.generator.set_state(saved["generator"])
         checkpoint.set_rng_state(saved["rng"])
+        # A balancer's state holds its own history; only a checkpoint of a balancer without
+        # one needs the steps before the resume prepended.
+        restored = report.history(state, None).shape[0] > 0
         return cls(
             saved["epoch"],
             saved["step"],
@@ -202,7 +205,7 @@ class Progress:
             saved["stale"],
             saved["epochs"],
             saved["elapsed"],
-            saved["history"],
+            None if restored else saved["history"],
             saved["log_offset"],
         )
 
