@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from PIL import Image
 from torchvision.transforms import v2
 
 __all__ = [
@@ -52,7 +53,8 @@ def frame_second(path: Path) -> int:
 
 
 def load_frames(paths: Sequence[Path]) -> torch.Tensor:
-    """Decode JPEG frames of one clip into a uint8 tensor ``(T, 3, H, W)`` (RGB).
+    """Decode JPEG frames of one clip into a uint8 tensor ``(T, 3, H, W)`` (RGB), with
+    Pillow (torchvision's image decoding is deprecated from torchvision 0.29 on).
 
     Raises:
         ValueError: no paths, or frames of different sizes.
@@ -63,8 +65,10 @@ def load_frames(paths: Sequence[Path]) -> torch.Tensor:
     images = []
     for path in paths:
         try:
-            images.append(decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB))
-        except RuntimeError as error:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+        except (OSError, ValueError) as error:
             raise RuntimeError(
                 f"cannot decode frame {path} ({error}); re-run the dataset's prepare step"
             ) from error
