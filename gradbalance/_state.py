@@ -20,6 +20,7 @@ from torch import nn
 
 from gradbalance._attach import is_built
 from gradbalance._checks import upgrade_state_dict
+from gradbalance._deprecation import deprecated_alias
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._scale import Binding
 from gradbalance._task import Task
@@ -60,11 +61,13 @@ class BalancerState(nn.Module):
         """The coefficient of encoder ``name`` used by the last training ``loss()`` (a view)."""
         return self.last_coefficients[self._index[name]]
 
-    def record_history(
+    def _record_history(
         self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
     ) -> None:
         """Append one step to :attr:`history` (device-side)."""
         self._history.record(coefficients, scores, valid, epoch=self.epoch, step=self.steps)
+
+    record_history = deprecated_alias("record_history", _record_history, "nothing: loss() does")
 
     @property
     def coefficients(self) -> dict[str, torch.Tensor]:

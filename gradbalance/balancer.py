@@ -29,6 +29,7 @@ from gradbalance._checks import (
     check_common,
     check_scaled_parameters,
 )
+from gradbalance._deprecation import deprecated_alias
 from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
 from gradbalance._duties import LoopDuties
 from gradbalance._finite import NonFiniteGuard
@@ -44,13 +45,13 @@ from gradbalance._optimizer_watch import OptimizerWatch
 from gradbalance._parameter_watch import ParameterWatch, Reselect
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._state import BalancerState
-from gradbalance._step import Step
-from gradbalance._task import CLASSIFICATION, Task
+from gradbalance._step import Step, StepContext
+from gradbalance._task import Task, make_task
 from gradbalance._unimodal import no_unimodal_classifier
 from gradbalance.errors import CaptureError
 from gradbalance.history import History
 
-__all__ = ["Balancer", "pool_feature"]
+__all__ = ["Balancer", "Step", "pool_feature"]
 
 Pool = Literal["spatial", "tokens", "cls"]
 HeadMode = Literal["train", "probe", "none"]
@@ -120,6 +121,18 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             ``backward()``); with ``"skip"`` the next optimizer step over the model's
             parameters is skipped (their gradients are set to None; one host
             synchronisation per optimizer step) and counted in :attr:`nonfinite_steps`.
+        task: ``"classification"`` (default) or, for the methods in
+            :attr:`supported_tasks`, ``"regression"`` (then ``num_classes`` is left out).
+        loss: regression only: every training loss, ``"l1"`` (default), ``"mse"`` or
+            ``"huber"``.
+        output_dim: regression only: values predicted per sample (default 1).
+        error: regression only: each head's score, its batch ``"mse"`` (default) or
+            ``"mae"`` (lower is better).
+
+    Writing a method: subclass :class:`~gradbalance.Method`, implement ``_loss(step)`` with
+    the services of :class:`~gradbalance.Step`, declare running state with
+    :meth:`add_state` and register it with :func:`~gradbalance.register_method` (see the
+    "Writing a method" page).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -146,8 +159,10 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
     uses_parameter_hooks: bool = False
     """Whether some gradients are scaled by per-parameter hooks (read at backward time)."""
 
-    _task: Task = CLASSIFICATION  # a method's task= sets its own before this constructor
+    supported_tasks: tuple[str, ...] = ("classification",)
+    """The values of ``task=`` the method accepts."""
 
+    _task: Task
 
     def __init__(
         self,
@@ -164,8 +179,14 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         process_group: Any = None,
         nonfinite: NonFinite = "raise",
         check_gradients: bool = False,
+        task: str = "classification",
+        loss: str | None = None,
+        output_dim: int | None = None,
+        error: str | None = None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
+        self._task = make_task(name, task, loss, output_dim, error, self.supported_tasks)
         if head_mode is not None:
             self.head_mode = check_choice("head_mode", head_mode, ("train", "probe", "none"))
         options = check_common(
@@ -244,17 +265,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._attachment.add_gradient_hooks(params, hook)
         self._parameter_watch.start()  # a re-parametrized model is caught at the next loss()
 
-    def _request_parameter_scaling(
-        self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
-    ) -> None:
-        """Validate (in a constructor) parameters whose gradients k_name also scales;
-        ``reselect``: the rule that chose them, applied again after a change of the model."""
-        inside_allowed = not self.scales_gradients
-        selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
-        self._scaled_parameters = selected
-        self._parameter_watch = ParameterWatch(self._root_model, selected, reselect)
-        self.uses_parameter_hooks = bool(selected)
-
     def remove(self) -> None:
         """Remove every hook: the model's forward and backward are exactly as before."""
         self._attachment.detach()
@@ -270,20 +280,26 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training, self)
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
-        """The tap of encoder ``name``: capture its output, return the scaled copy."""
+        """The tap of encoder ``name``: capture its output, return the scaled copy (or the
+        model's branch of :meth:`_fork_output`)."""
         if self._paused:
             return None
         grad = torch.is_grad_enabled()
         binding = self._binding if grad else None
         index = self._index[name]
         k = binding.views[index] if binding is not None and self.scales_gradients else None
-        if torch.compiler.is_compiling():
-            self._captures.record_compiled(name, output, grad, module.training, binding)
-            return scale_grad_tree(output, k)
-        if not in_backward():  # checkpointing recomputes: scale again, capture nothing
+        compiling = torch.compiler.is_compiling()
+        recomputing = not compiling and in_backward()  # checkpointing: scale, capture nothing
+        watch = self._guard.watch(index) if grad and not compiling else None
+        fork = self._fork_output(name, output, watch) if grad and not recomputing else None
+        model_output, captured = (output, output) if fork is None else fork
+        if compiling:
+            self._captures.record_compiled(name, captured, grad, module.training, binding)
+        elif not recomputing:
             self._ranks.check_wrapper(self)
-            self._captures.record(name, output, grad, module.training, binding)
-        watch = self._guard.watch(index) if grad else None
+            self._captures.record(name, captured, grad, module.training, binding)
+        if fork is not None:
+            return model_output
         return scale_grad_tree(output, k, watch)
 
     @contextmanager
@@ -352,7 +368,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         outputs = {name: c.output for name, c in captures.items()}
         features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
-        step = Step(self, logits, target, features, outputs, training, binding)
+        step = Step(self._step_context(), logits, target, features, outputs, training, binding)
         prepare_heads(self.heads, features)
         stacked = stack_if_uniform(features)
         if training:
@@ -365,8 +381,112 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._end_training_step(step, total)
         return total
 
+    def _step_context(self) -> StepContext:
+        synced = self.sync == "global" and self.world_size() > 1
+        return StepContext(
+            names=self.names,
+            task=self._task,
+            device=self.last_scores.device,
+            synced=synced,
+            process_group=self.process_group,
+            guard=self._guard,
+            index=self.steps,
+            previous=(self.last_coefficients, self.last_scores),
+        )
+
+    # --- the extension surface of a method ("Writing a method") -------------------------------
+
     def _loss(self, step: Step) -> torch.Tensor:
+        """Hook (required): this step's loss, with graph. In a training step
+        (``step.training``) call ``step.store(coefficients, scores)`` once."""
         raise NotImplementedError
+
+    def _fork_output(self, name: str, output: Any, watch: Any) -> tuple[Any, Any] | None:
+        """Hook (optional): give the heads their own branch of encoder ``name``'s output.
+
+        Called in every forward with gradients enabled (compiled ones included, not in a
+        recomputation during ``backward()``); ``watch`` is the non-finite guard's gradient
+        watch of that encoder (``None`` under ``torch.compile``), for the method to pass to
+        what it builds. Return ``(model_branch, captured_branch)``: the model continues with
+        ``model_branch`` as it is (the method owns its gradient: nothing else scales or
+        watches it) and the balancer captures ``captured_branch`` (the features and heads
+        read it). ``None`` (the default): one output, captured and scaled by k as usual.
+        """
+        return None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this balancer is attached to (not a submodule of the balancer)."""
+        return self._root_model
+
+    @property
+    def encoders(self) -> dict[str, nn.Module]:
+        """``{name: module}``: the encoders, in order."""
+        return dict(self._encoders)
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        return self._task.name
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the heads' outputs: ``num_classes``, or the regression target's width."""
+        return self._task.output_width(self.num_classes)
+
+    def encoder_outputs(self) -> dict[str, Any]:
+        """``{name: output}``: each encoder's raw output in the latest forward of the model
+        (with graph; for a method's extra passes on them, e.g. masked fusions).
+
+        Raises:
+            CaptureError: that forward did not run every encoder.
+        """
+        self._require_attached()
+        return {name: c.output for name, c in self._captures.latest_captures().items()}
+
+    def take_features(self) -> dict[str, torch.Tensor]:
+        """:meth:`features`, consumed as ``loss()`` consumes them: for a method's own calls
+        after a forward that is not followed by ``loss()`` (PMR's prototype pass)."""
+        self._require_attached()
+        captures = self._captures.take(torch.is_grad_enabled())
+        return {name: self._feature(name, c.output) for name, c in captures.items()}
+
+    def add_state(self, name: str, default: torch.Tensor, *, persistent: bool = True) -> None:
+        """Declare a running state tensor of the method (an EMA, a running mean, a count).
+
+        It becomes a buffer on the balancer's device: in ``state_dict()`` (unless
+        ``persistent=False``), moved by ``.to()``, carried by copies and pickles, and
+        updated through :meth:`update_state`, which keeps it when the step is not finite.
+        """
+        self.register_buffer(name, default.detach().clone().to(self.last_scores.device), persistent)
+
+    def update_state(self, step: Step, name: str, value: torch.Tensor) -> None:
+        """Set the state ``name`` (see :meth:`add_state`) to ``value`` unless this step or
+        ``value`` is not finite (then it keeps its value). No host synchronisation; under DDP
+        call it after this step's ``step.mean`` (every rank then agrees on the step)."""
+        state = getattr(self, name)
+        with torch.no_grad():
+            state.copy_(step.keep_if_finite(value.to(state.dtype), state))
+
+    def scale_parameter_gradients(
+        self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
+    ) -> None:
+        """In a method's constructor: parameters whose gradients k_name also scales
+        (``{name: parameters}``, validated); ``reselect``: the rule that chose them, applied
+        again after a change of the model."""
+        inside_allowed = not self.scales_gradients
+        selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
+        self._scaled_parameters = selected
+        self._parameter_watch = ParameterWatch(self._root_model, selected, reselect)
+        self.uses_parameter_hooks = bool(selected)
+
+    def reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+        """``sums / count`` over all ranks with ``sync="global"`` under torch.distributed
+        (every rank must call it, e.g. in ``epoch_end()``), else local (float32, detached).
+        No host synchronisation."""
+        if self.sync == "global" and self.world_size() > 1:
+            return reduce_mean(sums, count, self.process_group)[0]
+        return local_mean(sums, count)
 
     def _warn_once(self, message: str | None) -> None:
         if message is not None and message not in self._warned_messages:
@@ -386,26 +506,48 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._guard.raise_recorded()
 
     def _end_training_step(self, step: Step, total: torch.Tensor) -> None:
-        """Bind the next forward to fresh coefficients (this forward keeps its own)."""
+        """Record what the method stored; bind the next forward to fresh coefficients (this
+        forward keeps its own)."""
+        if step.stored is not None:
+            self._commit(*step.stored)
         values = self.last_coefficients.clone()  # never a tensor a graph may have saved
         if step.binding is not None and self.uses_parameter_hooks and total.requires_grad:
             total.register_hook(self._backward.loss_hook(step.binding))
         self._binding = Binding(values)
 
+    @torch.no_grad()
+    def _commit(
+        self, coefficients: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor | None
+    ) -> None:
+        """Copy a training step's stored results into the buffers and the history."""
+        if finite is not None:
+            self.nonfinite_steps.add_((~finite).to(self.nonfinite_steps.dtype))
+            self._guard.last_finite = finite
+        self.last_coefficients.copy_(coefficients)
+        self.last_scores.copy_(scores)
+        self._record_history(coefficients, scores, finite)
+        self.steps += 1
+
     # --- optimizer steps and the non-finite guard ------------------------------------------
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called before every optimizer step (a global pre-step hook watches them)."""
         if self._watch.note(optimizer):
             self._guard.close_step(optimizer, self.nonfinite_steps)
 
-    def raises_at_once(self, tensor: torch.Tensor) -> bool:
+    optimizer_step = deprecated_alias("optimizer_step", _optimizer_step, "nothing: a hook calls it")
+
+    def _raises_at_once(self, tensor: torch.Tensor) -> bool:
         """Whether a non-finite step raises at once (``"raise"`` with tensors on the CPU)."""
         return self._guard.raises_at_once(tensor)
 
-    def note_finite(self, finite: torch.Tensor) -> None:
+    raises_at_once = deprecated_alias("raises_at_once", _raises_at_once, "Step.store")
+
+    def _note_finite(self, finite: torch.Tensor) -> None:
         """Record whether the last training step was finite (device-side)."""
         self._guard.last_finite = finite
+
+    note_finite = deprecated_alias("note_finite", _note_finite, "bal.last_step_finite to read it")
 
     def check_finite(self) -> None:
         """Raise now the error of a non-finite step recorded on an accelerator (one host
@@ -427,13 +569,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
     def world_size(self) -> int:
         """Processes sharing the training in this balancer's group (1 without distributed)."""
         return world_size(self.process_group)
-
-    def _reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
-        """Mean over all ranks with ``sync="global"`` (outside ``loss()``: every rank must
-        call it, e.g. in ``epoch_end()``), else local. No host synchronisation."""
-        if self.sync == "global" and self.world_size() > 1:
-            return reduce_mean(sums, count, self.process_group)[0]
-        return local_mean(sums, count)
 
     # --- results and state ------------------------------------------------------------------
 

@@ -231,7 +231,7 @@ class GBlend(Method):
                 )
         train_now = self.sums[0] / self.counts[0]  # reduced over the ranks in each step
         # One collective over all ranks with sync="global" (every rank calls epoch_end()).
-        val_now = self._reduce_mean(self.sums[1], self.counts[1])
+        val_now = self.reduce_mean(self.sums[1], self.counts[1])
         now = torch.stack(
             [
                 train_now

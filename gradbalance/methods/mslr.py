@@ -183,7 +183,7 @@ class MSLR(SlicedScoresMethod):
                     "pass epoch_end(accuracies={name: accuracy})"
                 )
             # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end).
-            current = self._reduce_mean(self.validation_correct, self._validation_seen)
+            current = self.reduce_mean(self.validation_correct, self._validation_seen)
         else:
             current = self._as_tensor(accuracies)
         if self.memory_size >= self.memory_epochs:

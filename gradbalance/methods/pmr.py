@@ -273,8 +273,7 @@ class PMR(Method):
         """
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise InputError("collect(target) takes the (B,) class labels of the last forward")
-        captures = self._captures.take(torch.is_grad_enabled())  # consumes it, as loss() would
-        features = {name: self._feature(name, c.output) for name, c in captures.items()}
+        features = self.take_features()  # consumes them, as loss() would
         if any(f.shape[0] != target.shape[0] for f in features.values()):
             raise InputError(
                 f"collect(target): {target.shape[0]} labels for features of batch size "
@@ -296,7 +295,7 @@ class PMR(Method):
         names = self.names
         local = [getattr(self, f"feature_sums_{name}") for name in names]
         packed = torch.cat([*local, self.class_counts.unsqueeze(1)], dim=1)
-        totals = self._reduce_mean(packed, 1)  # global sums (count 1: a plain all-reduce)
+        totals = self.reduce_mean(packed, 1)  # global sums (count 1: a plain all-reduce)
         counts = totals[:, -1]
         seen = counts > 0
         valid = self.prototype_valid

@@ -1,0 +1,34 @@
+"""Old public names kept working, with a ``DeprecationWarning`` naming what replaces them."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+
+def deprecated_alias(name: str, function: Callable[..., Any], instead: str = "") -> Any:
+    """``function`` under its old public ``name``: each call warns (``DeprecationWarning``)
+    and then does exactly what ``function`` does.
+
+    Example:
+        >>> def _double(x):
+        ...     return 2 * x
+        >>> double = deprecated_alias("double", _double, "x * 2")
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     double(3), caught[0].category.__name__
+        (6, 'DeprecationWarning')
+    """
+    advice = f"; use {instead}" if instead else ""
+    message = f"{name}() is internal to gradbalance and deprecated{advice}"
+
+    @functools.wraps(function)
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return function(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = name
+    return alias
