@@ -15,10 +15,10 @@ from typing import Literal
 import torch
 
 from gradbalance._checks import check_alpha, check_number
-from gradbalance._loss_weights import gblend_estimates as gblend_estimates
-from gradbalance._loss_weights import gblend_scores as gblend_scores
-from gradbalance._loss_weights import gblend_weights as gblend_weights
-from gradbalance._loss_weights import mmpareto_weights as mmpareto_weights
+from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
+from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
+from gradbalance.methods._loss_weights import gblend_weights as gblend_weights
+from gradbalance.methods._loss_weights import mmpareto_weights as mmpareto_weights
 
 SCORE_FLOOR = 1e-8
 """Scores are clamped to at least this value, so a score that underflowed to 0 stays finite."""

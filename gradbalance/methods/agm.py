@@ -17,18 +17,18 @@ from gradbalance._checks import (
     check_int,
     check_number,
 )
-from gradbalance._fusion_call import (
-    MISSING_FUSION,
-    FusionCall,
-    call_fusion,
-    check_static_widths,
-)
-from gradbalance._fusion_call import fusion_call as _fusion_call
 from gradbalance._shapley import EXACT_PASS_LIMIT, ShapleyMode, ShapleyPlan, exact_passes
 from gradbalance._step import Step
 from gradbalance.coefficients import agm_coefficients, agm_losses
 from gradbalance.errors import ConfigurationError, CostWarning, MissingCallWarning
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
+from gradbalance.methods._fusion_call import (
+    MISSING_FUSION,
+    FusionCall,
+    call_fusion,
+    check_static_widths,
+)
+from gradbalance.methods._fusion_call import fusion_call as _fusion_call
 
 Masking = Literal["feature", "input"]
 FusionInputs = Literal["features", "outputs"]

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._checks import check_int, check_number
-from gradbalance._loss_weights import GBLEND_MIN_OVERFITTING, gblend_estimates, gblend_scores
 from gradbalance._step import Step
 from gradbalance.errors import ConfigurationError, InputError, OrderError
 from gradbalance.methods._base import Method
+from gradbalance.methods._loss_weights import (
+    GBLEND_MIN_OVERFITTING,
+    gblend_estimates,
+    gblend_scores,
+)
 
 Losses = torch.Tensor | Sequence[float] | Mapping[str, float]
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from gradbalance._checks import check_number
 from gradbalance._distributed import reduce_mean
-from gradbalance._pareto import ParetoSite, pareto_fork
+from gradbalance.methods._pareto import ParetoSite, pareto_fork
 from gradbalance.methods.multiloss import MultiLoss
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gradbalance._loss_weights import mmpareto_weights
+from gradbalance.methods._loss_weights import mmpareto_weights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Watch = Callable[[torch.Tensor], None]
