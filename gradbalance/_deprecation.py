@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 
 def deprecated_alias(name: str, function: Callable[..., Any], instead: str = "") -> Any:
     """``function`` under its old public ``name``: each call warns (``DeprecationWarning``)
@@ -32,3 +34,28 @@ def deprecated_alias(name: str, function: Callable[..., Any], instead: str = "")
 
     alias.__name__ = alias.__qualname__ = name
     return alias
+
+
+def _raises_at_once(balancer: Any, tensor: torch.Tensor) -> bool:
+    return bool(balancer._guard.raises_at_once(tensor))
+
+
+def _note_finite(balancer: Any, finite: torch.Tensor) -> None:
+    balancer._guard.last_finite = finite
+
+
+class DeprecatedHelpers:
+    """The balancer's former public helpers, now internal (each call warns)."""
+
+    optimizer_step = deprecated_alias(
+        "optimizer_step",
+        lambda balancer, optimizer: balancer._optimizer_step(optimizer),
+        "nothing: a hook calls it",
+    )
+    raises_at_once = deprecated_alias("raises_at_once", _raises_at_once, "nothing: Step.store")
+    note_finite = deprecated_alias("note_finite", _note_finite, "bal.last_step_finite to read")
+    record_history = deprecated_alias(
+        "record_history",
+        lambda balancer, *args: balancer._record_history(*args),
+        "nothing: loss() records the history",
+    )

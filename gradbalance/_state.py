@@ -20,7 +20,6 @@ from torch import nn
 
 from gradbalance._attach import is_built
 from gradbalance._checks import upgrade_state_dict
-from gradbalance._deprecation import deprecated_alias
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._scale import Binding
 from gradbalance._task import Task
@@ -66,8 +65,6 @@ class BalancerState(nn.Module):
     ) -> None:
         """Append one step to :attr:`history` (device-side)."""
         self._history.record(coefficients, scores, valid, epoch=self.epoch, step=self.steps)
-
-    record_history = deprecated_alias("record_history", _record_history, "nothing: loss() does")
 
     @property
     def coefficients(self) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ with the host. The parts behind this front: validation (``_checks``), hooks and 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal
@@ -27,10 +27,9 @@ from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_
 from gradbalance._checks import (
     check_choice,
     check_common,
-    check_scaled_parameters,
 )
-from gradbalance._deprecation import deprecated_alias
-from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
+from gradbalance._deprecation import DeprecatedHelpers
+from gradbalance._distributed import RankSync
 from gradbalance._duties import LoopDuties
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._head_logits import (
@@ -42,9 +41,9 @@ from gradbalance._head_logits import (
 from gradbalance._keywords import check_keywords
 from gradbalance._mode import is_training_step, mode_warning
 from gradbalance._optimizer_watch import OptimizerWatch
-from gradbalance._parameter_watch import ParameterWatch, Reselect
+from gradbalance._parameter_watch import ParameterWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
-from gradbalance._state import BalancerState
+from gradbalance._services import MethodServices
 from gradbalance._step import Step, StepContext
 from gradbalance._task import Task, make_task
 from gradbalance._unimodal import no_unimodal_classifier
@@ -70,7 +69,7 @@ class _AttachAfterInit(type):
         return balancer
 
 
-class Balancer(BalancerState, metaclass=_AttachAfterInit):
+class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
     """Base class of every balancing method: taps, heads, coefficients, history.
 
     Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); all a user touches is
@@ -394,100 +393,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             previous=(self.last_coefficients, self.last_scores),
         )
 
-    # --- the extension surface of a method ("Writing a method") -------------------------------
-
-    def _loss(self, step: Step) -> torch.Tensor:
-        """Hook (required): this step's loss, with graph. In a training step
-        (``step.training``) call ``step.store(coefficients, scores)`` once."""
-        raise NotImplementedError
-
-    def _fork_output(self, name: str, output: Any, watch: Any) -> tuple[Any, Any] | None:
-        """Hook (optional): give the heads their own branch of encoder ``name``'s output.
-
-        Called in every forward with gradients enabled (compiled ones included, not in a
-        recomputation during ``backward()``); ``watch`` is the non-finite guard's gradient
-        watch of that encoder (``None`` under ``torch.compile``), for the method to pass to
-        what it builds. Return ``(model_branch, captured_branch)``: the model continues with
-        ``model_branch`` as it is (the method owns its gradient: nothing else scales or
-        watches it) and the balancer captures ``captured_branch`` (the features and heads
-        read it). ``None`` (the default): one output, captured and scaled by k as usual.
-        """
-        return None
-
-    @property
-    def model(self) -> nn.Module:
-        """The model this balancer is attached to (not a submodule of the balancer)."""
-        return self._root_model
-
-    @property
-    def encoders(self) -> dict[str, nn.Module]:
-        """``{name: module}``: the encoders, in order."""
-        return dict(self._encoders)
-
-    @property
-    def task(self) -> str:
-        """``"classification"`` or ``"regression"``."""
-        return self._task.name
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the heads' outputs: ``num_classes``, or the regression target's width."""
-        return self._task.output_width(self.num_classes)
-
-    def encoder_outputs(self) -> dict[str, Any]:
-        """``{name: output}``: each encoder's raw output in the latest forward of the model
-        (with graph; for a method's extra passes on them, e.g. masked fusions).
-
-        Raises:
-            CaptureError: that forward did not run every encoder.
-        """
-        self._require_attached()
-        return {name: c.output for name, c in self._captures.latest_captures().items()}
-
-    def take_features(self) -> dict[str, torch.Tensor]:
-        """:meth:`features`, consumed as ``loss()`` consumes them: for a method's own calls
-        after a forward that is not followed by ``loss()`` (PMR's prototype pass)."""
-        self._require_attached()
-        captures = self._captures.take(torch.is_grad_enabled())
-        return {name: self._feature(name, c.output) for name, c in captures.items()}
-
-    def add_state(self, name: str, default: torch.Tensor, *, persistent: bool = True) -> None:
-        """Declare a running state tensor of the method (an EMA, a running mean, a count).
-
-        It becomes a buffer on the balancer's device: in ``state_dict()`` (unless
-        ``persistent=False``), moved by ``.to()``, carried by copies and pickles, and
-        updated through :meth:`update_state`, which keeps it when the step is not finite.
-        """
-        self.register_buffer(name, default.detach().clone().to(self.last_scores.device), persistent)
-
-    def update_state(self, step: Step, name: str, value: torch.Tensor) -> None:
-        """Set the state ``name`` (see :meth:`add_state`) to ``value`` unless this step or
-        ``value`` is not finite (then it keeps its value). No host synchronisation; under DDP
-        call it after this step's ``step.mean`` (every rank then agrees on the step)."""
-        state = getattr(self, name)
-        with torch.no_grad():
-            state.copy_(step.keep_if_finite(value.to(state.dtype), state))
-
-    def scale_parameter_gradients(
-        self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
-    ) -> None:
-        """In a method's constructor: parameters whose gradients k_name also scales
-        (``{name: parameters}``, validated); ``reselect``: the rule that chose them, applied
-        again after a change of the model."""
-        inside_allowed = not self.scales_gradients
-        selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
-        self._scaled_parameters = selected
-        self._parameter_watch = ParameterWatch(self._root_model, selected, reselect)
-        self.uses_parameter_hooks = bool(selected)
-
-    def reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
-        """``sums / count`` over all ranks with ``sync="global"`` under torch.distributed
-        (every rank must call it, e.g. in ``epoch_end()``), else local (float32, detached).
-        No host synchronisation."""
-        if self.sync == "global" and self.world_size() > 1:
-            return reduce_mean(sums, count, self.process_group)[0]
-        return local_mean(sums, count)
-
     def _warn_once(self, message: str | None) -> None:
         if message is not None and message not in self._warned_messages:
             self._warned_messages.add(message)
@@ -535,20 +440,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         if self._watch.note(optimizer):
             self._guard.close_step(optimizer, self.nonfinite_steps)
 
-    optimizer_step = deprecated_alias("optimizer_step", _optimizer_step, "nothing: a hook calls it")
-
-    def _raises_at_once(self, tensor: torch.Tensor) -> bool:
-        """Whether a non-finite step raises at once (``"raise"`` with tensors on the CPU)."""
-        return self._guard.raises_at_once(tensor)
-
-    raises_at_once = deprecated_alias("raises_at_once", _raises_at_once, "Step.store")
-
-    def _note_finite(self, finite: torch.Tensor) -> None:
-        """Record whether the last training step was finite (device-side)."""
-        self._guard.last_finite = finite
-
-    note_finite = deprecated_alias("note_finite", _note_finite, "bal.last_step_finite to read it")
-
     def check_finite(self) -> None:
         """Raise now the error of a non-finite step recorded on an accelerator (one host
         synchronisation); on the CPU errors are raised at once."""
@@ -563,12 +454,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         With ``check_gradients=True`` it also covers the gradients since the last step.
         """
         return self._guard.step_finite()
-
-    # --- distributed ------------------------------------------------------------------------
-
-    def world_size(self) -> int:
-        """Processes sharing the training in this balancer's group (1 without distributed)."""
-        return world_size(self.process_group)
 
     # --- results and state ------------------------------------------------------------------
 

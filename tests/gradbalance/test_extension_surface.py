@@ -5,8 +5,8 @@ A method module (``gradbalance/methods/*.py``) uses the documented extension sur
 ``scale_parameter_gradients``, ``reduce_mean``, ``encoder_outputs``, ``take_features``) and
 overrides the documented hooks only (``_loss``, ``_fork_output``): no attribute access
 ``self._x`` / ``bal._x`` where ``_x`` is a private member of ``Balancer`` or of the private
-base it is built on (``BalancerState``), and no override of one. ``Step`` knows nothing of
-the balancer.
+bases it is built on (``BalancerState``, ``MethodServices``), and no override of one.
+``Step`` knows nothing of the balancer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conftest import make_batch
 from torch import nn
 
 import gradbalance as gb
-from gradbalance import _state, _step, balancer
+from gradbalance import _services, _state, _step, balancer
 
 PACKAGE = Path(gb.__file__).parent
 METHOD_MODULES = sorted((PACKAGE / "methods").glob("*.py"))
@@ -70,6 +70,7 @@ def _dict_key(node: ast.Subscript) -> str | None:
 FORBIDDEN = (
     _private_members(Path(balancer.__file__), {"Balancer", "_AttachAfterInit"})
     | _private_members(Path(_state.__file__), {"BalancerState"})
+    | _private_members(Path(_services.__file__), {"MethodServices"})
 ) - HOOKS - set(dir(nn.Module))
 """torch's own hooks of ``nn.Module`` (``_load_from_state_dict``) stay a method's to use."""
 
