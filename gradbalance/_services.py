@@ -12,17 +12,20 @@ A method module uses these and the balancer's public members, never its private 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from gradbalance._capture import CaptureStore
-from gradbalance._checks import check_scaled_parameters
+from gradbalance._checks import check_choice, check_scaled_parameters
 from gradbalance._distributed import local_mean, reduce_mean, world_size
 from gradbalance._parameter_watch import ParameterWatch, Reselect
 from gradbalance._state import BalancerState
 from gradbalance._step import Step
+from gradbalance.errors import ConfigurationError
+
+StateReduce = Literal["sum", "mean"]
 
 
 class MethodServices(BalancerState):
@@ -49,6 +52,7 @@ class MethodServices(BalancerState):
     _captures: CaptureStore
     _scaled_parameters: dict[str, list[torch.Tensor]]
     _parameter_watch: ParameterWatch
+    _state_reductions: dict[str, StateReduce | None]
 
     def _require_attached(self) -> None:
         raise NotImplementedError
@@ -111,14 +115,27 @@ class MethodServices(BalancerState):
         captures = self._captures.take(torch.is_grad_enabled())
         return {name: self._feature(name, c.output) for name, c in captures.items()}
 
-    def add_state(self, name: str, default: torch.Tensor, *, persistent: bool = True) -> None:
+    def add_state(
+        self,
+        name: str,
+        default: torch.Tensor,
+        *,
+        reduce: StateReduce | None = None,
+        persistent: bool = True,
+    ) -> None:
         """Declare a running state tensor of the method (an EMA, a running mean, a count).
 
         It becomes a buffer on the balancer's device: in ``state_dict()`` (unless
         ``persistent=False``), moved by ``.to()``, carried by copies and pickles, and
         updated through :meth:`update_state`, which keeps it when the step is not finite.
+        A state updated from ``step.mean`` statistics is the same on every rank; one that
+        accumulates this rank's own values declares ``reduce="sum"`` or ``"mean"`` and is
+        read across the ranks with :meth:`synced_state`.
         """
+        if reduce is not None:
+            check_choice("reduce", reduce, ("sum", "mean"))
         self.register_buffer(name, default.detach().clone().to(self.last_scores.device), persistent)
+        self._state_reductions[name] = reduce
 
     def update_state(self, step: Step, name: str, value: torch.Tensor) -> None:
         """Set the state ``name`` (see :meth:`add_state`) to ``value`` unless this step or
@@ -127,6 +144,25 @@ class MethodServices(BalancerState):
         state = getattr(self, name)
         with torch.no_grad():
             state.copy_(step.keep_if_finite(value.to(state.dtype), state))
+
+    def synced_state(self, name: str) -> torch.Tensor:
+        """The state ``name`` over all ranks: the sum or the mean of the ranks' values, as its
+        ``add_state(reduce=...)`` says, with ``sync="global"`` under torch.distributed; the
+        local value otherwise (float32, detached). Every rank must call it (e.g. in
+        ``epoch_end()``); no host synchronisation.
+
+        Raises:
+            ConfigurationError: the state was declared without ``reduce=``.
+        """
+        reduce = self._state_reductions.get(name)
+        if reduce is None:
+            raise ConfigurationError(
+                f"the state {name!r} has no reduction across ranks: declare it with "
+                "add_state(..., reduce='sum') or reduce='mean'"
+            )
+        mean = self.reduce_mean(getattr(self, name), 1.0)
+        synced = self.sync == "global" and self.world_size() > 1
+        return mean * self.world_size() if reduce == "sum" and synced else mean
 
     def scale_parameter_gradients(
         self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None

@@ -219,6 +219,7 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
         self._index = {name: index for index, name in enumerate(self.names)}
         self._binding = Binding(torch.ones(m, device=device))
         self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
+        self._state_reductions = {}
         self._parameter_watch = ParameterWatch(model, {}, None)
         self._paused = 0
         self._training_calls = 0

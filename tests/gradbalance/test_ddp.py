@@ -121,6 +121,8 @@ def test_reduce_mean_equals_the_concatenated_batch(ranks):
     for rank in (first, second):
         torch.testing.assert_close(rank["mean"], expected)
         torch.testing.assert_close(rank["scalar"], (sums * 3) / 5)
+        torch.testing.assert_close(rank["summed"], sums * 1 + sums * 2)
+        torch.testing.assert_close(rank["averaged"], torch.tensor([[1.5], [2.5], [3.5]]))
 
 
 def test_balancer_inside_the_ddp_module(ranks):

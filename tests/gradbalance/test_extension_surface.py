@@ -12,12 +12,14 @@ bases it is built on (``BalancerState``, ``MethodServices``), and no override of
 from __future__ import annotations
 
 import ast
+import copy
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_batch
+from custom_method import ScoreRatio
 from torch import nn
 
 import gradbalance as gb
@@ -163,3 +165,33 @@ def test_the_api_page_hides_the_internal_helpers():
     page = (PACKAGE.parent / "docs" / "api.md").read_text()
     for name in ("optimizer_step", "raises_at_once", "note_finite", "record_history"):
         assert f"!^{name}$" in page
+
+
+def test_a_declared_state_travels_and_keeps_its_value_on_a_nonfinite_step(two_tower):
+    """``ScoreRatio`` (``custom_method``) keeps its moving average with ``add_state``."""
+    bal = ScoreRatio(two_tower, list(two_tower.towers), num_classes=4, nonfinite="skip")
+    inputs, target = make_batch((5, 7))
+    bal.loss(two_tower(*inputs), target).backward()
+    kept = bal.average_scores.clone()
+    assert not torch.equal(kept, torch.ones(2))
+    inputs[0][0, 0] = float("nan")
+    bal.loss(two_tower(*inputs), target).backward()
+    assert int(bal.nonfinite_steps) == 1 and torch.equal(bal.average_scores, kept)
+    assert torch.equal(bal.state_dict()["average_scores"], kept)
+    twin = copy.deepcopy(bal)
+    assert torch.equal(twin.average_scores, kept)
+    other = copy.deepcopy(two_tower)
+    fresh = ScoreRatio(other, list(other.towers), num_classes=4)
+    fresh.load_state_dict(bal.state_dict())
+    assert torch.equal(fresh.average_scores, kept)
+
+
+def test_synced_state_is_the_local_value_in_one_process_and_needs_a_reduction(two_tower):
+    bal = gb.Joint(two_tower, list(two_tower.towers), num_classes=4)
+    bal.add_state("counts", torch.tensor([1.0, 3.0]), reduce="sum")
+    bal.add_state("plain", torch.zeros(2))
+    assert torch.equal(bal.synced_state("counts"), torch.tensor([1.0, 3.0]))
+    with pytest.raises(ValueError, match="no reduction across ranks"):
+        bal.synced_state("plain")
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        bal.add_state("other", torch.zeros(2), reduce="max")
