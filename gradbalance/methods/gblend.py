@@ -128,7 +128,7 @@ class GBlend(Method):
             "kept_estimates": torch.zeros((), dtype=torch.int64, device=device),
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value)
+            self.add_state(name, value)
         self.checkpoints = 0
         self._train_seen = 0
         self._validation_seen = 0

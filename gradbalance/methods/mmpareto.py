@@ -85,9 +85,8 @@ class MMPareto(MultiLoss):
         self.gamma = check_number("gamma", gamma, minimum=0.0, strict=True)
         super().__init__(model, encoders, num_classes, enabled=enabled, **options)
         m = len(self.names)
-        device = self.last_scores.device
-        self.register_buffer("cosine_values", torch.zeros(m, device=device))
-        self.register_buffer("conflicts", torch.zeros(m, dtype=torch.int64, device=device))
+        self.add_state("cosine_values", torch.zeros(m))
+        self.add_state("conflicts", torch.zeros(m, dtype=torch.int64))
 
     @property
     def cosines(self) -> dict[str, torch.Tensor]:

@@ -210,10 +210,8 @@ class PMR(Method):
             self.register_buffer(
                 f"feature_sums_{name}", torch.zeros(num_classes, dim, device=device)
             )
-        self.register_buffer("class_counts", torch.zeros(num_classes, device=device))
-        self.register_buffer(
-            "prototype_valid", torch.zeros(num_classes, dtype=torch.bool, device=device)
-        )
+        self.add_state("class_counts", torch.zeros(num_classes))
+        self.add_state("prototype_valid", torch.zeros(num_classes, dtype=torch.bool))
         self.ready = False
         self._collected = 0
 
