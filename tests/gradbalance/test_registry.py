@@ -158,3 +158,14 @@ def test_the_custom_method_trains_through_make(two_tower):
     assert bal.steps == 3 and "average_scores" in bal.state_dict()
     expected = (average.mean() / average) ** bal.alpha
     torch.testing.assert_close(bal.last_coefficients, expected)
+
+
+def test_the_suites_pick_up_a_registered_method():
+    """The contract, DDP, compile, AMP and checkpoint matrices are built from ``gb.METHODS``:
+    the test method registered by ``custom_method`` is in them without a factory of its own."""
+    from balancer_factories import FACTORIES, REGRESSION_FACTORIES, WIRED, factory_params
+
+    assert "score_ratio" in FACTORIES and "score_ratio" not in WIRED
+    assert "score_ratio_regression" in REGRESSION_FACTORIES
+    assert "score_ratio" in {p.id for p in factory_params()}
+    assert "mmpareto_regression" not in REGRESSION_FACTORIES  # classification only
