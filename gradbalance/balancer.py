@@ -421,19 +421,6 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
             total.register_hook(self._backward.loss_hook(step.binding))
         self._binding = Binding(values)
 
-    @torch.no_grad()
-    def _commit(
-        self, coefficients: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor | None
-    ) -> None:
-        """Copy a training step's stored results into the buffers and the history."""
-        if finite is not None:
-            self.nonfinite_steps.add_((~finite).to(self.nonfinite_steps.dtype))
-            self._guard.last_finite = finite
-        self.last_coefficients.copy_(coefficients)
-        self.last_scores.copy_(scores)
-        self._record_history(coefficients, scores, finite)
-        self.steps += 1
-
     # --- optimizer steps and the non-finite guard ------------------------------------------
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
