@@ -8,10 +8,11 @@ ordinary ``backward()``::
     loss.backward()
 """
 
-from gradbalance import coefficients, diagnostics, errors, integrations, testing
-from gradbalance.balancer import Balancer
+from gradbalance import coefficients, diagnostics, errors, integrations, registry, testing
+from gradbalance.balancer import Balancer, Step
 from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, HistoryTable, plot_history
+from gradbalance.methods._base import Method
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.joint import Joint
@@ -20,7 +21,7 @@ from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
 from gradbalance.methods.ogm import OGM, OGMGE
 from gradbalance.methods.pmr import PMR
-from gradbalance.registry import METHODS, make
+from gradbalance.registry import METHODS, make, register_method, unregister_method
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,9 @@ __all__ = [
     "Joint",
     "MMCosineHead",
     "MMPareto",
+    "Method",
     "MultiLoss",
+    "Step",
     "__version__",
     "coefficients",
     "diagnostics",
@@ -47,5 +50,8 @@ __all__ = [
     "integrations",
     "make",
     "plot_history",
+    "register_method",
+    "registry",
     "testing",
+    "unregister_method",
 ]

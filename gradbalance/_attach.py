@@ -184,7 +184,7 @@ _STEP_HOOK: list[RemovableHandle] = []
 def _note_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Global optimizer pre-step hook: tell each watched balancer about this step."""
     for balancer in list(_WATCHED):
-        balancer.optimizer_step(optimizer)
+        balancer._optimizer_step(optimizer)
 
 
 class Attachment:
@@ -194,7 +194,7 @@ class Attachment:
         model: the user's model.
         encoders: name -> encoder module (validated).
         owner: the balancer (registered as each encoder's owner; watched for optimizer steps
-            through its ``optimizer_step(optimizer)`` method).
+            through its ``_optimizer_step(optimizer)`` method).
     """
 
     def __init__(self, model: nn.Module, encoders: Mapping[str, nn.Module], owner: Any) -> None:

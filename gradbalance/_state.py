@@ -40,6 +40,7 @@ class BalancerState(nn.Module):
     epoch: int
     last_coefficients: torch.Tensor
     last_scores: torch.Tensor
+    nonfinite_steps: torch.Tensor
     _task: Task
     _index: dict[str, int]
     _history: History
@@ -60,7 +61,20 @@ class BalancerState(nn.Module):
         """The coefficient of encoder ``name`` used by the last training ``loss()`` (a view)."""
         return self.last_coefficients[self._index[name]]
 
-    def record_history(
+    @torch.no_grad()
+    def _commit(
+        self, coefficients: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor | None
+    ) -> None:
+        """Copy a training step's stored results into the buffers and the history."""
+        if finite is not None:
+            self.nonfinite_steps.add_((~finite).to(self.nonfinite_steps.dtype))
+            self._guard.last_finite = finite
+        self.last_coefficients.copy_(coefficients)
+        self.last_scores.copy_(scores)
+        self._record_history(coefficients, scores, finite)
+        self.steps += 1
+
+    def _record_history(
         self, coefficients: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor | None
     ) -> None:
         """Append one step to :attr:`history` (device-side)."""

@@ -6,37 +6,96 @@
 
 * reads ``step.logits``, ``step.target``, ``step.features``, ``step.outputs`` (raw encoder
   outputs), ``step.unimodal`` (head logits by name) and ``step.training``;
+* computes the task's losses with :meth:`Step.fused_loss`, :meth:`Step.head_terms` and
+  :meth:`Step.loss_sums` (classification or regression alike);
 * reduces per-sample statistics with :meth:`Step.mean` (over all ranks with ``sync="global"``;
   every rank must make the same calls in the same order);
-* keeps running state with :meth:`Step.keep_if_finite`;
+* keeps running state with :meth:`Step.keep_if_finite` (or :meth:`Step.update_state` for a
+  state declared with ``add_state``);
 * records the step's coefficients and scores once with :meth:`Step.store` (training only);
 * routes tensors whose gradient its coefficients scale through :meth:`Step.scale`.
 
-Nothing here synchronises with the host.
+A step never reaches back into its balancer: it holds a :class:`StepContext` (the names, the
+task, the reduction group, the non-finite guard, the previous results), and the balancer reads
+:attr:`Step.stored` once the method's ``_loss`` has returned. Nothing here synchronises with
+the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradbalance._distributed import local_mean, reduce_mean
-from gradbalance._finite import is_finite, nonfinite_message
+from gradbalance._finite import NonFiniteGuard, is_finite, nonfinite_message
 from gradbalance._scale import Binding, scale_grad
 from gradbalance.coefficients import true_class_probability
 from gradbalance.errors import NonFiniteError
 
 if TYPE_CHECKING:
-    from gradbalance.balancer import Balancer
+    from gradbalance._task import Task
+
+Stored = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+"""What :meth:`Step.store` hands to the balancer: coefficients, scores (float32, on the
+balancer's device; the previous ones where the step was not finite) and the device-side
+finiteness flag (``None`` where a non-finite step raised at once instead)."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a :class:`Step` needs from its balancer, given once at the start of ``loss()``.
+
+    Attributes:
+        names: the encoders' names, in order.
+        task: the balancer's task (losses and scores of classification or regression).
+        device: the device of the balancer's results (coefficients, scores).
+        synced: whether the statistics of a training step are all-reduced over the ranks
+            (``sync="global"`` under torch.distributed); else local means.
+        process_group: the group of that reduction (``None``: the world).
+        guard: the balancer's non-finite guard.
+        index: the number of training steps before this one (for error messages).
+        previous: the last coefficients and scores (kept by a non-finite step).
+    """
+
+    names: list[str]
+    task: Task
+    device: torch.device
+    synced: bool
+    process_group: Any
+    guard: NonFiniteGuard
+    index: int
+    previous: tuple[torch.Tensor, torch.Tensor]
 
 
 class Step:
-    """The data and the per-step services of one ``loss()`` call (see the module docstring)."""
+    """The data and the per-step services of one ``loss()`` call, handed to a method's
+    ``_loss(step)``.
+
+    Data: :attr:`logits`, :attr:`target`, :attr:`features` (``{name: (B, D)}``),
+    :attr:`outputs` (raw encoder outputs), :attr:`unimodal` (heads' logits), :attr:`training`.
+    Services: :meth:`fused_loss`, :meth:`head_terms`, :meth:`loss_sums`, :meth:`score_sums`,
+    :meth:`mean`, :meth:`keep_if_finite`, :meth:`scale`, :meth:`store`.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> class HalfVideo(gb.Method):
+        ...     def _loss(self, step: gb.Step) -> torch.Tensor:
+        ...         if step.training:
+        ...             step.store(torch.tensor([1.0, 0.5]), torch.zeros(2))
+        ...         return step.fused_loss()
+        >>> model = gb.testing.TwoTowerNet()
+        >>> bal = HalfVideo(model, [model.audio, model.video], num_classes=3)
+        >>> y = torch.tensor([0, 1, 2, 0])
+        >>> bal.loss(model(torch.randn(4, 8), torch.randn(4, 6)), y).backward()
+        >>> bal.coefficients["video"]
+        tensor(0.5000)
+    """
 
     def __init__(
         self,
-        balancer: Balancer,
+        context: StepContext,
         logits: torch.Tensor,
         target: torch.Tensor,
         features: dict[str, torch.Tensor],
@@ -44,7 +103,7 @@ class Step:
         training: bool,
         binding: Binding | None,
     ) -> None:
-        self.balancer = balancer
+        self.context = context
         self.logits = logits
         self.target = target
         self.features = features
@@ -55,6 +114,7 @@ class Step:
         self._unimodal: dict[str, torch.Tensor] | None = None
         self.finite: torch.Tensor | None = None
         self.finite_reduced = False
+        self.stored: Stored | None = None
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +125,7 @@ class Step:
         """``{name: (B, K)}``: each head's logits (empty without heads)."""
         if self._unimodal is None:
             stacked = self.stacked_unimodal
-            names = self.balancer.names
+            names = self.context.names
             self._unimodal = {} if stacked is None else dict(zip(names, stacked.unbind()))
         return self._unimodal
 
@@ -83,12 +143,11 @@ class Step:
         ``count`` are all-reduced in one collective (the step's non-finite flag rides along,
         so every rank skips the same steps); otherwise the local ``sums / count``.
         """
-        bal = self.balancer
-        if not (self.training and bal.sync == "global" and bal.world_size() > 1):
+        if not (self.training and self.context.synced):
             return local_mean(sums, count)
         carry = self.finite is not None and not self.finite_reduced
         flag = (~self.finite).float().reshape(1) if carry and self.finite is not None else None
-        mean, reduced = reduce_mean(sums, count, bal.process_group, flag)
+        mean, reduced = reduce_mean(sums, count, self.context.process_group, flag)
         if reduced is not None:
             self.finite = reduced[0] == 0
             self.finite_reduced = True
@@ -114,7 +173,7 @@ class Step:
 
     def score_sums(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Batch sums of the true-class probability of ``(M, B, K)`` logits (or a list)."""
-        device = self.balancer.last_scores.device
+        device = self.context.device
         if isinstance(logits, torch.Tensor):
             return true_class_probability(logits.detach(), self.target.to(logits.device), "sum").to(
                 device
@@ -126,17 +185,26 @@ class Step:
             ]
         )
 
-    def head_terms(self, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's mean cross-entropy (with graph) and score, both ``(M,)``.
+    def fused_loss(self, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The task's mean training loss (cross-entropy, or the regression loss) of the
+        fused logits, or of ``logits`` of the same shape, with graph."""
+        return self.context.task.fused_loss(self.logits if logits is None else logits, self.target)
 
-        The score is the head's batch-mean true-class probability (float32, detached, over
-        all ranks with ``sync="global"``); both come from one log-softmax. ``scaled`` routes
-        the head logits through this step's coefficients (the gradient into head m and, from
-        it, into encoder m is multiplied by k_m).
+    def head_terms(self, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's mean training loss (with graph) and score, both ``(M,)``.
+
+        Classification: the mean cross-entropy and the batch-mean true-class probability;
+        regression: the regression loss and the batch error (lower is better). The scores are
+        float32, detached and over all ranks with ``sync="global"``. ``scaled`` routes the
+        head outputs through this step's coefficients (the gradient into head m and, from it,
+        into encoder m is multiplied by k_m).
         """
-        true_class = _true_class_log_probability(self.head_outputs(scaled), self.target)
-        sums = true_class.detach().exp().sum(-1).to(self.balancer.last_scores.device)
-        return -true_class.mean(-1), self.mean(sums, self.batch_size)
+        return self.context.task.head_terms(self, scaled)
+
+    def loss_sums(self, predictions: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` float32: the batch sum of each sample's training loss, for ``(M, B, K)``
+        predictions (classification: cross-entropy; regression: the mean loss per sample)."""
+        return self.context.task.loss_sums(predictions, self.target)
 
     def head_outputs(self, scaled: bool) -> torch.Tensor:
         """``(M, B, K)``: every head's output on this step, batched or stacked (separately run
@@ -166,41 +234,30 @@ class Step:
     def store(self, coefficients: torch.Tensor, scores: torch.Tensor) -> None:
         """Record this training step's coefficients and scores (once per step).
 
-        Writes them into this forward's binding (its backward applies them), the balancer's
-        buffers and history. A non-finite step (see ``nonfinite``) leaves everything as it
-        was: the previous coefficients, scores and history.
+        Writes them into this forward's binding (its backward applies them); the balancer
+        copies them into its buffers and history when the method's ``_loss`` returns. A
+        non-finite step (see ``nonfinite``) keeps the previous coefficients and scores.
         """
-        bal = self.balancer
+        context = self.context
         with torch.no_grad():
-            device = bal.last_scores.device
-            coefficients = coefficients.to(device=device, dtype=torch.float32)
-            scores = scores.to(device=device, dtype=torch.float32)
+            coefficients = coefficients.to(device=context.device, dtype=torch.float32)
+            scores = scores.to(device=context.device, dtype=torch.float32)
             values_finite = (coefficients.sum() + scores.sum()) * 0 == 0
             finite: torch.Tensor | None = None
-            if bal.raises_at_once(coefficients):
+            if context.guard.raises_at_once(coefficients):
                 try:  # on the CPU the assertion is synchronous (and no device synchronisation)
                     torch._assert_async(values_finite, "non-finite")
                 except RuntimeError:
-                    message = nonfinite_message("the coefficients or scores", bal.steps)
+                    message = nonfinite_message("the coefficients or scores", context.index)
                     raise NonFiniteError(message) from None
             else:
                 finite = values_finite
                 if self.finite is not None:
-                    finite = finite & self.finite.to(device)
-                coefficients = torch.where(finite, coefficients, bal.last_coefficients)
-                scores = torch.where(finite, scores, bal.last_scores)
-                bal.nonfinite_steps.add_((~finite).to(bal.nonfinite_steps.dtype))
-                bal.note_finite(finite)
+                    finite = finite & self.finite.to(context.device)
+                last_coefficients, last_scores = context.previous
+                coefficients = torch.where(finite, coefficients, last_coefficients)
+                scores = torch.where(finite, scores, last_scores)
             if self.binding is not None:
                 self.binding.write(coefficients)
-            bal.last_coefficients.copy_(coefficients)
-            bal.last_scores.copy_(scores)
-            bal.record_history(coefficients, scores, finite)
-        bal.steps += 1
+        self.stored = (coefficients, scores, finite)
 
-
-def _true_class_log_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[..., i, target[i]]`` in float32, for ``(..., B, K)`` logits."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    index = target.to(logits.device).expand(log_probs.shape[:-1]).unsqueeze(-1)
-    return log_probs.gather(-1, index).squeeze(-1)

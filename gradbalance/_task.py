@@ -72,8 +72,20 @@ class Task:
         return F.cross_entropy(logits, target)
 
     def head_terms(self, step: Step, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's mean cross-entropy (with graph) and score (mean true-class probability)."""
-        return step.head_terms(scaled)
+        """Each head's mean cross-entropy (with graph) and score, both ``(M,)``.
+
+        The score is the head's batch-mean true-class probability (float32, detached, over
+        all ranks with ``sync="global"``); both come from one log-softmax. ``scaled`` routes
+        the head logits through the step's coefficients.
+        """
+        true_class = _true_class_log_probability(step.head_outputs(scaled), step.target)
+        sums = true_class.detach().exp().sum(-1).to(step.context.device)
+        return -true_class.mean(-1), step.mean(sums, step.batch_size)
+
+    def loss_sums(self, predictions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` float32: the batch sum of each sample's cross-entropy, for ``(M, B, K)``
+        logits."""
+        return -_true_class_log_probability(predictions, target).sum(-1)
 
     def describe(self) -> str:
         return ""
@@ -181,7 +193,7 @@ class Regression(Task):
         with torch.no_grad():
             difference = predictions.detach() - target.to(predictions.dtype)
             errors = difference.square() if self.error == "mse" else difference.abs()
-            sums = errors.mean(-1).sum(-1).to(step.balancer.last_scores.device)
+            sums = errors.mean(-1).sum(-1).to(step.context.device)
         return losses.mean(-1), step.mean(sums, step.batch_size)
 
     def describe(self) -> str:
@@ -190,6 +202,13 @@ class Regression(Task):
 
 CLASSIFICATION = Task()
 """The default task of every balancer."""
+
+
+def _true_class_log_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., i, target[i]]`` in float32, for ``(..., B, K)`` logits."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    index = target.to(logits.device).expand(log_probs.shape[:-1]).unsqueeze(-1)
+    return log_probs.gather(-1, index).squeeze(-1)
 
 
 def _has_width(tensor: torch.Tensor, width: int) -> bool:

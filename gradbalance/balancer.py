@@ -14,7 +14,7 @@ with the host. The parts behind this front: validation (``_checks``), hooks and 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from itertools import chain
@@ -34,9 +34,9 @@ from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_
 from gradbalance._checks import (
     check_choice,
     check_common,
-    check_scaled_parameters,
 )
-from gradbalance._distributed import RankSync, local_mean, reduce_mean, world_size
+from gradbalance._deprecation import DeprecatedHelpers
+from gradbalance._distributed import RankSync
 from gradbalance._duties import LoopDuties
 from gradbalance._finite import NonFiniteGuard
 from gradbalance._head_logits import (
@@ -49,16 +49,16 @@ from gradbalance._keywords import check_keywords
 from gradbalance._mode import is_training_step, mode_warning
 from gradbalance._named_parameters import NamedParameters
 from gradbalance._optimizer_watch import OptimizerWatch
-from gradbalance._parameter_watch import ParameterWatch, Reselect
+from gradbalance._parameter_watch import ParameterWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
-from gradbalance._state import BalancerState
-from gradbalance._step import Step
-from gradbalance._task import CLASSIFICATION, Task
+from gradbalance._services import MethodServices
+from gradbalance._step import Step, StepContext
+from gradbalance._task import Task, make_task
 from gradbalance._unimodal import no_unimodal_classifier
 from gradbalance.errors import CaptureError
 from gradbalance.history import History
 
-__all__ = ["Balancer", "pool_feature"]
+__all__ = ["Balancer", "Step", "pool_feature"]
 
 Pool = Literal["spatial", "tokens", "cls"]
 HeadMode = Literal["train", "probe", "none"]
@@ -77,7 +77,7 @@ class _AttachAfterInit(type):
         return balancer
 
 
-class Balancer(BalancerState, metaclass=_AttachAfterInit):
+class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
     """Base class of every balancing method: taps, heads, coefficients, history.
 
     Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); all a user touches is
@@ -128,6 +128,18 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             ``backward()``); with ``"skip"`` the next optimizer step over the model's
             parameters is skipped (their gradients are set to None; one host
             synchronisation per optimizer step) and counted in :attr:`nonfinite_steps`.
+        task: ``"classification"`` (default) or, for the methods in
+            :attr:`supported_tasks`, ``"regression"`` (then ``num_classes`` is left out).
+        loss: regression only: every training loss, ``"l1"`` (default), ``"mse"`` or
+            ``"huber"``.
+        output_dim: regression only: values predicted per sample (default 1).
+        error: regression only: each head's score, its batch ``"mse"`` (default) or
+            ``"mae"`` (lower is better).
+
+    Writing a method: subclass :class:`~gradbalance.Method`, implement ``_loss(step)`` with
+    the services of :class:`~gradbalance.Step`, declare running state with
+    :meth:`add_state` and register it with :func:`~gradbalance.register_method` (see the
+    "Writing a method" page).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -154,8 +166,10 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
     uses_parameter_hooks: bool = False
     """Whether some gradients are scaled by per-parameter hooks (read at backward time)."""
 
-    _task: Task = CLASSIFICATION  # a method's task= sets its own before this constructor
+    supported_tasks: tuple[str, ...] = ("classification",)
+    """The values of ``task=`` the method accepts."""
 
+    _task: Task
 
     def __init__(
         self,
@@ -172,8 +186,14 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         process_group: Any = None,
         nonfinite: NonFinite = "raise",
         check_gradients: bool = False,
+        task: str = "classification",
+        loss: str | None = None,
+        output_dim: int | None = None,
+        error: str | None = None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
+        self._task = make_task(name, task, loss, output_dim, error, self.supported_tasks)
         if head_mode is not None:
             self.head_mode = check_choice("head_mode", head_mode, ("train", "probe", "none"))
         options = check_common(
@@ -207,6 +227,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         self._index = {name: index for index, name in enumerate(self.names)}
         self._binding = Binding(torch.ones(m, device=device))
         self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
+        self._state_reductions = {}
         self._parameter_watch = ParameterWatch(model, {}, None)
         self._paused = 0
         self._training_calls = 0
@@ -252,17 +273,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         self._parameter_watch.start()  # a re-parametrized model is caught at the next loss()
         self._hooked = NamedParameters(self._root_model, chain(*self._scaled_parameters.values()))
 
-    def _request_parameter_scaling(
-        self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
-    ) -> None:
-        """Validate (in a constructor) parameters whose gradients k_name also scales;
-        ``reselect``: the rule that chose them, applied again after a change of the model."""
-        inside_allowed = not self.scales_gradients
-        selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
-        self._scaled_parameters = selected
-        self._parameter_watch = ParameterWatch(self._root_model, selected, reselect)
-        self.uses_parameter_hooks = bool(selected)
-
     def remove(self) -> None:
         """Remove every hook: the model's forward and backward are exactly as before."""
         self._attachment.detach()
@@ -278,7 +288,8 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._duties.model_forward(torch.is_grad_enabled() and self._root_model.training, self)
 
     def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
-        """The tap of encoder ``name``: capture its output, return the scaled copy."""
+        """The tap of encoder ``name``: capture its output, return the scaled copy (or the
+        model's branch of :meth:`_fork_output`)."""
         if self._paused:
             return None
         grad = torch.is_grad_enabled()
@@ -286,13 +297,18 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         index = self._index[name]
         k = binding.views[index] if binding is not None and self.scales_gradients else None
         refuse_functional_transform(name)
-        if torch.compiler.is_compiling():
-            self._captures.record_compiled(name, output, grad, module.training, binding)
-            return scale_grad_tree(output, k, name)
-        if not in_backward():  # checkpointing recomputes: scale again, capture nothing
+        compiling = torch.compiler.is_compiling()
+        recomputing = not compiling and in_backward()  # checkpointing: scale, capture nothing
+        watch = self._guard.watch(index) if grad and not compiling else None
+        fork = self._fork_output(name, output, watch) if grad and not recomputing else None
+        model_output, captured = (output, output) if fork is None else fork
+        if compiling:
+            self._captures.record_compiled(name, captured, grad, module.training, binding)
+        elif not recomputing:
             self._ranks.check_wrapper(self)
-            self._captures.record(name, output, grad, module.training, binding)
-        watch = self._guard.watch(index) if grad else None
+            self._captures.record(name, captured, grad, module.training, binding)
+        if fork is not None:
+            return model_output
         return scale_grad_tree(output, k, name, watch)
 
     @contextmanager
@@ -361,7 +377,7 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         outputs = {name: c.output for name, c in captures.items()}
         features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
-        step = Step(self, logits, target, features, outputs, training, binding)
+        step = Step(self._step_context(), logits, target, features, outputs, training, binding)
         prepare_heads(self.heads, features)
         stacked = stack_if_uniform(features)
         if training:
@@ -374,8 +390,18 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._end_training_step(step, total)
         return total
 
-    def _loss(self, step: Step) -> torch.Tensor:
-        raise NotImplementedError
+    def _step_context(self) -> StepContext:
+        synced = self.sync == "global" and self.world_size() > 1
+        return StepContext(
+            names=self.names,
+            task=self._task,
+            device=self.last_scores.device,
+            synced=synced,
+            process_group=self.process_group,
+            guard=self._guard,
+            index=self.steps,
+            previous=(self.last_coefficients, self.last_scores),
+        )
 
     def _warn_once(self, message: str | None) -> None:
         if message is not None and message not in self._warned_messages:
@@ -396,7 +422,10 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
             self._guard.raise_recorded()
 
     def _end_training_step(self, step: Step, total: torch.Tensor) -> None:
-        """Bind the next forward to fresh coefficients (this forward keeps its own)."""
+        """Record what the method stored; bind the next forward to fresh coefficients (this
+        forward keeps its own)."""
+        if step.stored is not None:
+            self._commit(*step.stored)
         values = self.last_coefficients.clone()  # never a tensor a graph may have saved
         if step.binding is not None and self.uses_parameter_hooks and total.requires_grad:
             total.register_hook(self._backward.loss_hook(step.binding))
@@ -404,18 +433,10 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
 
     # --- optimizer steps and the non-finite guard ------------------------------------------
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called before every optimizer step (a global pre-step hook watches them)."""
         if self._watch.note(optimizer):
             self._guard.close_step(optimizer, self.nonfinite_steps)
-
-    def raises_at_once(self, tensor: torch.Tensor) -> bool:
-        """Whether a non-finite step raises at once (``"raise"`` with tensors on the CPU)."""
-        return self._guard.raises_at_once(tensor)
-
-    def note_finite(self, finite: torch.Tensor) -> None:
-        """Record whether the last training step was finite (device-side)."""
-        self._guard.last_finite = finite
 
     def check_finite(self) -> None:
         """Raise now the error of a non-finite step recorded on an accelerator (one host
@@ -431,19 +452,6 @@ class Balancer(BalancerState, metaclass=_AttachAfterInit):
         With ``check_gradients=True`` it also covers the gradients since the last step.
         """
         return self._guard.step_finite()
-
-    # --- distributed ------------------------------------------------------------------------
-
-    def world_size(self) -> int:
-        """Processes sharing the training in this balancer's group (1 without distributed)."""
-        return world_size(self.process_group)
-
-    def _reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
-        """Mean over all ranks with ``sync="global"`` (outside ``loss()``: every rank must
-        call it, e.g. in ``epoch_end()``), else local. No host synchronisation."""
-        if self.sync == "global" and self.world_size() > 1:
-            return reduce_mean(sums, count, self.process_group)[0]
-        return local_mean(sums, count)
 
     # --- results and state ------------------------------------------------------------------
 

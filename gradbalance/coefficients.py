@@ -14,10 +14,11 @@ from typing import Literal
 
 import torch
 
-from gradbalance._loss_weights import gblend_estimates as gblend_estimates
-from gradbalance._loss_weights import gblend_scores as gblend_scores
-from gradbalance._loss_weights import gblend_weights as gblend_weights
-from gradbalance._loss_weights import mmpareto_weights as mmpareto_weights
+from gradbalance._checks import check_alpha, check_number
+from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
+from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
+from gradbalance.methods._loss_weights import gblend_weights as gblend_weights
+from gradbalance.methods._loss_weights import mmpareto_weights as mmpareto_weights
 
 SCORE_FLOOR = 1e-8
 """Scores are clamped to at least this value, so a score that underflowed to 0 stays finite."""
@@ -77,7 +78,8 @@ def mlb_coefficients(scores: torch.Tensor, alpha: float, beta_max: float = 2.0) 
         >>> bool(k[0] > 1 > k[1])
         True
     """
-    _check_alpha_beta(alpha, beta_max)
+    check_alpha(alpha)
+    check_number("beta_max", beta_max, minimum=0.0, strict=True)
     return _tanh_coefficients(mlb_ratios(scores), alpha, beta_max)
 
 
@@ -107,22 +109,14 @@ def mlb_error_coefficients(
         >>> bool(k[0] > 1 > k[1])  # the modality with the larger error is sped up
         True
     """
-    _check_alpha_beta(alpha, beta_max)
+    check_alpha(alpha)
+    check_number("beta_max", beta_max, minimum=0.0, strict=True)
     return _tanh_coefficients(mlb_error_ratios(errors), alpha, beta_max)
 
 
 def _tanh_coefficients(ratios: torch.Tensor, alpha: float, beta_max: float) -> torch.Tensor:
     shifted = torch.tanh(alpha * (ratios - 1.0))
     return 1.0 + torch.where(ratios > 1.0, (beta_max - 1.0) * shifted, shifted)
-
-
-def _check_alpha_beta(alpha: float, beta_max: float) -> None:
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if not beta_max > 0:
-        raise ValueError(
-            f"beta_max must be > 0 (it bounds the weaker modality's coefficient), got {beta_max}"
-        )
 
 
 def true_class_probability(
@@ -149,11 +143,6 @@ def true_class_probability(
     index = target.expand(log_probs.shape[:-1]).unsqueeze(-1)
     probabilities = log_probs.gather(-1, index).squeeze(-1).exp()
     return probabilities.sum(-1) if reduction == "sum" else probabilities.mean(-1)
-
-
-def _check_alpha(alpha: float) -> None:
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
-        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
 
 
 def others_mean(scores: torch.Tensor) -> torch.Tensor:
@@ -218,7 +207,7 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
         tensor([0.0949, 1.0000, 1.0000])
     """
     _check_scores(scores)
-    _check_alpha(alpha)
+    check_alpha(alpha)
     scores = scores.clamp_min(SCORE_FLOOR)
     reference = others_mean(scores)
     ratios = scores / reference
@@ -299,7 +288,7 @@ def agm_coefficients(
         tensor([0.1794, 1.8816])
     """
     _check_scores(losses)
-    _check_alpha(alpha)
+    check_alpha(alpha)
     if running_losses.shape != losses.shape:
         raise ValueError(
             f"running_losses must have the shape of losses {tuple(losses.shape)}, "
@@ -355,7 +344,7 @@ def pmr_weights(scores: torch.Tensor, alpha: float) -> torch.Tensor:
         tensor([0., 2., 0.])
     """
     _check_scores(scores)
-    _check_alpha(alpha)
+    check_alpha(alpha)
     weaker = (scores < others_mean(scores)) & ~_all_equal(scores)
     return torch.where(weaker, torch.full_like(scores, float(alpha)), torch.zeros_like(scores))
 

@@ -9,7 +9,9 @@ Each entry says how its component is built from its own slice of a run's configu
   :func:`reference_models.models.build_model`;
 * :data:`METHODS`: ``name -> MethodRecipe``: the library method it makes, the fusion it forces,
   the options it takes from the model (fused-head slices, weight blocks, masked forward) and
-  the per-epoch work it needs from the harness.
+  the per-epoch work it needs from the harness. Every method of ``gb.registry.METHODS`` is
+  listed (a method registered with ``gb.register_method`` too, unwired), and
+  :data:`METHOD_ALIASES` holds ``gb.registry.ALIASES``.
 
 Example:
     >>> METHODS["mmcosine"].balancer, METHODS["mmcosine"].fusion
@@ -20,13 +22,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+import gradbalance as gb
 from reference_models.fusion import FUSIONS as _FUSION_CLASSES
 from reference_models.models import BACKBONES
 
@@ -213,7 +216,7 @@ def fused_head_weights(fusion: nn.Module) -> list[nn.Parameter]:
     return [p for p in fusion.parameters() if p.dim() >= 2]
 
 
-METHODS: dict[str, MethodRecipe] = {
+_RECIPES: dict[str, MethodRecipe] = {
     "joint": MethodRecipe("Joint Training", "joint", wire=_with_probes),
     "multiloss": MethodRecipe("Multi-Loss", "multiloss"),
     "mlb": MethodRecipe("MLB", "mlb", wire=_fused_weight_blocks),
@@ -238,13 +241,39 @@ METHODS: dict[str, MethodRecipe] = {
     "audio_only": MethodRecipe("Audio only", None, fusion="linear", modality="audio"),
     "video_only": MethodRecipe("Video only", None, fusion="linear", modality="video"),
 }
+"""The harness's wiring of the library's methods, and its own baselines."""
+
+
+class _LiveTable(Mapping[str, Any]):
+    """A read-only mapping rebuilt by ``build()`` at each access (so it follows
+    ``gb.registry``: a method registered later is listed)."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        self._build = build
+
+    def __getitem__(self, name: str) -> Any:
+        return self._build()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return len(self._build())
+
+
+def _method_table() -> dict[str, MethodRecipe]:
+    """:data:`_RECIPES`, then every other method of ``gb.registry.METHODS`` (a plain recipe
+    labelled by its class name)."""
+    table = dict(_RECIPES)
+    for name, cls in gb.registry.METHODS.items():
+        table.setdefault(name, MethodRecipe(cls.__name__, name))
+    return table
+
+
+METHODS: Mapping[str, MethodRecipe] = _LiveTable(_method_table)
 """Every method the harness trains, by the name used in configurations and presets."""
 
-METHOD_ALIASES: dict[str, str] = {
-    "multi_loss": "multiloss",
-    "gradient_blending": "gblend",
-    "ogmge": "ogm_ge",
-    "audio": "audio_only",
-    "video": "video_only",
-}
+METHOD_ALIASES: Mapping[str, str] = _LiveTable(
+    lambda: {**gb.registry.ALIASES, "audio": "audio_only", "video": "video_only"}
+)
 """Other spellings accepted for a method name."""

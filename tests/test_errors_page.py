@@ -142,6 +142,15 @@ def misspelt_option() -> None:
     gb.make("mlb", model, encoders, num_classes=3, alpah=1)
 
 
+def taken_method_name() -> None:
+    gb.register_method("MLB", gb.Joint)
+
+
+def unknown_method_name() -> None:
+    model, encoders = two_towers()
+    gb.make("mmcosine", model, encoders, num_classes=3)
+
+
 def removed_balancer() -> None:
     model, encoders = two_towers()
     bal = gb.MLB(model, encoders, 3)
@@ -253,6 +262,8 @@ CASES: dict[str, Callable[[], None]] = {
     "reparametrized_after_balancer": reparametrized_after_balancer,
     "agm_many_modalities": agm_many_modalities,
     "misspelt_option": misspelt_option,
+    "taken_method_name": taken_method_name,
+    "unknown_method_name": unknown_method_name,
     "removed_balancer": removed_balancer,
     "unknown_logger": unknown_logger,
     "failing_logger": failing_logger,

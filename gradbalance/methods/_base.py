@@ -1,10 +1,12 @@
 """What every method shares beyond the :class:`~gradbalance.Balancer` front: the switch
 ``enabled``, the modulation window, eval-mode passes, fused-head slices and parameter choice.
 
-A method implements ``_loss(step)`` (the per-step contract of ``gradbalance._step``): it
+A method implements ``_loss(step)`` (the per-step contract of :class:`~gradbalance.Step`): it
 reads the step's logits, features and head logits, calls ``step.store(coefficients, scores)``
 once in a training step and returns the loss. :meth:`Method.active` says whether this
-training step is modulated (enabled and inside the window).
+training step is modulated (enabled and inside the window). What else a method may read,
+call and override is the extension surface of :class:`~gradbalance.Balancer` (the "Writing a
+method" page).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from torch import nn
 from gradbalance._checks import check_fusion_head, check_window
 from gradbalance._sharded import refuse_sharded
 from gradbalance._step import Step
-from gradbalance._task import make_task
 from gradbalance.balancer import Balancer
 from gradbalance.errors import ConfigurationError, UnavailableError
 
@@ -95,18 +96,23 @@ class Method(Balancer):
         window: ``(start, end)`` inclusive range of epochs (or steps) in which the method
             modulates; ``end=None`` never ends.
         window_unit: ``"epoch"`` (counted by :meth:`epoch_end`) or ``"step"``.
-        task: ``"classification"`` (default) or, for the methods in
-            :attr:`supported_tasks`, ``"regression"`` (then ``num_classes`` is left out).
-        loss: regression only: every training loss, ``"l1"`` (default), ``"mse"`` or
-            ``"huber"``.
-        output_dim: regression only: values predicted per sample (default 1).
-        error: regression only: each head's score, its batch ``"mse"`` (default) or
-            ``"mae"`` (lower is better).
-        **common: the options of :class:`~gradbalance.Balancer`.
-    """
+        **common: the options of :class:`~gradbalance.Balancer` (``task=`` included).
 
-    supported_tasks: tuple[str, ...] = ("classification",)
-    """The values of ``task=`` the method accepts."""
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> class Fixed(gb.Method):
+        ...     def _loss(self, step):
+        ...         k = torch.tensor([2.0, 1.0]) if self.active() else torch.ones(2)
+        ...         if step.training:
+        ...             step.store(k, torch.zeros(2))
+        ...         return step.fused_loss()
+        >>> model = gb.testing.TwoTowerNet()
+        >>> bal = Fixed(model, [model.audio, model.video], num_classes=3, window=(1, None))
+        >>> y = torch.tensor([0, 1, 2, 0])
+        >>> bal.loss(model(torch.randn(4, 8), torch.randn(4, 6)), y).backward()
+        >>> bal.coefficients["audio"]  # epoch 0 is outside the window
+        tensor(1.)
+    """
 
     def __init__(
         self,
@@ -117,29 +123,12 @@ class Method(Balancer):
         enabled: bool = True,
         window: Sequence[int | None] = (0, None),
         window_unit: WindowUnit = "epoch",
-        task: str = "classification",
-        loss: str | None = None,
-        output_dim: int | None = None,
-        error: str | None = None,
         **common: Any,
     ) -> None:
-        name = type(self).__name__
-        self._task = make_task(name, task, loss, output_dim, error, self.supported_tasks)
         self.window = check_window(window, window_unit)
         self.window_unit = window_unit
         super().__init__(model, encoders, num_classes, **common)
-        self.__dict__["_model"] = model  # not a submodule: state_dict never holds the model
         self.enabled = bool(enabled)
-
-    @property
-    def task(self) -> str:
-        """``"classification"`` or ``"regression"``."""
-        return self._task.name
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the heads' outputs: ``num_classes``, or the regression target's width."""
-        return self._task.output_width(self.num_classes)
 
     def active(self) -> bool:
         """Whether this training step is modulated (enabled and inside the window)."""
@@ -165,7 +154,7 @@ class Method(Balancer):
         keep = parameter_filter(choice)
         seen: set[int] = set()
         selected: dict[str, list[nn.Parameter]] = {}
-        for name, module in self._encoders.items():
+        for name, module in self.encoders.items():
             selected[name] = []
             for param_name, param in module.named_parameters():
                 if param.requires_grad and id(param) not in seen and keep(param_name, param):
@@ -177,7 +166,7 @@ class Method(Balancer):
         """The detached probes' summed cross-entropy (it trains only the probes); 0 without."""
         if not step.unimodal:
             return step.logits.new_zeros(())
-        return self._task.head_terms(step, scaled=False)[0].sum().to(step.logits.device)
+        return step.head_terms(scaled=False)[0].sum().to(step.logits.device)
 
     def _window_repr(self) -> str:
         return f"window={self.window} ({self.window_unit}), enabled={self.enabled}"

@@ -17,20 +17,19 @@ from gradbalance._checks import (
     check_int,
     check_number,
 )
-from gradbalance._fusion_call import (
+from gradbalance._named_parameters import NamedParameters
+from gradbalance._shapley import EXACT_PASS_LIMIT, ShapleyMode, ShapleyPlan, exact_passes
+from gradbalance._step import Step
+from gradbalance.coefficients import agm_coefficients, agm_losses
+from gradbalance.errors import ConfigurationError, CostWarning, MissingCallWarning
+from gradbalance.methods._base import Method, WindowUnit, eval_mode
+from gradbalance.methods._fusion_call import (
     MISSING_FUSION,
     FusionCall,
     call_fusion,
     check_static_widths,
 )
-from gradbalance._fusion_call import fusion_call as _fusion_call
-from gradbalance._named_parameters import NamedParameters
-from gradbalance._shapley import EXACT_PASS_LIMIT, ShapleyMode, ShapleyPlan, exact_passes
-from gradbalance._step import Step
-from gradbalance._task import Regression
-from gradbalance.coefficients import agm_coefficients, agm_losses
-from gradbalance.errors import ConfigurationError, CostWarning, MissingCallWarning
-from gradbalance.methods._base import Method, WindowUnit, eval_mode
+from gradbalance.methods._fusion_call import fusion_call as _fusion_call
 
 Masking = Literal["feature", "input"]
 FusionInputs = Literal["features", "outputs"]
@@ -270,8 +269,8 @@ class AGM(Method):
         device = self.last_scores.device
         exact = torch.zeros(0, 0) if self._plan.exact is None else self._plan.exact[1]
         self.register_buffer("_shapley", exact.to(torch.float32).to(device), persistent=False)
-        self.register_buffer("running_losses", torch.zeros(len(self.names), device=device))
-        self.register_buffer("running_count", torch.zeros((), dtype=torch.int64, device=device))
+        self.add_state("running_losses", torch.zeros(len(self.names)))
+        self.add_state("running_count", torch.zeros((), dtype=torch.int64))
         self._after_backward_calls = 0
         self._warned = False
 
@@ -280,7 +279,7 @@ class AGM(Method):
     ) -> torch.Tensor:
         """The fused logits with only the modalities in ``coalition`` present."""
         masked = frozenset(n for i, n in enumerate(self.names) if i not in coalition)
-        model = self.__dict__["_model"]
+        model = self.model
         if self.masking == "input":
             with self.paused(), eval_mode(model, self.eval_masked):
                 return self.__dict__["_forward_masked"](masked)
@@ -305,9 +304,8 @@ class AGM(Method):
         orders). ``logits`` are the fused logits of that forward.
         """
         if features is None:
-            captures = self._captures.latest_captures()
-            features = {name: self._feature(name, c.output) for name, c in captures.items()}
-            self.__dict__["_last_outputs"] = {name: c.output for name, c in captures.items()}
+            features = self.features()
+            self.__dict__["_last_outputs"] = self.encoder_outputs()
         coalitions, weights = self._plan.draw()
         values = [logits]
         for coalition in coalitions[1:]:
@@ -330,15 +328,15 @@ class AGM(Method):
         return torch.einsum("mc,cbk->mbk", weights, stacked)
 
     def _loss(self, step: Step) -> torch.Tensor:
-        task = self._task
+        regression = self.task == "regression"
         if not step.training or not self.active():
-            return task.fused_loss(step.logits, step.target) + self._probe_loss(step)
+            return step.fused_loss() + self._probe_loss(step)
         self.__dict__["_last_outputs"] = step.outputs
         phi = self.shapley_logits(step.logits, step.features)
         device = self.running_losses.device
         # Batch means, over all ranks with sync="global" (one all-reduce, no host sync).
-        if isinstance(task, Regression):  # each Shapley output's regression loss
-            sums = task.loss_sums(phi.detach(), step.target).to(device)
+        if regression:  # each Shapley output's regression loss
+            sums = step.loss_sums(phi.detach()).to(device)
         else:
             sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
         losses = step.mean(sums, step.batch_size)
@@ -349,7 +347,7 @@ class AGM(Method):
             coefficients = coefficients.clamp_min(self.min_coefficient)
         if not self.update_running_first:
             self._update_running(step, losses)
-        step.store(coefficients, losses if task.regression else torch.exp(-losses))
+        step.store(coefficients, losses if regression else torch.exp(-losses))
         if self.clip and not self._after_backward_calls and self.steps >= 50 and not self._warned:
             self._warned = True
             warnings.warn(
@@ -359,7 +357,7 @@ class AGM(Method):
                 MissingCallWarning,
                 stacklevel=4,
             )
-        return task.fused_loss(step.scale(phi).sum(0), step.target) + self._probe_loss(step)
+        return step.fused_loss(step.scale(phi).sum(0)) + self._probe_loss(step)
 
     @torch.no_grad()
     def _update_running(self, step: Step, losses: torch.Tensor) -> None:
@@ -370,14 +368,8 @@ class AGM(Method):
         count = self.running_count + 1
         updated = self.running_losses + (losses - self.running_losses) / count
         finite = torch.isfinite(updated).all()
-        updated = step.keep_if_finite(
-            torch.where(finite, updated, self.running_losses), self.running_losses
-        )
-        count = step.keep_if_finite(
-            torch.where(finite, count, self.running_count), self.running_count
-        )
-        self.running_losses.copy_(updated)
-        self.running_count.copy_(count)
+        self.update_state(step, "running_count", torch.where(finite, count, self.running_count))
+        self.update_state(step, "running_losses", updated)
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -393,7 +385,7 @@ class AGM(Method):
         if not self.clip:
             return
         watched = [p.grad for p in self.__dict__["_clip_watch"].current() if p.grad is not None]
-        grads = [p.grad for p in self.__dict__["_model"].parameters() if p.grad is not None]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not watched or not grads:
             return
         # Fused multi-tensor kernels: a handful of launches whatever the number of tensors.

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradbalance._checks import check_int, check_number
-from gradbalance._loss_weights import GBLEND_MIN_OVERFITTING, gblend_estimates, gblend_scores
 from gradbalance._step import Step
 from gradbalance.errors import ConfigurationError, InputError, OrderError
 from gradbalance.methods._base import Method
+from gradbalance.methods._loss_weights import (
+    GBLEND_MIN_OVERFITTING,
+    gblend_estimates,
+    gblend_scores,
+)
 
 Losses = torch.Tensor | Sequence[float] | Mapping[str, float]
 
@@ -124,7 +128,7 @@ class GBlend(Method):
             "kept_estimates": torch.zeros((), dtype=torch.int64, device=device),
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value)
+            self.add_state(name, value)
         self.checkpoints = 0
         self._train_seen = 0
         self._validation_seen = 0
@@ -231,7 +235,7 @@ class GBlend(Method):
                 )
         train_now = self.sums[0] / self.counts[0]  # reduced over the ranks in each step
         # One collective over all ranks with sync="global" (every rank calls epoch_end()).
-        val_now = self._reduce_mean(self.sums[1], self.counts[1])
+        val_now = self.reduce_mean(self.sums[1], self.counts[1])
         now = torch.stack(
             [
                 train_now

@@ -57,11 +57,11 @@ class Joint(Method):
         super().__init__(model, encoders, num_classes, head_mode=head_mode, **common)
 
     def _loss(self, step: Step) -> torch.Tensor:
-        total = self._task.fused_loss(step.logits, step.target)
+        total = step.fused_loss()
         if not step.unimodal:
             return total
         # detached probes: only they train
-        losses, scores = self._task.head_terms(step, scaled=False)
+        losses, scores = step.head_terms(scaled=False)
         if step.training:
             step.store(torch.ones_like(scores), scores)
         return total + losses.sum().to(total.device)

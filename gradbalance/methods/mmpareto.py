@@ -9,11 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradbalance._attach import refuse_functional_transform
 from gradbalance._checks import check_number
 from gradbalance._distributed import reduce_mean
-from gradbalance._pareto import ParetoSite, pareto_fork
-from gradbalance._scale import in_backward
+from gradbalance.methods._pareto import ParetoSite, pareto_fork
 from gradbalance.methods.multiloss import MultiLoss
 
 
@@ -87,9 +85,8 @@ class MMPareto(MultiLoss):
         self.gamma = check_number("gamma", gamma, minimum=0.0, strict=True)
         super().__init__(model, encoders, num_classes, enabled=enabled, **options)
         m = len(self.names)
-        device = self.last_scores.device
-        self.register_buffer("cosine_values", torch.zeros(m, device=device))
-        self.register_buffer("conflicts", torch.zeros(m, dtype=torch.int64, device=device))
+        self.add_state("cosine_values", torch.zeros(m))
+        self.add_state("conflicts", torch.zeros(m, dtype=torch.int64))
 
     @property
     def cosines(self) -> dict[str, torch.Tensor]:
@@ -101,30 +98,21 @@ class MMPareto(MultiLoss):
         """The statistics over all ranks (their mean: every ratio built on them is unchanged)."""
         return reduce_mean(stats, 1.0, self.process_group)[0]
 
-    def _on_output(self, name: str, module: nn.Module, output: Any) -> Any:
-        """The tap: the model continues with one branch, the heads read the other (whatever
-        the encoder's train/eval mode: every backward with gradients gets the combination)."""
-        if (
-            self._paused
-            or not torch.is_grad_enabled()
-            or not self.active()
-            or (not torch.compiler.is_compiling() and in_backward())
-        ):
-            return super()._on_output(name, module, output)
-        refuse_functional_transform(name)
-        index = self._index[name]
+    def _fork_output(self, name: str, output: Any, watch: Any) -> tuple[Any, Any] | None:
+        """The model continues with one branch, the heads read the other (whatever the
+        encoder's train/eval mode: every backward with gradients gets the combination)."""
+        if not self.active():
+            return None
         global_sync = self.sync == "global" and self.world_size() > 1
         site = ParetoSite(
-            index=index,
+            index=self.names.index(name),
             gamma=self.gamma,
             cosines=self.cosine_values,
             conflicts=self.conflicts,
             reduce=partial(MMPareto._reduce, self) if global_sync else None,
-            watch=None if torch.compiler.is_compiling() else self._guard.watch(index),
+            watch=watch,
         )
-        model_branch, head_branch = pareto_fork(output, site, name)
-        super()._on_output(name, module, head_branch)  # captured: the heads read this branch
-        return model_branch
+        return pareto_fork(output, site, name)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma}, {self._window_repr()}"

@@ -109,10 +109,10 @@ class MSLR(SlicedScoresMethod):
         self.register_buffer(
             "initial", torch.tensor([float(factors[n]) for n in self.names], device=device)
         )
-        self.register_buffer("epoch_coefficients", self.initial.clone())
-        self.register_buffer("memory", torch.zeros(memory_epochs, m, device=device))
-        self.register_buffer("accuracies", torch.zeros(m, device=device))
-        self.register_buffer("validation_correct", torch.zeros(m, device=device))
+        self.add_state("epoch_coefficients", self.initial)
+        self.add_state("memory", torch.zeros(memory_epochs, m))
+        self.add_state("accuracies", torch.zeros(m))
+        self.add_state("validation_correct", torch.zeros(m))
         self.memory_size = 0
         self._validation_seen = 0
         self._show_epoch_coefficients()
@@ -183,7 +183,7 @@ class MSLR(SlicedScoresMethod):
                     "pass epoch_end(accuracies={name: accuracy})"
                 )
             # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end).
-            current = self._reduce_mean(self.validation_correct, self._validation_seen)
+            current = self.reduce_mean(self.validation_correct, self._validation_seen)
         else:
             current = self._as_tensor(accuracies)
         if self.memory_size >= self.memory_epochs:

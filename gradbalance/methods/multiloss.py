@@ -79,11 +79,11 @@ class MultiLoss(Method):
 
     def _loss(self, step: Step) -> torch.Tensor:
         scaled = self._scales_head_loss() and step.training
-        losses, scores = self._task.head_terms(step, scaled)
+        losses, scores = step.head_terms(scaled)
         if step.training:
             modulated = self.active()
             step.store(self._coefficients(scores) if modulated else torch.ones_like(scores), scores)
-        fused = self._task.fused_loss(step.logits, step.target)
+        fused = step.fused_loss()
         if self._unit_weights:
             return fused + losses.sum().to(fused.device)
         weights = self._unimodal_weight_vector.to(device=losses.device, dtype=losses.dtype)
@@ -164,10 +164,10 @@ class MLB(MultiLoss):
         self.beta_max = beta_max
         self.scale = scale
         if extra_parameters:
-            self._request_parameter_scaling(extra_parameters)
+            self.scale_parameter_gradients(extra_parameters)
 
     def _coefficients(self, scores: torch.Tensor) -> torch.Tensor:
-        if self._task.regression:  # scores are batch errors: lower is better
+        if self.task == "regression":  # scores are batch errors: lower is better
             return mlb_error_coefficients(scores, self.alpha, self.beta_max)
         return mlb_coefficients(scores, self.alpha, self.beta_max)
 

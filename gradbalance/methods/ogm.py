@@ -119,7 +119,7 @@ class OGM(SlicedScoresMethod):
         self.parameter_choice = parameters
         self._modulated = self._encoder_parameters(parameters)
         if parameters != "encoder":
-            self._request_parameter_scaling(
+            self.scale_parameter_gradients(
                 self._modulated, lambda: self._encoder_parameters(parameters)
             )
 

@@ -210,10 +210,8 @@ class PMR(Method):
             self.register_buffer(
                 f"feature_sums_{name}", torch.zeros(num_classes, dim, device=device)
             )
-        self.register_buffer("class_counts", torch.zeros(num_classes, device=device))
-        self.register_buffer(
-            "prototype_valid", torch.zeros(num_classes, dtype=torch.bool, device=device)
-        )
+        self.add_state("class_counts", torch.zeros(num_classes))
+        self.add_state("prototype_valid", torch.zeros(num_classes, dtype=torch.bool))
         self.ready = False
         self._collected = 0
 
@@ -273,8 +271,7 @@ class PMR(Method):
         """
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise InputError("collect(target) takes the (B,) class labels of the last forward")
-        captures = self._captures.take(torch.is_grad_enabled())  # consumes it, as loss() would
-        features = {name: self._feature(name, c.output) for name, c in captures.items()}
+        features = self.take_features()  # consumes them, as loss() would
         if any(f.shape[0] != target.shape[0] for f in features.values()):
             raise InputError(
                 f"collect(target): {target.shape[0]} labels for features of batch size "
@@ -296,7 +293,7 @@ class PMR(Method):
         names = self.names
         local = [getattr(self, f"feature_sums_{name}") for name in names]
         packed = torch.cat([*local, self.class_counts.unsqueeze(1)], dim=1)
-        totals = self._reduce_mean(packed, 1)  # global sums (count 1: a plain all-reduce)
+        totals = self.reduce_mean(packed, 1)  # global sums (count 1: a plain all-reduce)
         counts = totals[:, -1]
         seen = counts > 0
         valid = self.prototype_valid

@@ -1,4 +1,6 @@
-"""The balancers every contract and reliability matrix runs over: one per name in ``gb.METHODS``.
+"""The balancers every contract and reliability matrix runs over: one per name in ``gb.METHODS``
+(the built-in methods and every method registered with ``gb.register_method``, the test method
+of ``custom_method`` included).
 
 Each entry builds a balancer on a :class:`conftest.MultiTowerNet` (or a subclass with the same
 towers; two towers of inputs 5 and 7, hidden 12, 4 classes) with options that make its
@@ -15,8 +17,10 @@ otherwise (pass ``feature_dims=None`` for lazy heads); ``encoders=`` replaces th
 * ``gblend`` re-estimates its loss weights at every ``epoch_end()`` (``every=1``).
 * ``mmpareto`` combines the two gradients into each encoder in every backward pass.
 
-A new method joins every matrix with one line in ``FACTORIES`` (its ``gb.METHODS`` name -> a
-function of the model and the options); ``test_contract.py`` fails while a name is missing.
+A registered method joins every matrix by itself: :func:`default_factory` builds it with
+explicit ``feature_dims`` and its defaults (a method whose options need wiring to the model
+gets a line in ``WIRED``), and a method whose ``supported_tasks`` include ``"regression"`` also
+joins ``REGRESSION_FACTORIES``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import custom_method  # noqa: F401  (registers the test method before the matrices are built)
 import pytest
 import torch
 from conftest import make_batch
@@ -139,7 +144,7 @@ def mmpareto(model: nn.Module, **options: Any) -> gb.Balancer:
     return _build(gb.MMPareto, model, encoders, defaults, options)
 
 
-FACTORIES: dict[str, Factory] = {
+WIRED: dict[str, Factory] = {
     "joint": joint,
     "multiloss": multiloss,
     "mlb": mlb,
@@ -151,6 +156,23 @@ FACTORIES: dict[str, Factory] = {
     "gblend": gblend,
     "mmpareto": mmpareto,
 }
+"""The built-in methods' factories (options that make their modulation active at once)."""
+
+
+def default_factory(method: type[gb.Balancer]) -> Factory:
+    """A registered method with its own defaults and explicit ``feature_dims``."""
+
+    def build(model: nn.Module, **options: Any) -> gb.Balancer:
+        encoders = _encoders(model, options)
+        return _build(method, model, encoders, {"feature_dims": [HIDDEN] * len(encoders)}, options)
+
+    return build
+
+
+FACTORIES: dict[str, Factory] = {
+    name: WIRED.get(name) or default_factory(cls) for name, cls in gb.METHODS.items()
+}
+"""One factory per name in ``gb.METHODS``."""
 
 REGRESSION = {"task": "regression", "output_dim": NUM_CLASSES}
 """The regression entries predict NUM_CLASSES real values (the towers' fused output width)."""
@@ -165,7 +187,8 @@ def _regression(factory: Factory) -> Factory:
 
 REGRESSION_FACTORIES: dict[str, Factory] = {
     f"{name}_regression": _regression(FACTORIES[name])
-    for name in ("joint", "multiloss", "mlb", "agm")
+    for name, cls in gb.METHODS.items()
+    if "regression" in getattr(cls, "supported_tasks", ())
 }
 """The methods that take ``task="regression"`` (L1 losses; heads regress; MLB's scores are
 batch errors), run by the contract suite (``test_contract.py``) next to ``FACTORIES``."""

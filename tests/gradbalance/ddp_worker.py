@@ -174,7 +174,14 @@ def reduce_mean(rank: int) -> dict:
     bal = FACTORIES["mlb"](model)
     sums = torch.arange(6.0).reshape(3, 2) * (rank + 1)
     counts = torch.tensor([[1.0], [2.0], [3.0]]) + rank
-    return {"mean": bal._reduce_mean(sums, counts), "scalar": bal._reduce_mean(sums, 2 + rank)}
+    bal.add_state("summed", sums, reduce="sum")
+    bal.add_state("averaged", counts, reduce="mean")
+    return {
+        "mean": bal.reduce_mean(sums, counts),
+        "scalar": bal.reduce_mean(sums, 2 + rank),
+        "summed": bal.synced_state("summed"),
+        "averaged": bal.synced_state("averaged"),
+    }
 
 
 def wrong_order(rank: int) -> dict:

@@ -114,13 +114,15 @@ def test_nonfinite_step_is_skipped_on_every_rank(ranks):
 
 
 def test_reduce_mean_equals_the_concatenated_batch(ranks):
-    """``Balancer._reduce_mean``: what a method calls to reduce its per-modality statistics."""
+    """``Balancer.reduce_mean``: what a method calls to reduce its per-modality statistics."""
     first, second = result(ranks, "reduce-mean")
     sums = torch.arange(6.0).reshape(3, 2)
     expected = (sums * 1 + sums * 2) / (torch.tensor([[1.0], [2.0], [3.0]]) * 2 + 1)
     for rank in (first, second):
         torch.testing.assert_close(rank["mean"], expected)
         torch.testing.assert_close(rank["scalar"], (sums * 3) / 5)
+        torch.testing.assert_close(rank["summed"], sums * 1 + sums * 2)
+        torch.testing.assert_close(rank["averaged"], torch.tensor([[1.5], [2.5], [3.5]]))
 
 
 def test_balancer_inside_the_ddp_module(ranks):

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradbalance as gb
-from gradbalance._pareto import pareto_combination
 from gradbalance.coefficients import mmpareto_weights
+from gradbalance.methods._pareto import pareto_combination
 
 
 def plain_combination(g_mm, g_uni, gamma):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+import gradbalance as gb
 import reference_models.training.loop as train_module
 from reference_models.presets import all_presets
 from reference_models.train import (
@@ -108,6 +109,23 @@ def test_every_method_trains_two_epochs(tmp_path, method):
         assert sorted(results["final_coefficients"]) == ["audio", "video"]
         assert all(torch.isfinite(torch.tensor(list(results["final_coefficients"].values()))))
         assert (out / "history.csv").read_text().startswith("step,k_audio,k_video")
+
+
+class _Registered(gb.Joint):
+    """Joint training registered under a name of its own."""
+
+
+def test_a_registered_method_trains_through_the_harness(tmp_path):
+    gb.register_method("registered_joint", _Registered, aliases=["reg-joint"])
+    try:
+        config = tiny(tmp_path, method="reg_joint", max_epochs=1)
+        assert config.method == "registered_joint"
+        results = train(config, verbose=False)
+    finally:
+        gb.unregister_method("registered_joint")
+    assert results["finished"] and sorted(results["final_coefficients"]) == ["audio", "video"]
+    with pytest.raises(ValueError, match="method"):
+        tiny(tmp_path, method="registered_joint")
 
 
 @pytest.mark.parametrize("fusion", ["mlp", "film", "gated", "tf"])

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from gradbalance._loss_weights import mmpareto_weights
 from gradbalance._tree import map_tensors
+from gradbalance.methods._loss_weights import mmpareto_weights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Watch = Callable[[torch.Tensor], None]
