@@ -45,10 +45,12 @@ def ours(bal: gb.MLB, unimodal, outputs, output_grads, target) -> None:
     forward's clones.
     """
     stacked = torch.stack(list(unimodal.values()))
-    step = Step(bal, stacked[0], target, {}, {}, training=True, binding=bal._binding)
+    context = bal._step_context()
+    step = Step(context, stacked[0], target, {}, {}, training=True, binding=bal._binding)
     step.set_unimodal(stacked, None)
     _, scores = step.head_terms(scaled=True)
     step.store(bal._coefficients(scores), scores)
+    bal._commit(*step.stored)
     for view, output, grad in zip(bal._binding.views, outputs, output_grads):
         output.clone()
         grad * view
