@@ -17,7 +17,7 @@ import torch
 from balancer_factories import ALL_FACTORIES, factory_params
 from conftest import MultiTowerNet
 from ddp_worker import global_batch
-from filelock import FileLock
+from two_ranks import result, run_once
 
 import gradbalance as gb
 
@@ -31,27 +31,7 @@ pytestmark = pytest.mark.slow
 def ranks(tmp_path_factory, request) -> tuple[dict, dict]:
     """Both ranks' results; computed once even when pytest-xdist runs several workers (and
     also without pytest-xdist: ``-p no:xdist``)."""
-    base = tmp_path_factory.getbasetemp()
-    under_xdist = hasattr(request.config, "workerinput")
-    shared = (base.parent if under_xdist else base) / "gradbalance-ddp"
-    shared.mkdir(exist_ok=True)
-    with FileLock(str(shared / "lock")):
-        if not (shared / "rank1.pt").exists():
-            done = subprocess.run(
-                [sys.executable, str(HERE / "ddp_worker.py"), str(shared)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, done.stdout + done.stderr
-    return tuple(torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-
-
-def result(ranks, key):
-    first, second = ranks[0][key], ranks[1][key]
-    for found in (first, second):
-        assert "error" not in found, found["error"]
-    return first, second
+    return run_once(tmp_path_factory, request, "ddp_worker.py")
 
 
 @pytest.mark.parametrize("sync", ["global", "local"])

@@ -12,16 +12,10 @@ gradients instead of one gradient): float32 rounding, ``rtol=1e-5, atol=1e-6``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from filelock import FileLock
 from fsdp_worker import METHODS, reference
-
-HERE = Path(__file__).resolve().parent
+from two_ranks import result, run_once
 
 pytestmark = pytest.mark.slow
 
@@ -35,27 +29,7 @@ mantissa (relative step 2**-8 ~ 4e-3), accumulated over 5 steps."""
 @pytest.fixture(scope="session")
 def ranks(tmp_path_factory, request) -> tuple[dict, dict]:
     """Both ranks' results; computed once even when pytest-xdist runs several workers."""
-    base = tmp_path_factory.getbasetemp()
-    under_xdist = hasattr(request.config, "workerinput")
-    shared = (base.parent if under_xdist else base) / "gradbalance-fsdp"
-    shared.mkdir(exist_ok=True)
-    with FileLock(str(shared / "lock")):
-        if not (shared / "rank1.pt").exists():
-            done = subprocess.run(
-                [sys.executable, str(HERE / "fsdp_worker.py"), str(shared)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, done.stdout + done.stderr
-    return tuple(torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-
-
-def result(ranks, key):
-    first, second = ranks[0][key], ranks[1][key]
-    for found in (first, second):
-        assert "error" not in found, found["error"]
-    return first, second
+    return run_once(tmp_path_factory, request, "fsdp_worker.py")
 
 
 def assert_ranks_agree(first, second):
