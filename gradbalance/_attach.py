@@ -3,8 +3,8 @@
 :class:`Attachment` owns every handle: one forward hook per encoder (the tap), a forward
 pre-hook on the model (counts forwards), gradient hooks on chosen parameters, the entry in
 the registry of balanced encoders (one balancer per encoder) and in the watch of optimizer
-steps. It attaches once, after the balancer validated all its arguments, and
-:meth:`Attachment.detach` takes everything off.
+steps. It attaches once, after the balancer validated all its arguments
+(:class:`AttachAfterInit`), and :meth:`Attachment.detach` takes everything off.
 
 Nothing of the balancer travels with the model: pickling (``torch.save(model)``),
 ``copy.deepcopy`` and ``torch.optim.swa_utils.AveragedModel`` see the module state without
@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from gradbalance._keywords import check_keywords
 from gradbalance.errors import WRAP_ORDER, CaptureError, ConfigurationError, OrderError
 
 DATA_PARALLEL_REFUSED = (
@@ -185,6 +186,18 @@ def _note_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
     """Global optimizer pre-step hook: tell each watched balancer about this step."""
     for balancer in list(_WATCHED):
         balancer._optimizer_step(optimizer)
+
+
+class AttachAfterInit(type):
+    """The metaclass of the balancers: attach a balancer's hooks (its ``_attach()``) only
+    once its keywords are checked and the most-derived ``__init__`` has validated everything,
+    so a refused constructor leaves the model exactly as it was."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        check_keywords(cls, kwargs)
+        balancer = super().__call__(*args, **kwargs)
+        balancer._attach()
+        return balancer
 
 
 class Attachment:

@@ -7,10 +7,12 @@ and ``bal.eval()`` are the switch, and a parent module's ``.train()``/``.eval()`
 (Lightning's validation loop). The encoders' own train/eval modes never change the rule: an
 encoder kept in eval mode for frozen BatchNorm statistics, or a model in eval mode to switch
 dropout off while fine-tuning, is trained with the method's rule. Two patterns that are
-usually mistakes get one warning each (:func:`mode_warning`).
+usually mistakes get one warning each (:func:`mode_warning`, given by :class:`ModeWarnings`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 ENCODERS_IN_EVAL_MODE = (
     "every encoder is in eval mode while the balancer is in train mode: this loss() with "
@@ -68,3 +70,33 @@ def mode_warning(
     if balancer_training and not encoders_training and not mode_set:
         return ENCODERS_IN_EVAL_MODE
     return None
+
+
+class ModeWarnings:
+    """The mode warnings of one balancer: each message of :func:`mode_warning` once.
+
+    ``chosen`` records that the user set the balancer's mode (``bal.train()`` or
+    ``bal.eval()``), which silences the warning about encoders in eval mode.
+
+    Example:
+        >>> import warnings
+        >>> modes = ModeWarnings()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     for _ in range(3):  # three training steps with every encoder in eval mode
+        ...         modes.warn(True, True, False)
+        >>> len(caught), str(caught[0].message) == ENCODERS_IN_EVAL_MODE
+        (1, True)
+    """
+
+    def __init__(self) -> None:
+        self.chosen = False
+        self.given: set[str] = set()
+
+    def warn(self, gradients: bool, balancer_training: bool, encoders_training: bool) -> None:
+        """Warn about a ``loss()`` call (arguments as :func:`mode_warning`'s), once a message;
+        the warning points at the caller of ``loss()``."""
+        message = mode_warning(gradients, balancer_training, self.chosen, encoders_training)
+        if message is not None and message not in self.given:
+            self.given.add(message)
+            warnings.warn(message, stacklevel=3)

@@ -20,7 +20,8 @@ from torch import nn
 from gradbalance._capture import CaptureStore
 from gradbalance._checks import check_choice, check_scaled_parameters
 from gradbalance._distributed import local_mean, reduce_mean, world_size
-from gradbalance._parameter_watch import ParameterWatch, Reselect
+from gradbalance._parameter_watch import Reselect
+from gradbalance._scaled_parameters import ScaledParameters
 from gradbalance._state import BalancerState
 from gradbalance._step import Step
 from gradbalance.errors import ConfigurationError
@@ -50,8 +51,7 @@ class MethodServices(BalancerState):
     uses_parameter_hooks: bool
     _encoders: dict[str, nn.Module]
     _captures: CaptureStore
-    _scaled_parameters: dict[str, list[torch.Tensor]]
-    _parameter_watch: ParameterWatch
+    _scaled_parameters: ScaledParameters
     _state_reductions: dict[str, StateReduce | None]
 
     def _require_attached(self) -> None:
@@ -172,8 +172,7 @@ class MethodServices(BalancerState):
         again after a change of the model."""
         inside_allowed = not self.scales_gradients
         selected = check_scaled_parameters(parameters, self._encoders, inside_allowed)
-        self._scaled_parameters = selected
-        self._parameter_watch = ParameterWatch(self._root_model, selected, reselect)
+        self._scaled_parameters = ScaledParameters(self._root_model, selected, reselect)
         self.uses_parameter_hooks = bool(selected)
 
     def world_size(self) -> int:

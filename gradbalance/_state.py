@@ -32,8 +32,8 @@ keeps."""
 
 class BalancerState(nn.Module):
     """Results, state dict and copies of a balancer (see the module docstring); the
-    :class:`~gradbalance.Balancer` front provides the attributes and ``_new_links`` /
-    ``_attach``."""
+    :class:`~gradbalance.Balancer` front provides the rest of the attributes and
+    ``_new_links`` / ``_attach``."""
 
     names: list[str]
     steps: int
@@ -56,6 +56,23 @@ class BalancerState(nn.Module):
 
     def _attach(self) -> None:
         raise NotImplementedError
+
+    def _new_state(
+        self, device: torch.device, flush_every: int, nonfinite: str, check_gradients: bool
+    ) -> None:
+        """The state of a balancer before its first step, for the encoders :attr:`names`:
+        coefficients 1 and scores 0, no history, the non-finite guard (``nonfinite``,
+        ``check_gradients``), and the next forward bound to coefficients 1."""
+        m = len(self.names)
+        self.register_buffer("last_coefficients", torch.ones(m, device=device))
+        self.register_buffer("last_scores", torch.zeros(m, device=device))
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._history = History(self.names, flush_every, device=device)
+        self._guard = NonFiniteGuard(self.names, device, nonfinite, check_gradients)
+        self._index = {name: index for index, name in enumerate(self.names)}
+        self._binding = Binding(torch.ones(m, device=device))
+        self.steps = 0
+        self.epoch = 0
 
     def coefficient_buffer(self, name: str) -> torch.Tensor:
         """The coefficient of encoder ``name`` used by the last training ``loss()`` (a view)."""

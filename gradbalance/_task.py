@@ -15,13 +15,14 @@ Inside a step the target is ``(B, output_dim)``. Nothing here synchronises with 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradbalance._attach import module_device
 from gradbalance._checks import EMPTY_BATCH, check_choice, check_int, check_loss_inputs
 from gradbalance.errors import ConfigurationError, InputError, InputTypeError
 
@@ -62,6 +63,20 @@ class Task:
         if dim is None:
             return nn.LazyLinear(width, device=device)
         return nn.Linear(dim, width, device=device)
+
+    def make_heads(
+        self,
+        dims: Mapping[str, int | None],
+        encoders: Mapping[str, nn.Module],
+        num_classes: int | None,
+    ) -> nn.ModuleDict:
+        """One head per encoder (:meth:`make_head`), in order, on the encoder's device."""
+        return nn.ModuleDict(
+            {
+                name: self.make_head(dims[name], num_classes, module_device(encoder))
+                for name, encoder in encoders.items()
+            }
+        )
 
     def check_inputs(self, logits: Any, target: Any, num_classes: int | None) -> torch.Tensor:
         """The checked labels (see :func:`gradbalance._checks.check_loss_inputs`)."""

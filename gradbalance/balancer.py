@@ -7,17 +7,15 @@ method's statistics, writes the coefficients into that forward's binding and ret
 training loss; the user's ordinary ``backward()`` applies them. Nothing here synchronises
 with the host. The parts behind this front: validation (``_checks``), hooks and their removal
 (``_attach``), per-forward captures (``_capture``), the per-step contract with the methods
-(``_step``), the non-finite guard (``_finite``) and the statistics across ranks
-(``_distributed``).
+(``_step``), training step or evaluation (``_mode``), per-parameter scaling
+(``_scaled_parameters``), the non-finite guard (``_finite``) and the statistics across
+ranks (``_distributed``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
-from itertools import chain
 from typing import Any, Literal
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 
 from gradbalance._attach import (
     DETACHED,
+    AttachAfterInit,
     Attachment,
     module_device,
     refuse_functional_transform,
@@ -38,25 +37,21 @@ from gradbalance._checks import (
 from gradbalance._deprecation import DeprecatedHelpers
 from gradbalance._distributed import RankSync
 from gradbalance._duties import LoopDuties
-from gradbalance._finite import NonFiniteGuard
 from gradbalance._head_logits import (
     head_logits,
     prepare_heads,
     separate_head_logits,
     stack_if_uniform,
 )
-from gradbalance._keywords import check_keywords
-from gradbalance._mode import is_training_step, mode_warning
-from gradbalance._named_parameters import NamedParameters
+from gradbalance._mode import ModeWarnings, is_training_step
 from gradbalance._optimizer_watch import OptimizerWatch
-from gradbalance._parameter_watch import ParameterWatch
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
+from gradbalance._scaled_parameters import ScaledParameters
 from gradbalance._services import MethodServices
 from gradbalance._step import Step, StepContext
 from gradbalance._task import Task, make_task
 from gradbalance._unimodal import no_unimodal_classifier
 from gradbalance.errors import CaptureError
-from gradbalance.history import History
 
 __all__ = ["Balancer", "Step", "pool_feature"]
 
@@ -66,18 +61,7 @@ Sync = Literal["global", "local"]
 NonFinite = Literal["raise", "skip"]
 
 
-class _AttachAfterInit(type):
-    """Attach a balancer's hooks only once the most-derived ``__init__`` has validated
-    everything: a refused constructor leaves the model exactly as it was."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        check_keywords(cls, kwargs)
-        balancer = super().__call__(*args, **kwargs)
-        balancer._attach()
-        return balancer
-
-
-class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
+class Balancer(MethodServices, DeprecatedHelpers, metaclass=AttachAfterInit):
     """Base class of every balancing method: taps, heads, coefficients, history.
 
     Subclasses implement ``_loss(step)`` (see ``gradbalance._step``); all a user touches is
@@ -209,34 +193,20 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
         self.num_classes = self._task.check_classes(num_classes)
         self.process_group = process_group
         device = module_device(next(iter(encoder_map.values())))
-        self.heads = nn.ModuleDict(
-            {
-                name: self._make_head(dims[name], module_device(encoder_map[name]))
-                for name in self.names
-            }
+        self.heads = (
+            self._task.make_heads(dims, encoder_map, self.num_classes)
             if self.head_mode != "none"
-            else {}
+            else nn.ModuleDict()
         )
-        m = len(self.names)
-        self.register_buffer("last_coefficients", torch.ones(m, device=device))
-        self.register_buffer("last_scores", torch.zeros(m, device=device))
-        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.int64, device=device))
-        self._history = History(self.names, flush_every, device=device)
+        self._new_state(device, flush_every, nonfinite, bool(check_gradients))
         self.__dict__["_root_model"] = model  # not a submodule: state_dict never holds it
-        self._guard = NonFiniteGuard(self.names, device, nonfinite, bool(check_gradients))
-        self._index = {name: index for index, name in enumerate(self.names)}
-        self._binding = Binding(torch.ones(m, device=device))
-        self._scaled_parameters: dict[str, list[torch.Tensor]] = {}
+        self._scaled_parameters = ScaledParameters(model, {}, None)
         self._state_reductions = {}
-        self._parameter_watch = ParameterWatch(model, {}, None)
         self._paused = 0
         self._training_calls = 0
-        self._mode_set = False  # bal.train()/bal.eval() called: no eval-mode-encoder warning
-        self._warned_messages: set[str] = set()
+        self._modes = ModeWarnings()
         self._duties = LoopDuties()
         self._new_links()
-        self.steps = 0
-        self.epoch = 0
 
     def _new_links(self) -> None:
         """The parts bound to this process and to the model object: hooks (not yet attached),
@@ -256,27 +226,20 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
         """Train mode (default) or, with ``mode=False``, eval mode (:meth:`eval`): the switch
         that decides whether a ``loss()`` with gradients enabled is a training step. A parent
         module's ``.train()``/``.eval()`` sets it too (Lightning's validation loop)."""
-        self._mode_set = True
+        self._modes.chosen = True
         return super().train(mode)
-
-    def _make_head(self, dim: int | None, device: torch.device) -> nn.Module:
-        return self._task.make_head(dim, self.num_classes, device)
 
     # --- attachment -----------------------------------------------------------------------
 
     def _attach(self) -> None:
         """Called once the most-derived constructor has validated everything."""
         self._attachment.attach(self._on_output, self._on_model_forward)
-        for name, params in self._scaled_parameters.items():
-            hook = partial(self._backward.scale, self._index[name])
-            self._attachment.add_gradient_hooks(params, hook)
-        self._parameter_watch.start()  # a re-parametrized model is caught at the next loss()
-        self._hooked = NamedParameters(self._root_model, chain(*self._scaled_parameters.values()))
+        self._scaled_parameters.attach(self._attachment, self._backward.scale, self._index)
 
     def remove(self) -> None:
         """Remove every hook: the model's forward and backward are exactly as before."""
         self._attachment.detach()
-        self._parameter_watch.stop()
+        self._scaled_parameters.stop()
         self._captures.clear()
         self._ranks = RankSync(self._root_model, self.process_group)
 
@@ -373,7 +336,7 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
         gradients = grad_enabled and logits.requires_grad
         training = is_training_step(gradients, self.training)
         encoders_training = any(c.train_mode for c in captures.values())
-        self._warn_once(mode_warning(gradients, self.training, self._mode_set, encoders_training))
+        self._modes.warn(gradients, self.training, encoders_training)
         outputs = {name: c.output for name, c in captures.items()}
         features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
@@ -403,17 +366,11 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=_AttachAfterInit):
             previous=(self.last_coefficients, self.last_scores),
         )
 
-    def _warn_once(self, message: str | None) -> None:
-        if message is not None and message not in self._warned_messages:
-            self._warned_messages.add(message)
-            warnings.warn(message, stacklevel=3)
-
     def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:
         self._training_calls += 1
         self._watch.check()
-        self._parameter_watch.check()
+        self._scaled_parameters.check()
         self._ranks.prepare(self, self._attachment)
-        self._hooked.refuse_replaced()
         self._guard.step = self.steps
         step.finite = self._guard.check_inputs(
             stacked if stacked is not None else list(step.features.values()), step.logits

@@ -70,7 +70,7 @@ def _dict_key(node: ast.Subscript) -> str | None:
 
 
 FORBIDDEN = (
-    _private_members(Path(balancer.__file__), {"Balancer", "_AttachAfterInit"})
+    _private_members(Path(balancer.__file__), {"Balancer"})
     | _private_members(Path(_state.__file__), {"BalancerState"})
     | _private_members(Path(_services.__file__), {"MethodServices"})
 ) - HOOKS - set(dir(nn.Module))
