@@ -11,12 +11,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import traceback
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -37,6 +33,7 @@ from balancer_factories import (  # noqa: E402
     train_step,
 )
 from conftest import MultiTowerNet  # noqa: E402
+from two_ranks import serve  # noqa: E402
 
 import gradbalance as gb  # noqa: E402
 
@@ -203,37 +200,19 @@ def wrong_order(rank: int) -> dict:
     return messages
 
 
-def run(rank: int, world: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.join(out_dir, 'store')}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    results: dict = {}
-    jobs = [
+def jobs(rank: int) -> list[tuple[str, object]]:
+    found = [
         (key, (lambda n=name, o=options: train(rank, n, o))) for key, name, options in scenarios()
     ]
-    jobs += [
+    found += [
         ("accumulate", lambda: accumulate(rank)),
         ("skip-nonfinite", lambda: skip_nonfinite(rank)),
         ("inside-ddp", lambda: balancer_inside_ddp(rank)),
         ("reduce-mean", lambda: reduce_mean(rank)),
         ("wrong-order", lambda: wrong_order(rank)),
     ]
-    for key, job in jobs:
-        try:
-            results[key] = job()
-        except Exception:  # recorded for the test to report
-            results[key] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # no rank tears its connections down while another still uses them
-    dist.destroy_process_group()
+    return found
 
 
 if __name__ == "__main__":
-    # spawn, never fork: importing torch has already started threads (OpenBLAS) here.
-    mp.start_processes(run, args=(2, sys.argv[1]), nprocs=2, join=True, start_method="spawn")
+    serve(jobs)

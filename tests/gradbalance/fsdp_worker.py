@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -30,6 +27,7 @@ for path in (HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))
 
 from balancer_factories import FACTORIES, INPUT_DIMS, NUM_CLASSES, train_step  # noqa: E402
 from conftest import MultiTowerNet  # noqa: E402
+from two_ranks import serve  # noqa: E402
 
 STEPS = 5
 PER_RANK = 8
@@ -140,27 +138,5 @@ def jobs(rank: int) -> list[tuple[str, object]]:
     return found
 
 
-def run(rank: int, world: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.join(out_dir, 'store')}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    results: dict = {}
-    for key, job in jobs(rank):
-        try:
-            results[key] = job()
-        except Exception:  # recorded for the test to report
-            results[key] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # no rank tears its connections down while another still uses them
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    # spawn, never fork: importing torch has already started threads (OpenBLAS) here.
-    mp.start_processes(run, args=(2, sys.argv[1]), nprocs=2, join=True, start_method="spawn")
+    serve(jobs)
