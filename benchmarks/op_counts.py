@@ -1,19 +1,23 @@
 """Balancing work as a count of dispatched aten ops (a GPU-free proxy for kernel launches).
 
 For a model of M equal-width MLP encoders and a linear fusion, the ops dispatched by one
-training step's ``bal.loss(logits, y)`` and ``loss.backward()`` are counted for MLB and for
-plain Joint (no probes) on the same model and batch; their difference is the work MLB adds
-(heads, scores, coefficients, checks, gradient scaling). The count after the model's forward
+training step's ``bal.loss(logits, y)``, ``loss.backward()`` and ``bal.after_backward()`` are
+counted for a method and for plain Joint (no probes) on the same model and batch; their
+difference is the work the method adds (for MLB: heads, scores, coefficients, checks,
+gradient scaling). The count after the model's forward
 is the measured quantity; the table also shows it with the forward included (the encoder
 taps run there). Two warm-up steps run first (lazy state, optimizer watch), and the counted
 step starts from gradients set to ``None``, as after ``opt.zero_grad()``.
 
-Run ``python -m benchmarks.op_counts`` for the table at M = 2 and M = 8.
+Run ``python -m benchmarks.op_counts [method ...]`` for the table at M = 2 and M = 8 (default:
+MLB; any name of ``gb.METHODS`` counts that method's work, ``after_backward()`` included).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,14 +57,18 @@ class EqualTowers(nn.Module):
 
 
 def _balancer(method: str, model: EqualTowers) -> gb.Balancer:
+    """``method`` (a name of ``gb.METHODS``) on ``model``, its heads sized up front; AGM
+    re-runs the model's own linear fusion on masked features."""
     towers = list(model.towers)
-    if method == "mlb":
-        return gb.MLB(model, towers, NUM_CLASSES, feature_dims=[WIDTH] * len(towers))
-    return gb.Joint(model, towers, NUM_CLASSES)
+    options: dict[str, Any] = {"feature_dims": [WIDTH] * len(towers)}
+    if gb.registry.canonical_name(method) == "agm":
+        options["fusion"] = lambda *z: model.fusion(torch.cat(z, dim=-1))
+    return gb.make(method, model, towers, num_classes=NUM_CLASSES, **options)
 
 
 def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counter[str]:
-    """The ops of one counted training step of ``method`` ("mlb" or "joint", no probes)."""
+    """The ops of one counted training step of ``method`` (any name of ``gb.METHODS``):
+    ``bal.loss(logits, y)``, ``loss.backward()`` and ``bal.after_backward()``."""
     torch.manual_seed(0)
     model = EqualTowers(modalities)
     bal = _balancer(method, model)
@@ -71,6 +79,7 @@ def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counte
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
         bal.loss(model(*inputs), target).backward()
+        bal.after_backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
     counter = OpCounter()
@@ -79,22 +88,31 @@ def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counte
         if logits is None:
             logits = model(*inputs)
         bal.loss(logits, target).backward()
+        bal.after_backward()
     return counter.ops
 
 
-def extra_ops(modalities: int, with_forward: bool = False) -> int:
-    """Ops MLB dispatches beyond plain Joint on the same model and batch."""
-    mlb = sum(step_ops("mlb", modalities, with_forward).values())
+def extra_ops(modalities: int, with_forward: bool = False, method: str = "mlb") -> int:
+    """Ops ``method`` dispatches beyond plain Joint (no probes) on the same model and batch."""
+    own = sum(step_ops(method, modalities, with_forward).values())
     joint = sum(step_ops("joint", modalities, with_forward).values())
-    return mlb - joint
+    return own - joint
 
 
-def table(modalities: tuple[int, ...] = (2, 8)) -> str:
-    rows = ["| M | MLB ops beyond Joint: loss() + backward() | with the forward |", "|---|---|---|"]
-    for m in modalities:
-        rows.append(f"| {m} | {extra_ops(m)} | {extra_ops(m, with_forward=True)} |")
+def table(modalities: tuple[int, ...] = (2, 8), methods: Sequence[str] = ("mlb",)) -> str:
+    """Markdown rows: each method's ops beyond Joint at each M, without and with the forward."""
+    rows = [
+        "| method | M | ops beyond Joint (loss, backward, after_backward) | with the forward |",
+        "|---|---|---|---|",
+    ]
+    for method in methods:
+        for m in modalities:
+            rows.append(
+                f"| {method} | {m} | {extra_ops(m, method=method)} "
+                f"| {extra_ops(m, with_forward=True, method=method)} |"
+            )
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    print(table())
+    print(table(methods=sys.argv[1:] or ("mlb",)))
