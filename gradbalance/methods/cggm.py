@@ -36,7 +36,7 @@ class CGGM(Method):
       gradient reaching encoder m is multiplied by ``k_m = rho * B_m``
       (:func:`~gradbalance.coefficients.cggm_coefficients`): the modality that gained the
       most this step is slowed the most;
-    * direction (``lam > 0``, needs ``fusion_head``): the loss gets
+    * direction (``lam > 0``, needs ``fusion_weights``): the loss gets
       ``lam * L_gm``, ``L_gm = (sum_m |B_m| - sum_m B_m cos(W_m, W_f,m)) / M``
       (:func:`~gradbalance.coefficients.cggm_direction_loss`), with ``W_m`` probe m's weight
       (detached) and ``W_f,m`` the fused linear head's weight block for modality m: its
@@ -53,8 +53,8 @@ class CGGM(Method):
         rho: the scale of the factors (> 0; 1.3 in the official code for every dataset).
         lam: weight of the direction term (>= 0; the official code uses 0.05 on Food-101 and
             0.2 on CMU-MOSI and IEMOCAP). 0 (default) leaves it out; > 0 needs
-            ``fusion_head``.
-        fusion_head: the fused classifier whose weight blocks the direction term turns: an
+            ``fusion_weights``.
+        fusion_weights: the fused classifier whose weight blocks the direction term turns: an
             ``nn.Linear`` over the concatenated features in encoder order (its weight is
             split by the features' widths), or the M weight blocks ``(K, D_m)`` themselves
             (e.g. ``[block.weight for block in head.linears]`` of a per-modality late-linear
@@ -79,7 +79,7 @@ class CGGM(Method):
         >>> import torch, gradbalance as gb
         >>> model = gb.testing.TwoTowerNet()
         >>> bal = gb.CGGM(model, encoders=[model.audio, model.video], num_classes=3,
-        ...               rho=1.3, lam=0.2, fusion_head=model.fusion)
+        ...               rho=1.3, lam=0.2, fusion_weights=model.fusion)
         >>> opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.1)
         >>> y = torch.tensor([0, 1, 2, 0])
         >>> for _ in range(2):
@@ -103,7 +103,7 @@ class CGGM(Method):
         *,
         rho: float = 1.3,
         lam: float = 0.0,
-        fusion_head: FusionWeights | None = None,
+        fusion_weights: FusionWeights | None = None,
         metric: Metric | None = None,
         clamp: bool = True,
         enabled: bool = True,
@@ -124,11 +124,11 @@ class CGGM(Method):
             **common,
         )
         self.metric: Metric = self._check_metric(metric)
-        self.__dict__["_fusion_weights"] = self._check_fusion_head(fusion_head)
-        if self.lam > 0 and fusion_head is None:
+        self.__dict__["_fusion_weights"] = self._check_fusion_weights(fusion_weights)
+        if self.lam > 0 and fusion_weights is None:
             raise ConfigurationError(
                 f"CGGM's direction term (lam={self.lam}) turns the fused classifier: pass "
-                "fusion_head= (the fused nn.Linear or its per-modality weight blocks), or lam=0"
+                "fusion_weights= (the fused nn.Linear or its per-modality weight blocks), or lam=0"
             )
         # The previous step's metric of each probe (0 before the first step, as the paper).
         self.add_state("previous_metric", torch.zeros(len(self.names)))
@@ -144,14 +144,14 @@ class CGGM(Method):
         chosen = "accuracy" if metric is None else metric
         return check_choice("metric", chosen, ("accuracy", "score"))
 
-    def _check_fusion_head(self, head: FusionWeights | None) -> FusionWeights | None:
+    def _check_fusion_weights(self, head: FusionWeights | None) -> FusionWeights | None:
         if head is None or isinstance(head, nn.Linear):
             if head is not None:
-                refuse_sharded(head, "fusion_head")
+                refuse_sharded(head, "fusion_weights")
             return head
         if isinstance(head, nn.Module) or not isinstance(head, Sequence):
             raise ConfigurationError(
-                "fusion_head must be an nn.Linear over the concatenated features or a "
+                "fusion_weights must be an nn.Linear over the concatenated features or a "
                 f"sequence of the {len(self.names)} per-modality weight blocks, got "
                 f"{type(head).__name__}"
             )
@@ -160,13 +160,13 @@ class CGGM(Method):
             isinstance(b, torch.Tensor) and b.dim() == 2 for b in blocks
         ):
             raise ConfigurationError(
-                f"fusion_head as weight blocks needs {len(self.names)} 2-D tensors (one "
+                f"fusion_weights as weight blocks needs {len(self.names)} 2-D tensors (one "
                 f"(K, D_m) block per encoder, in order), got {len(blocks)} items"
             )
         return blocks
 
     @property
-    def fusion_head(self) -> FusionWeights | None:
+    def fusion_weights(self) -> FusionWeights | None:
         """The fused classifier the direction term turns (``None``: no direction term)."""
         return self.__dict__["_fusion_weights"]
 
@@ -198,14 +198,14 @@ class CGGM(Method):
 
     def weight_blocks(self, features: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The fused classifier's weight block of each modality, ``(K, D_m)``, with graph."""
-        head = self.fusion_head
+        head = self.fusion_weights
         if head is None:
-            raise ConfigurationError("CGGM was built without fusion_head: no weight blocks")
+            raise ConfigurationError("CGGM was built without fusion_weights: no weight blocks")
         if isinstance(head, nn.Linear):
             widths = [features[name].shape[-1] for name in self.names]
             if sum(widths) != head.weight.shape[1]:
                 raise ConfigurationError(
-                    f"fusion_head is an nn.Linear with {head.weight.shape[1]} inputs but the "
+                    f"fusion_weights is an nn.Linear with {head.weight.shape[1]} inputs but the "
                     f"encoders' features have widths {widths} (sum {sum(widths)}); pass the "
                     "linear layer that takes the concatenated features, in encoder order"
                 )
@@ -220,7 +220,7 @@ class CGGM(Method):
             probe = self.heads[name].weight.detach().to(block.device, block.dtype)
             if probe.shape != block.shape:
                 raise ConfigurationError(
-                    f"fusion_head's block for {name!r} has shape {tuple(block.shape)} but the "
+                    f"the fusion_weights block for {name!r} has shape {tuple(block.shape)} but the "
                     f"classifier of {name!r} has {tuple(probe.shape)}: pass the fused head's "
                     "(K, D_m) weight block of each modality"
                 )

@@ -150,7 +150,7 @@ def cggm(model: nn.Module, **options: Any) -> gb.Balancer:
     encoders = _encoders(model, options)
     defaults: dict[str, Any] = {"feature_dims": [HIDDEN] * len(encoders)}
     if towers:  # the direction term turns the fused head's weight blocks
-        defaults.update(lam=0.2, fusion_head=model.fusion)
+        defaults.update(lam=0.2, fusion_weights=model.fusion)
     return _build(gb.CGGM, model, encoders, defaults, options)
 
 

@@ -67,7 +67,7 @@ def manual_grads(model, bal, inputs, target, balance, rho, lam):
 def test_gradients_against_manual(seed, lam):
     torch.manual_seed(seed)
     model = MultiTowerNet(DIMS)
-    options = {"lam": lam, "fusion_head": model.fusion} if lam else {}
+    options = {"lam": lam, "fusion_weights": model.fusion} if lam else {}
     bal = make(model, rho=1.3, **options)
     opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.5)
     previous = [0.0, 0.0]
@@ -149,7 +149,7 @@ def test_mixed_gains_are_bounded_by_default():
 def test_outside_the_window_k_is_one_and_no_direction_term(unit):
     torch.manual_seed(0)
     model = MultiTowerNet(DIMS)
-    bal = make(model, lam=0.5, fusion_head=model.fusion, window=(1, None), window_unit=unit)
+    bal = make(model, lam=0.5, fusion_weights=model.fusion, window=(1, None), window_unit=unit)
     inputs, target = make_batch(DIMS, batch=16)
     loss = bal.loss(model(*inputs), target)
     with torch.no_grad():
@@ -201,8 +201,8 @@ def test_weight_blocks_as_a_sequence_equal_the_split_linear():
     model = MultiTowerNet(DIMS)
     blocks = list(model.fusion.weight.split(HIDDEN, dim=1))
     inputs, target = make_batch(DIMS, batch=16)
-    a = make(model, lam=0.3, fusion_head=model.fusion)
-    b = make(copy.deepcopy(model), lam=0.3, fusion_head=blocks)
+    a = make(model, lam=0.3, fusion_weights=model.fusion)
+    b = make(copy.deepcopy(model), lam=0.3, fusion_weights=blocks)
     b.load_state_dict(a.state_dict())
     features = {n: t(x) for n, t, x in zip(a.names, model.towers, inputs)}
     torch.testing.assert_close(a.weight_cosines(features), b.weight_cosines(features))
@@ -213,10 +213,10 @@ def test_weight_blocks_as_a_sequence_equal_the_split_linear():
     [
         ({"rho": 0.0}, "rho must be"),
         ({"lam": -0.1}, "lam must be"),
-        ({"lam": 0.2}, "pass fusion_head="),
+        ({"lam": 0.2}, "pass fusion_weights="),
         ({"metric": "auc"}, "metric must be one of"),
-        ({"lam": 0.2, "fusion_head": torch.nn.ReLU()}, "fusion_head must be an nn.Linear"),
-        ({"lam": 0.2, "fusion_head": [torch.zeros(4, 12)]}, "needs 2 2-D tensors"),
+        ({"lam": 0.2, "fusion_weights": torch.nn.ReLU()}, "fusion_weights must be an nn.Linear"),
+        ({"lam": 0.2, "fusion_weights": [torch.zeros(4, 12)]}, "needs 2 2-D tensors"),
     ],
 )
 def test_bad_options(two_tower, options, message):
@@ -232,10 +232,10 @@ def test_regression_refuses_the_accuracy_metric():
 
 def test_mismatched_fusion_weights_are_refused_at_the_first_step(two_tower):
     inputs, target = make_batch(DIMS)
-    bad = make(two_tower, lam=0.2, fusion_head=[torch.zeros(4, 12), torch.zeros(4, 5)])
+    bad = make(two_tower, lam=0.2, fusion_weights=[torch.zeros(4, 12), torch.zeros(4, 5)])
     with pytest.raises(ConfigurationError, match="weight block of each modality"):
         bad.loss(two_tower(*inputs), target)
     bad.remove()
-    narrow = make(two_tower, lam=0.2, fusion_head=torch.nn.Linear(20, 4))
+    narrow = make(two_tower, lam=0.2, fusion_weights=torch.nn.Linear(20, 4))
     with pytest.raises(ConfigurationError, match="takes the concatenated features"):
         narrow.loss(two_tower(*inputs), target)
