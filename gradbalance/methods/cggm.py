@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,8 @@ class CGGM(Method):
         >>> bool(((k >= 0) & (k <= 1.3)).all())
         True
     """
+
+    previous_metric: torch.Tensor
 
     head_mode = "probe"
     scales_gradients = True
@@ -217,7 +219,8 @@ class CGGM(Method):
         classifier's block for that modality (with graph into the block)."""
         cosines = []
         for name, block in zip(self.names, self.weight_blocks(features)):
-            probe = self.heads[name].weight.detach().to(block.device, block.dtype)
+            weight = cast(torch.Tensor, self.heads[name].weight)
+            probe = weight.detach().to(block.device, block.dtype)
             if probe.shape != block.shape:
                 raise ConfigurationError(
                     f"the fusion_weights block for {name!r} has shape {tuple(block.shape)} but the "
