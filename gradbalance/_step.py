@@ -76,7 +76,8 @@ class Step:
     Data: :attr:`logits`, :attr:`target`, :attr:`features` (``{name: (B, D)}``),
     :attr:`outputs` (raw encoder outputs), :attr:`unimodal` (heads' logits), :attr:`training`.
     Services: :meth:`fused_loss`, :meth:`head_terms`, :meth:`loss_sums`, :meth:`score_sums`,
-    :meth:`mean`, :meth:`keep_if_finite`, :meth:`scale`, :meth:`store`.
+    :meth:`accuracy_sums`, :meth:`mean`, :meth:`keep_if_finite`, :meth:`scale`,
+    :meth:`store`.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -184,6 +185,19 @@ class Step:
                 for u in logits
             ]
         )
+
+    def accuracy_sums(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``(M,)`` float32: the batch count of samples whose arg-max class is the label, for
+        ``(M, B, K)`` logits (or a list), classification only."""
+        device = self.context.device
+
+        def correct(outputs: torch.Tensor) -> torch.Tensor:
+            hits = outputs.detach().argmax(-1) == self.target.to(outputs.device)
+            return hits.sum(-1).to(device, torch.float32)
+
+        if isinstance(logits, torch.Tensor):
+            return correct(logits)
+        return torch.stack([correct(u) for u in logits])
 
     def fused_loss(self, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The task's mean training loss (cross-entropy, or the regression loss) of the

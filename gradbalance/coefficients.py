@@ -15,6 +15,9 @@ from typing import Literal
 import torch
 
 from gradbalance._checks import check_alpha, check_number
+from gradbalance._coefficients_cggm import cggm_balance as cggm_balance
+from gradbalance._coefficients_cggm import cggm_coefficients as cggm_coefficients
+from gradbalance._coefficients_cggm import cggm_direction_loss as cggm_direction_loss
 from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
 from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
 from gradbalance.methods._loss_weights import gblend_weights as gblend_weights

@@ -267,11 +267,16 @@ JOURNAL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
 and each method's options; keys ``lr`` and ``patience`` inside a method override the protocol.
 MSLR/MMCosine without a run.sh value use the config defaults (MSLR (0.9, 1.1), K 5; s 10)."""
 
-NEWER_SETTINGS: dict[str, dict[str, Any]] = {}
+NEWER_SETTINGS: dict[str, dict[str, Any]] = {
+    "cggm": {"rho": 1.3, "lam": 0.05},
+}
 """Methods published after the paper: ``method -> options`` with the hyperparameters of the
 method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (CREMA-D,
 ResNet-18, Late-Linear fusion, the protocol of appendix B.2 and Table 3's CREMA-D ResNet-18
-settings), so that a new method runs under the same protocol as the paper's rows."""
+settings), so that a new method runs under the same protocol as the paper's rows.
+
+CGGM: the official code's rho 1.3 and its Food-101 lam 0.05 (the paper's one two-modality
+classification task, as CREMA-D; CMU-MOSI and IEMOCAP use 0.2)."""
 
 
 _PROTOCOL_KEYS = frozenset(

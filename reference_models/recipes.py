@@ -154,6 +154,16 @@ def _fused_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
         options.setdefault("fusion_head", model.fusion)
 
 
+def _classifier_blocks(options: dict[str, Any], model: nn.Module, seed: int) -> None:
+    """CGGM: with its direction term (``lam > 0``), each modality's weight block of a
+    late-linear fused head (``modality_logits`` and ``modality_parameters``) is turned towards
+    that modality's probe; another head leaves ``fusion_weights`` to the configuration."""
+    late_linear = callable(getattr(model.fusion, "modality_logits", None))
+    blocks = getattr(model.fusion, "modality_parameters", None)
+    if float(options.get("lam", 0.0)) > 0 and late_linear and blocks is not None:
+        options.setdefault("fusion_weights", [group[0] for group in blocks()])
+
+
 def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
     """OGM-GE: as OGM, with its noise seeded by the run seed."""
     _fused_slices(options, model, seed)
@@ -235,6 +245,7 @@ _RECIPES: dict[str, MethodRecipe] = {
     # loss() calls run under torch.no_grad() (as MSLR's accuracies).
     "gblend": MethodRecipe("G-Blend", "gblend"),
     "mmpareto": MethodRecipe("MMPareto", "mmpareto"),
+    "cggm": MethodRecipe("CGGM", "cggm", wire=_classifier_blocks),
     "mmcosine": MethodRecipe(
         "MMCosine", "joint", fusion="mmcosine", fusion_options={"scale": 10.0}, wire=_with_probes
     ),

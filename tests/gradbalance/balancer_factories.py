@@ -16,6 +16,7 @@ otherwise (pass ``feature_dims=None`` for lazy heads); ``encoders=`` replaces th
 * ``agm`` clips (threshold low enough to trigger): non-linear work in ``after_backward()``.
 * ``gblend`` re-estimates its loss weights at every ``epoch_end()`` (``every=1``).
 * ``mmpareto`` combines the two gradients into each encoder in every backward pass.
+* ``cggm`` adds its direction term on the fused head's weight blocks (``lam=0.2``).
 
 A registered method joins every matrix by itself: :func:`default_factory` builds it with
 explicit ``feature_dims`` and its defaults (a method whose options need wiring to the model
@@ -144,6 +145,15 @@ def mmpareto(model: nn.Module, **options: Any) -> gb.Balancer:
     return _build(gb.MMPareto, model, encoders, defaults, options)
 
 
+def cggm(model: nn.Module, **options: Any) -> gb.Balancer:
+    towers = "encoders" not in options  # then the fused head takes the towers' features
+    encoders = _encoders(model, options)
+    defaults: dict[str, Any] = {"feature_dims": [HIDDEN] * len(encoders)}
+    if towers:  # the direction term turns the fused head's weight blocks
+        defaults.update(lam=0.2, fusion_weights=model.fusion)
+    return _build(gb.CGGM, model, encoders, defaults, options)
+
+
 WIRED: dict[str, Factory] = {
     "joint": joint,
     "multiloss": multiloss,
@@ -155,6 +165,7 @@ WIRED: dict[str, Factory] = {
     "mslr": mslr,
     "gblend": gblend,
     "mmpareto": mmpareto,
+    "cggm": cggm,
 }
 """The built-in methods' factories (options that make their modulation active at once)."""
 

@@ -57,6 +57,11 @@ def _mmpareto(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return c.mmpareto_weights(scores - alpha, ones, ones)[..., 0]
 
 
+def _cggm(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """CGGM with gains ``scores`` and ``rho = 1 + alpha`` (rho must be > 0)."""
+    return c.cggm_coefficients(scores, 1.0 + alpha)
+
+
 FUNCTIONS: dict[str, Coefficients] = {
     "mlb_coefficients": c.mlb_coefficients,
     "mlb_error_coefficients": c.mlb_error_coefficients,
@@ -66,6 +71,7 @@ FUNCTIONS: dict[str, Coefficients] = {
     "pmr_weights": c.pmr_weights,
     "gblend_weights": _gblend,
     "mmpareto_weights": _mmpareto,
+    "cggm_coefficients": _cggm,
 }
 """Every coefficient function as ``f(scores, alpha)``."""
 
@@ -80,6 +86,8 @@ HELPERS = {
     "shapley_matrix",
     "gblend_estimates",
     "gblend_scores",
+    "cggm_balance",
+    "cggm_direction_loss",
 }
 """Public functions that are not coefficients (statistics and the parts of the rules)."""
 

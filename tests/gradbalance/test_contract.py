@@ -165,6 +165,10 @@ NONFINITE_HYPERPARAMETERS = [
     ("mmpareto", "gamma", NAN),
     ("mmpareto", "fused_weight", NAN),
     ("mmpareto", "unimodal_weight", NAN),
+    ("cggm", "rho", INF),
+    ("cggm", "rho", NAN),
+    ("cggm", "lam", INF),
+    ("cggm", "lam", NAN),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""

@@ -111,6 +111,16 @@ def test_every_method_trains_two_epochs(tmp_path, method):
         assert (out / "history.csv").read_text().startswith("step,k_audio,k_video")
 
 
+def test_cggm_direction_term_turns_the_late_linear_blocks(session_of, tmp_path):
+    session = session_of(method="cggm", method_options={"lam": 0.2})
+    blocks = session.state.balancer.fusion_weights
+    assert [id(b) for b in blocks] == [id(lin.weight) for lin in session.state.model.fusion.linears]
+    config = tiny(tmp_path, method="cggm", method_options={"lam": 0.2}, out=str(tmp_path / "b"))
+    results = train(config, verbose=False)
+    assert results["finished"]
+    assert all(0.0 <= k <= 1.3 for k in results["final_coefficients"].values())
+
+
 class _Registered(gb.Joint):
     """Joint training registered under a name of its own."""
 
