@@ -15,6 +15,7 @@ from gradbalance.history import History, HistoryTable, plot_history
 from gradbalance.methods._base import Method
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.gblend import GBlend
+from gradbalance.methods.inforeg import InfoReg
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
@@ -37,6 +38,7 @@ __all__ = [
     "GBlend",
     "History",
     "HistoryTable",
+    "InfoReg",
     "Joint",
     "MMCosineHead",
     "MMPareto",

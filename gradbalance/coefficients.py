@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 
 from gradbalance._checks import check_alpha, check_number
+from gradbalance._coefficients_inforeg import inforeg_betas as inforeg_betas
+from gradbalance._coefficients_inforeg import inforeg_trace_change as inforeg_trace_change
 from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
 from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
 from gradbalance.methods._loss_weights import gblend_weights as gblend_weights

@@ -18,6 +18,7 @@ from gradbalance.balancer import Balancer
 from gradbalance.errors import ConfigurationError, InputTypeError
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.gblend import GBlend
+from gradbalance.methods.inforeg import InfoReg
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
@@ -160,5 +161,6 @@ for _name, _cls, _aliases in (
     ("mslr", MSLR, ()),
     ("gblend", GBlend, ("g_blend", "gradient_blending")),
     ("mmpareto", MMPareto, ("mm_pareto",)),
+    ("inforeg", InfoReg, ("info_reg",)),
 ):
     register_method(_name, _cls, aliases=_aliases)

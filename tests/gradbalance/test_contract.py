@@ -165,6 +165,10 @@ NONFINITE_HYPERPARAMETERS = [
     ("mmpareto", "gamma", NAN),
     ("mmpareto", "fused_weight", NAN),
     ("mmpareto", "unimodal_weight", NAN),
+    ("inforeg", "strength", INF),
+    ("inforeg", "strength", NAN),
+    ("inforeg", "gap_scale", NAN),
+    ("inforeg", "threshold", NAN),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""
