@@ -267,7 +267,9 @@ JOURNAL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
 and each method's options; keys ``lr`` and ``patience`` inside a method override the protocol.
 MSLR/MMCosine without a run.sh value use the config defaults (MSLR (0.9, 1.1), K 5; s 10)."""
 
-NEWER_SETTINGS: dict[str, dict[str, Any]] = {}
+NEWER_SETTINGS: dict[str, dict[str, Any]] = {
+    "inforeg": {"strength": [0.95, 0.1], "threshold": 0.05, "trace_epochs": 10},
+}
 """Methods published after the paper: ``method -> options`` with the hyperparameters of the
 method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (CREMA-D,
 ResNet-18, Late-Linear fusion, the protocol of appendix B.2 and Table 3's CREMA-D ResNet-18
