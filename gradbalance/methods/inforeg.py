@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -246,7 +247,7 @@ class InfoReg(Method):
         if not self._epoch_start_taken:
             self._take_epoch_start()
         betas = self._rank_mean(self.last_coefficients)
-        trace_terms: list[torch.Tensor] = []
+        step_trace = torch.zeros((), device=self.epoch_trace.device)
         for index, name in enumerate(self.names):
             params, starts = self._parameters_by_encoder[name], self._starts[name]
             pairs = [(p, s) for p, s in zip(params, self._state_list(starts)) if p.grad is not None]
@@ -259,21 +260,20 @@ class InfoReg(Method):
                 torch._foreach_mul_(pulls, beta)
                 torch._foreach_add_(grads, pulls)
             if name in self.trace_encoders:
-                trace_terms += self._trace_terms([g for g in grads if g.dim() >= 2])
-        if trace_terms:
-            step_trace = torch.stack(trace_terms).sum()
-            finite = torch.isfinite(step_trace)  # an AMP overflow step adds nothing
-            self.epoch_trace += torch.where(finite, step_trace, torch.zeros_like(step_trace))
+                step_trace = step_trace + self._trace([g for g in grads if g.dim() >= 2])
+        finite = torch.isfinite(step_trace)  # an AMP overflow step adds nothing
+        self.epoch_trace += torch.where(finite, step_trace, torch.zeros_like(step_trace))
 
-    def _trace_terms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``mean(g^2)`` of each gradient (float32, on the balancer's device)."""
-        if not grads:
-            return []
-        norms = torch._foreach_norm(grads)
-        squares = torch._foreach_mul(norms, norms)
-        torch._foreach_div_(squares, [float(g.numel()) for g in grads])
+    def _trace(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """``sum_g mean(g^2)`` over ``grads`` (float32, on the balancer's device)."""
         device = self.epoch_trace.device
-        return [s.float().to(device) for s in squares]
+        if not grads:
+            return torch.zeros((), device=device)
+        norms = torch._foreach_norm(grads)  # one kernel for all, not one per gradient
+        torch._foreach_div_(norms, [math.sqrt(max(g.numel(), 1)) for g in grads])
+        uniform = all(n.device == device and n.dtype == norms[0].dtype for n in norms)
+        stacked = torch.stack(norms if uniform else [n.float().to(device) for n in norms])
+        return stacked.float().square().sum()
 
     @torch.no_grad()
     def epoch_end(self) -> None:
