@@ -56,7 +56,9 @@ class InfoReg(Method):
     No host synchronisation: the window's flag stays on the device and multiplies beta.
 
     Memory: the epoch-start copy ``theta^0`` doubles the encoders' parameter memory (it is
-    part of ``state_dict()``, so checkpoints grow by the encoders' size as well).
+    part of ``state_dict()``, so checkpoints grow by the encoders' size as well), and
+    :meth:`after_backward` allocates ``theta - theta^0`` for the pull (a temporary of the
+    encoders' size, freed before ``opt.step()``).
 
     ``coefficients`` are the strengths ``beta_m`` of the step (not gradient scales: nothing
     is scaled in ``backward()``); :attr:`trace_change` and :attr:`in_prime_window` show the
