@@ -16,6 +16,7 @@ from gradbalance.methods._base import Method
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.cggm import CGGM
 from gradbalance.methods.gblend import GBlend
+from gradbalance.methods.inforeg import InfoReg
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
@@ -39,6 +40,7 @@ __all__ = [
     "GBlend",
     "History",
     "HistoryTable",
+    "InfoReg",
     "Joint",
     "MMCosineHead",
     "MMPareto",

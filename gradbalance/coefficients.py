@@ -18,6 +18,8 @@ from gradbalance._checks import check_alpha, check_number
 from gradbalance._coefficients_cggm import cggm_balance as cggm_balance
 from gradbalance._coefficients_cggm import cggm_coefficients as cggm_coefficients
 from gradbalance._coefficients_cggm import cggm_direction_loss as cggm_direction_loss
+from gradbalance._coefficients_inforeg import inforeg_betas as inforeg_betas
+from gradbalance._coefficients_inforeg import inforeg_trace_change as inforeg_trace_change
 from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
 from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
 from gradbalance.methods._loss_weights import gblend_weights as gblend_weights

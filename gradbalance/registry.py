@@ -19,6 +19,7 @@ from gradbalance.errors import ConfigurationError, InputTypeError
 from gradbalance.methods.agm import AGM
 from gradbalance.methods.cggm import CGGM
 from gradbalance.methods.gblend import GBlend
+from gradbalance.methods.inforeg import InfoReg
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
@@ -162,5 +163,6 @@ for _name, _cls, _aliases in (
     ("gblend", GBlend, ("g_blend", "gradient_blending")),
     ("mmpareto", MMPareto, ("mm_pareto",)),
     ("cggm", CGGM, ()),
+    ("inforeg", InfoReg, ("info_reg",)),
 ):
     register_method(_name, _cls, aliases=_aliases)

@@ -269,6 +269,7 @@ MSLR/MMCosine without a run.sh value use the config defaults (MSLR (0.9, 1.1), K
 
 NEWER_SETTINGS: dict[str, dict[str, Any]] = {
     "cggm": {"rho": 1.3, "lam": 0.05},
+    "inforeg": {"strength": [0.95, 0.1], "threshold": 0.05, "trace_epochs": 10},
 }
 """Methods published after the paper: ``method -> options`` with the hyperparameters of the
 method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (CREMA-D,

@@ -12,8 +12,9 @@ what the property needs), and each property runs over every entry it applies to:
 * the neutral setting gives 1: ``alpha = 0`` (MLB, MLB-regression, OGM, AGM), accuracies
   equal to their memory with initial factors 1 (MSLR) — except PMR, whose neutral weight is
   0 (no prototype loss), G-Blend, whose neutral weights are uniform ``1 / n`` (they sum to 1),
-  and MMPareto, whose weights without conflict are ``(1/2, 1/2)`` (the combined gradient
-  ``2 (a g_mm + (1 - a) g_uni)`` is then the plain sum).
+  MMPareto, whose weights without conflict are ``(1/2, 1/2)`` (the combined gradient
+  ``2 (a g_mm + (1 - a) g_uni)`` is then the plain sum), and InfoReg, whose neutral
+  proximal strength (``strength = 0``, passed as ``alpha``) is 0.
 
 A new public function of ``gradbalance.coefficients`` must join ``FUNCTIONS`` or ``HELPERS``.
 """
@@ -72,6 +73,7 @@ FUNCTIONS: dict[str, Coefficients] = {
     "gblend_weights": _gblend,
     "mmpareto_weights": _mmpareto,
     "cggm_coefficients": _cggm,
+    "inforeg_betas": c.inforeg_betas,
 }
 """Every coefficient function as ``f(scores, alpha)``."""
 
@@ -88,6 +90,7 @@ HELPERS = {
     "gblend_scores",
     "cggm_balance",
     "cggm_direction_loss",
+    "inforeg_trace_change",  # InfoReg's prime-window statistic of the Fisher trace
 }
 """Public functions that are not coefficients (statistics and the parts of the rules)."""
 
@@ -100,6 +103,7 @@ NEUTRAL = {
     "agm_coefficients": (0.0, 1.0),
     "pmr_weights": (0.0, 0.0),
     "mmpareto_weights": (-2.0, 0.5),  # <g_mm, g_uni> = s + 2 > 0: no conflict
+    "inforeg_betas": (0.0, 0.0),  # strength 0: no proximal term
 }
 """``name -> (alpha, the coefficient every modality gets)`` for any scores."""
 

@@ -169,6 +169,10 @@ NONFINITE_HYPERPARAMETERS = [
     ("cggm", "rho", NAN),
     ("cggm", "lam", INF),
     ("cggm", "lam", NAN),
+    ("inforeg", "strength", INF),
+    ("inforeg", "strength", NAN),
+    ("inforeg", "gap_scale", NAN),
+    ("inforeg", "threshold", NAN),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""

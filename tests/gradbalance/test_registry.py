@@ -23,6 +23,7 @@ EXPECTED = {
     "gblend": gb.GBlend,
     "mmpareto": gb.MMPareto,
     "cggm": gb.CGGM,
+    "inforeg": gb.InfoReg,
 }
 
 

@@ -200,7 +200,7 @@ class FailOnHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method", ["mlb", "joint", "ogm", "agm", "pmr", "video_only"])
+@pytest.mark.parametrize("method", ["mlb", "joint", "ogm", "agm", "pmr", "inforeg", "video_only"])
 def test_training_step_makes_no_host_sync(session_of, method):
     session = session_of(method=method)
     state = session.state
@@ -269,7 +269,7 @@ def _final_state(tmp_path):
     return saved["model"], saved["balancer"]
 
 
-@pytest.mark.parametrize("method", ["mlb", "mslr", "ogm_ge", "pmr"])
+@pytest.mark.parametrize("method", ["mlb", "mslr", "ogm_ge", "pmr", "inforeg"])
 def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, method):
     straight = train(tiny(tmp_path / "a", method=method, max_epochs=4), verbose=False)
     interrupted = tiny(tmp_path / "b", method=method, max_epochs=4, stop_after=2)
