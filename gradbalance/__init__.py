@@ -14,6 +14,7 @@ from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, HistoryTable, plot_history
 from gradbalance.methods._base import Method
 from gradbalance.methods.agm import AGM
+from gradbalance.methods.amss import AMSS, AMSSPlus
 from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mmpareto import MMPareto
@@ -27,12 +28,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGM",
+    "AMSS",
     "METHODS",
     "MLB",
     "MSLR",
     "OGM",
     "OGMGE",
     "PMR",
+    "AMSSPlus",
     "Balancer",
     "GBlend",
     "History",

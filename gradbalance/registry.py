@@ -17,6 +17,7 @@ from torch import nn
 from gradbalance.balancer import Balancer
 from gradbalance.errors import ConfigurationError, InputTypeError
 from gradbalance.methods.agm import AGM
+from gradbalance.methods.amss import AMSS, AMSSPlus
 from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.joint import Joint
 from gradbalance.methods.mmpareto import MMPareto
@@ -160,5 +161,7 @@ for _name, _cls, _aliases in (
     ("mslr", MSLR, ()),
     ("gblend", GBlend, ("g_blend", "gradient_blending")),
     ("mmpareto", MMPareto, ("mm_pareto",)),
+    ("amss", AMSS, ()),
+    ("amss_plus", AMSSPlus, ("amss+", "amssplus")),
 ):
     register_method(_name, _cls, aliases=_aliases)

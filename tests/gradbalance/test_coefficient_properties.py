@@ -21,6 +21,7 @@ A new public function of ``gradbalance.coefficients`` must join ``FUNCTIONS`` or
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import pytest
@@ -57,6 +58,14 @@ def _mmpareto(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return c.mmpareto_weights(scores - alpha, ones, ones)[..., 0]
 
 
+def _amss(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AMSS's keep rates for head losses ``-log(scores)``, unit feature entropies, the label
+    term ``ln M`` and temperature ``0.1 + alpha``."""
+    label_entropy = torch.tensor(math.log(scores.shape[0]), dtype=scores.dtype)
+    losses = -scores.log()
+    return c.amss_keep_rates(losses, torch.ones_like(scores), label_entropy, 0.1 + alpha)
+
+
 FUNCTIONS: dict[str, Coefficients] = {
     "mlb_coefficients": c.mlb_coefficients,
     "mlb_error_coefficients": c.mlb_error_coefficients,
@@ -66,6 +75,7 @@ FUNCTIONS: dict[str, Coefficients] = {
     "pmr_weights": c.pmr_weights,
     "gblend_weights": _gblend,
     "mmpareto_weights": _mmpareto,
+    "amss_keep_rates": _amss,
 }
 """Every coefficient function as ``f(scores, alpha)``."""
 
@@ -80,6 +90,8 @@ HELPERS = {
     "shapley_matrix",
     "gblend_estimates",
     "gblend_scores",
+    "amss_label_entropy",
+    "amss_unit_masks",  # the masks of gradient units, not per-modality coefficients
 }
 """Public functions that are not coefficients (statistics and the parts of the rules)."""
 
