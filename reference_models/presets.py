@@ -267,11 +267,17 @@ JOURNAL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
 and each method's options; keys ``lr`` and ``patience`` inside a method override the protocol.
 MSLR/MMCosine without a run.sh value use the config defaults (MSLR (0.9, 1.1), K 5; s 10)."""
 
-NEWER_SETTINGS: dict[str, dict[str, Any]] = {}
+NEWER_SETTINGS: dict[str, dict[str, Any]] = {
+    "amss": {"temperature": 0.2, "offset": 0.5, "bias": 0.0, "parameters": "conv"},
+    "amss_plus": {"temperature": 0.2, "offset": 0.5, "bias": 0.0, "parameters": "conv"},
+}
 """Methods published after the paper: ``method -> options`` with the hyperparameters of the
 method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (CREMA-D,
 ResNet-18, Late-Linear fusion, the protocol of appendix B.2 and Table 3's CREMA-D ResNet-18
-settings), so that a new method runs under the same protocol as the paper's rows."""
+settings), so that a new method runs under the same protocol as the paper's rows.
+
+AMSS and AMSS+: the official CREMA-D run's settings (temperature 0.2, offset 0.5, bias 0, the
+encoders' conv kernels masked by output channel)."""
 
 
 _PROTOCOL_KEYS = frozenset(

@@ -155,7 +155,8 @@ def _fused_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
 
 
 def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
-    """OGM-GE: as OGM, with its noise seeded by the run seed."""
+    """OGM-GE, AMSS, AMSS+: as OGM, with their random draws (OGM-GE's noise, AMSS's masks)
+    seeded by the run seed."""
     _fused_slices(options, model, seed)
     options.setdefault("seed", seed)
 
@@ -235,6 +236,8 @@ _RECIPES: dict[str, MethodRecipe] = {
     # loss() calls run under torch.no_grad() (as MSLR's accuracies).
     "gblend": MethodRecipe("G-Blend", "gblend"),
     "mmpareto": MethodRecipe("MMPareto", "mmpareto"),
+    "amss": MethodRecipe("AMSS", "amss", wire=_seeded_slices),
+    "amss_plus": MethodRecipe("AMSS+", "amss_plus", wire=_seeded_slices),
     "mmcosine": MethodRecipe(
         "MMCosine", "joint", fusion="mmcosine", fusion_options={"scale": 10.0}, wire=_with_probes
     ),
