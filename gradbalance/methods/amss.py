@@ -27,9 +27,9 @@ from gradbalance.methods._seeded import SeededGenerators
 
 Unit = Literal["channel", "element"]
 
-Layout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]
-"""Cached per set of gradients: units per parameter, elements per unit, owner per parameter,
-elements per parameter."""
+Layout = tuple[torch.Tensor, torch.Tensor, list[int]]
+"""Cached per set of gradients: units per parameter, owner per parameter, units per parameter
+(as a list)."""
 
 
 def feature_entropies(features: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,9 @@ class AMSS(SlicedScoresMethod):
     Call :meth:`after_backward` after ``loss.backward()`` (after ``scaler.unscale_(opt)``
     under AMP) and before ``opt.step()``: the masks are drawn from the all-reduced gradients
     with the balancer's own generator (seeded with ``seed``, in ``state_dict``), so every DDP
-    rank draws the same masks. All the masked gradients on a device are handled together in
-    a fixed number of kernels (two sorts over the units, no per-parameter loop of kernels).
+    rank draws the same masks. All the masked gradients on a device are sampled together (two
+    sorts over all the units); the only per-parameter work is one norm over each gradient's
+    rows and the broadcast multiply of one ``_foreach_mul_``.
 
     Args:
         model: the multimodal model (unchanged by the balancer).
@@ -232,44 +233,51 @@ class AMSS(SlicedScoresMethod):
             self._mask(grads, owners, rates.to(device))
 
     def _layout(self, grads: list[torch.Tensor], owners: list[int]) -> Layout:
-        """Units per parameter, elements per unit, owners and sizes (cached per shapes)."""
+        """Units per parameter (a tensor and a list) and each parameter's owner (cached)."""
         device = grads[0].device
         key = (str(device), tuple(g.shape for g in grads), tuple(owners))
         layout = self._layouts.get(key)
         if layout is None:
-            sizes = [g.numel() for g in grads]
             if self.unit == "element":
-                counts, unit_sizes = sizes, [1] * sum(sizes)
+                counts = [g.numel() for g in grads]
             else:
                 counts = [g.shape[0] if g.dim() else 1 for g in grads]
-                unit_sizes = [s // c for s, c in zip(sizes, counts) for _ in range(c)]
             layout = self._layouts[key] = (
                 torch.tensor(counts, device=device),
-                torch.tensor(unit_sizes, device=device),
                 torch.tensor(owners, device=device),
-                sizes,
+                counts,
             )
         return layout
 
     def _mask(self, grads: list[torch.Tensor], owners: list[int], rates: torch.Tensor) -> None:
-        """Draw and apply the masks of ``grads`` (one device) in a fixed number of kernels."""
-        counts, unit_sizes, owner_index, sizes = self._layout(grads, owners)
-        total = sum(sizes)
-        flat = torch.cat([g.reshape(-1) for g in grads]).float()
-        squares = flat * flat
+        """Draw and apply the masks of ``grads`` (one device).
+
+        Channel units: one norm per parameter (its rows' squared norms), then the sampling of
+        every unit at once, and one ``_foreach_mul_`` that broadcasts each parameter's
+        ``(N, 1, ...)`` masks. Element units: the squared gradients flattened into one vector.
+        """
+        lengths, owner_index, counts = self._layout(grads, owners)
         if self.unit == "element":
-            importance = squares
-        else:  # unsafe=True: skips the length checks, which read the lengths on the host
-            importance = torch.segment_reduce(squares, "sum", lengths=unit_sizes, unsafe=True)
-        device = flat.device
+            importance = torch.cat([g.reshape(-1) for g in grads]).float().square()
+        else:
+            norms = [
+                torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32)
+                for g, n in zip(grads, counts)
+            ]
+            importance = torch.cat(norms).square()
+        device = importance.device
         uniforms = torch.rand(
             importance.shape[0], generator=self.generators.get(device), device=device
         )
-        masks = amss_unit_masks(importance, counts, rates[owner_index], uniforms, self.unbiased)
-        if self.unit == "channel":
-            masks = torch.repeat_interleave(masks, unit_sizes, output_size=total)
-        pieces = [m.view_as(g).to(g.dtype) for m, g in zip(masks.split(sizes), grads)]
-        torch._foreach_mul_(grads, pieces)
+        masks = amss_unit_masks(importance, lengths, rates[owner_index], uniforms, self.unbiased)
+        if self.unit == "element":
+            pieces = [m.view_as(g) for m, g in zip(masks.split(counts), grads)]
+        else:
+            pieces = [
+                m.view(-1, *([1] * (g.dim() - 1))) if g.dim() else m.view(())
+                for m, g in zip(masks.split(counts), grads)
+            ]
+        torch._foreach_mul_(grads, [p.to(g.dtype) for p, g in zip(pieces, grads)])
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
