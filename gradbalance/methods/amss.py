@@ -166,10 +166,11 @@ class AMSS(SlicedScoresMethod):
         entropies = torch.stack([feature_entropies(step.features[n]) for n in self.names])
         classes = torch.arange(stacked.shape[-1], device=step.target.device)
         labels = step.target == classes[:, None]  # (K, B) one-hot (F.one_hot syncs)
+        score_sums = step.score_sums(stacked)
         sums = torch.cat(
             [
-                step.loss_sums(stacked).to(step.context.device),
-                step.score_sums(stacked),
+                step.loss_sums(stacked).to(score_sums.device),
+                score_sums,
                 step.sample_sums(entropies),
                 step.sample_sums(labels),
             ]

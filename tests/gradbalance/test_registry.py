@@ -22,6 +22,8 @@ EXPECTED = {
     "mslr": gb.MSLR,
     "gblend": gb.GBlend,
     "mmpareto": gb.MMPareto,
+    "amss": gb.AMSS,
+    "amss_plus": gb.AMSSPlus,
 }
 
 
