@@ -14,6 +14,7 @@ from gradbalance.heads import MMCosineHead
 from gradbalance.history import History, HistoryTable, plot_history
 from gradbalance.methods._base import Method
 from gradbalance.methods.agm import AGM
+from gradbalance.methods.amss import AMSS, AMSSPlus
 from gradbalance.methods.cggm import CGGM
 from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.inforeg import InfoReg
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGM",
+    "AMSS",
     "CGGM",
     "METHODS",
     "MLB",
@@ -36,6 +38,7 @@ __all__ = [
     "OGM",
     "OGMGE",
     "PMR",
+    "AMSSPlus",
     "Balancer",
     "GBlend",
     "History",

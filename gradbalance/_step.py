@@ -199,6 +199,11 @@ class Step:
             return correct(logits)
         return torch.stack([correct(u) for u in logits])
 
+    def sample_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """``(..., B) -> (...)`` float32, detached: the batch sums of a method's own per-sample
+        statistic (an entropy per sample, one-hot labels), for :meth:`mean`."""
+        return values.detach().float().sum(-1).to(self.context.device)
+
     def fused_loss(self, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The task's mean training loss (cross-entropy, or the regression loss) of the
         fused logits, or of ``logits`` of the same shape, with graph."""

@@ -15,6 +15,9 @@ from typing import Literal
 import torch
 
 from gradbalance._checks import check_alpha, check_number
+from gradbalance._coefficients_amss import amss_keep_rates as amss_keep_rates
+from gradbalance._coefficients_amss import amss_label_entropy as amss_label_entropy
+from gradbalance._coefficients_amss import amss_unit_masks as amss_unit_masks
 from gradbalance._coefficients_cggm import cggm_balance as cggm_balance
 from gradbalance._coefficients_cggm import cggm_coefficients as cggm_coefficients
 from gradbalance._coefficients_cggm import cggm_direction_loss as cggm_direction_loss

@@ -17,6 +17,7 @@ from torch import nn
 from gradbalance.balancer import Balancer
 from gradbalance.errors import ConfigurationError, InputTypeError
 from gradbalance.methods.agm import AGM
+from gradbalance.methods.amss import AMSS, AMSSPlus
 from gradbalance.methods.cggm import CGGM
 from gradbalance.methods.gblend import GBlend
 from gradbalance.methods.inforeg import InfoReg
@@ -164,5 +165,7 @@ for _name, _cls, _aliases in (
     ("mmpareto", MMPareto, ("mm_pareto",)),
     ("cggm", CGGM, ()),
     ("inforeg", InfoReg, ("info_reg",)),
+    ("amss", AMSS, ()),
+    ("amss_plus", AMSSPlus, ("amss+", "amssplus")),
 ):
     register_method(_name, _cls, aliases=_aliases)

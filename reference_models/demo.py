@@ -1,8 +1,9 @@
 """``make demo``: every method on the embedded audio-visual set, one table, the plots.
 
 Trains the unimodal baselines, Joint, Multi-Loss, MLB, OGM, AGM, PMR, MSLR, MMCosine, Gradient
-Blending and MMPareto on the generated set of :mod:`reference_models.data.synthetic` (waveforms
-through the log-STFT front end, frame clips through the visual encoder) with reduced-width
+Blending, MMPareto, AMSS and AMSS+ on the generated set of
+:mod:`reference_models.data.synthetic` (waveforms through the log-STFT front end, frame clips
+through the visual encoder) with reduced-width
 ResNet-18 encoders (width 4), through the same training harness as the paper's runs
 (:mod:`reference_models.train`), and prints one table: fused test accuracy, each modality's
 accuracy (a detached linear probe on its encoder, trained alongside, the same measure for every
@@ -51,6 +52,8 @@ DEMO_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("MMPareto", "mmpareto", {}),
     ("CGGM", "cggm", {"rho": 1.3, "lam": 0.2}),
     ("InfoReg", "inforeg", {"strength": [0.95, 0.1], "trace_epochs": 3}),
+    ("AMSS", "amss", {"parameters": "conv"}),
+    ("AMSS+", "amss_plus", {"parameters": "conv"}),
 )
 """(label, method, method options) of each demo row. Hyperparameters: Table 2's CREMA-D ResNet
 column where it fits this short run (OGM α 1, AGM α 3 with its clipping, PMR α 2, MSLR λ
@@ -61,10 +64,13 @@ split (k: the unimodal heads' weights, which sum to 1 with the fused one); MMPar
 authors' gamma 1.5 (k: 1, it scales no modality); CGGM with the official code's rho 1.3 and its
 CMU-MOSI/IEMOCAP lam 0.2 (the direction term on the Late-Linear head's weight blocks), the
 gains from the probes' batch accuracies as the official code (k: rho * B_m, averaged over the
-steps); InfoReg with the authors' CREMA-D strengths
-(0.95 audio, 0.1 video) and a 3-epoch trace average instead of 10, so that its prime learning
-window can close within 12 epochs (with 10 the zeros before the first epoch keep it open
-throughout; k: the proximal strengths beta, it scales no gradient)."""
+steps); InfoReg with the authors' CREMA-D strengths (0.95 audio, 0.1 video) and a 3-epoch
+trace average instead of 10, so that its prime learning window can close within 12 epochs
+(with 10 the zeros before the first epoch keep it open throughout; k: the proximal strengths
+beta, it scales no gradient); AMSS and AMSS+ with the official defaults (temperature 0.2,
+offset 0.5, bias 0), masking the encoders' conv kernels channel by channel
+as the official code (k: the keep rates, the fraction of each kernel's output channels that
+are updated; the masks are not a scaling of the gradient by k)."""
 
 DEMO_CONFIG: dict[str, Any] = {
     "dataset": "synthetic",

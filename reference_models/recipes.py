@@ -165,7 +165,8 @@ def _classifier_blocks(options: dict[str, Any], model: nn.Module, seed: int) -> 
 
 
 def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
-    """OGM-GE: as OGM, with its noise seeded by the run seed."""
+    """OGM-GE, AMSS, AMSS+: as OGM, with their random draws (OGM-GE's noise, AMSS's masks)
+    seeded by the run seed."""
     _fused_slices(options, model, seed)
     options.setdefault("seed", seed)
 
@@ -246,6 +247,8 @@ _RECIPES: dict[str, MethodRecipe] = {
     "gblend": MethodRecipe("G-Blend", "gblend"),
     "mmpareto": MethodRecipe("MMPareto", "mmpareto"),
     "cggm": MethodRecipe("CGGM", "cggm", wire=_classifier_blocks),
+    "amss": MethodRecipe("AMSS", "amss", wire=_seeded_slices),
+    "amss_plus": MethodRecipe("AMSS+", "amss_plus", wire=_seeded_slices),
     "mmcosine": MethodRecipe(
         "MMCosine", "joint", fusion="mmcosine", fusion_options={"scale": 10.0}, wire=_with_probes
     ),

@@ -22,6 +22,7 @@ A new public function of ``gradbalance.coefficients`` must join ``FUNCTIONS`` or
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import pytest
@@ -61,6 +62,12 @@ def _mmpareto(scores: torch.Tensor, alpha: float) -> torch.Tensor:
 def _cggm(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     """CGGM with gains ``scores`` and ``rho = 1 + alpha`` (rho must be > 0)."""
     return c.cggm_coefficients(scores, 1.0 + alpha)
+def _amss(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AMSS's keep rates for head losses ``-log(scores)``, unit feature entropies, the label
+    term ``ln M`` and temperature ``0.1 + alpha``."""
+    label_entropy = torch.tensor(math.log(scores.shape[0]), dtype=scores.dtype)
+    losses = -scores.log()
+    return c.amss_keep_rates(losses, torch.ones_like(scores), label_entropy, 0.1 + alpha)
 
 
 FUNCTIONS: dict[str, Coefficients] = {
@@ -74,6 +81,7 @@ FUNCTIONS: dict[str, Coefficients] = {
     "mmpareto_weights": _mmpareto,
     "cggm_coefficients": _cggm,
     "inforeg_betas": c.inforeg_betas,
+    "amss_keep_rates": _amss,
 }
 """Every coefficient function as ``f(scores, alpha)``."""
 
@@ -91,6 +99,8 @@ HELPERS = {
     "cggm_balance",
     "cggm_direction_loss",
     "inforeg_trace_change",  # InfoReg's prime-window statistic of the Fisher trace
+    "amss_label_entropy",
+    "amss_unit_masks",  # the masks of gradient units, not per-modality coefficients
 }
 """Public functions that are not coefficients (statistics and the parts of the rules)."""
 

@@ -112,6 +112,10 @@ REFUSED = [
     ("gblend", {"min_overfitting": 0.0}, "min_overfitting"),
     ("mmpareto", {"gamma": 0.0}, "gamma"),
     ("mmpareto", {"unimodal_weight": -1.0}, "weight"),
+    ("amss", {"temperature": 0.0}, "temperature"),
+    ("amss", {"unit": "row"}, "unit"),
+    ("amss", {"parameters": "all"}, "parameters"),
+    ("amss_plus", {"seed": "x"}, "seed"),
     ("mlb_regression", {"loss": "l2"}, "loss"),
     ("mlb_regression", {"error": "rmse"}, "error"),
     ("mlb_regression", {"alpha": -1.0}, "alpha"),
@@ -126,6 +130,8 @@ REFUSED = [
     ("mslr", {"task": "regression"}, "does not support task='regression'"),
     ("gblend", {"task": "regression"}, "does not support task='regression'"),
     ("mmpareto", {"task": "regression"}, "does not support task='regression'"),
+    ("amss", {"task": "regression"}, "does not support task='regression'"),
+    ("amss_plus", {"task": "regression"}, "does not support task='regression'"),
 ]
 REFUSED += [
     case
@@ -173,6 +179,9 @@ NONFINITE_HYPERPARAMETERS = [
     ("inforeg", "strength", NAN),
     ("inforeg", "gap_scale", NAN),
     ("inforeg", "threshold", NAN),
+    *((name, "temperature", NAN) for name in ("amss", "amss_plus")),
+    *((name, "offset", NAN) for name in ("amss", "amss_plus")),
+    *((name, "bias", NAN) for name in ("amss", "amss_plus")),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""

@@ -24,6 +24,8 @@ EXPECTED = {
     "mmpareto": gb.MMPareto,
     "cggm": gb.CGGM,
     "inforeg": gb.InfoReg,
+    "amss": gb.AMSS,
+    "amss_plus": gb.AMSSPlus,
 }
 
 
