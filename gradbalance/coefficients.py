@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 
 from gradbalance._checks import check_alpha, check_number
+from gradbalance._coefficients_opm import opm_drop_probabilities as opm_drop_probabilities
+from gradbalance._coefficients_opm import opm_fusion_scale as opm_fusion_scale
 from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
 from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
 from gradbalance.methods._loss_weights import gblend_weights as gblend_weights

@@ -23,6 +23,7 @@ from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
 from gradbalance.methods.ogm import OGM, OGMGE
+from gradbalance.methods.opm import OPM
 from gradbalance.methods.pmr import PMR
 
 _METHODS: dict[str, type[Balancer]] = {}
@@ -160,5 +161,6 @@ for _name, _cls, _aliases in (
     ("mslr", MSLR, ()),
     ("gblend", GBlend, ("g_blend", "gradient_blending")),
     ("mmpareto", MMPareto, ("mm_pareto",)),
+    ("opm", OPM, ()),
 ):
     register_method(_name, _cls, aliases=_aliases)

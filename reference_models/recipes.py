@@ -155,7 +155,8 @@ def _fused_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
 
 
 def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
-    """OGM-GE: as OGM, with its noise seeded by the run seed."""
+    """OGM-GE, OPM: as OGM, with their random draws (noise, feature drops) seeded by the run
+    seed."""
     _fused_slices(options, model, seed)
     options.setdefault("seed", seed)
 
@@ -222,6 +223,7 @@ _RECIPES: dict[str, MethodRecipe] = {
     "mlb": MethodRecipe("MLB", "mlb", wire=_fused_weight_blocks),
     "ogm": MethodRecipe("OGM", "ogm", wire=_fused_slices),
     "ogm_ge": MethodRecipe("OGM-GE", "ogm_ge", wire=_seeded_slices),
+    "opm": MethodRecipe("OPM", "opm", wire=_seeded_slices),
     "agm": MethodRecipe("AGM", "agm", wire=_masked_passes),
     "pmr": MethodRecipe(
         "PMR",

@@ -12,8 +12,9 @@ what the property needs), and each property runs over every entry it applies to:
 * the neutral setting gives 1: ``alpha = 0`` (MLB, MLB-regression, OGM, AGM), accuracies
   equal to their memory with initial factors 1 (MSLR) — except PMR, whose neutral weight is
   0 (no prototype loss), G-Blend, whose neutral weights are uniform ``1 / n`` (they sum to 1),
-  and MMPareto, whose weights without conflict are ``(1/2, 1/2)`` (the combined gradient
-  ``2 (a g_mm + (1 - a) g_uni)`` is then the plain sum).
+  MMPareto, whose weights without conflict are ``(1/2, 1/2)`` (the combined gradient
+  ``2 (a g_mm + (1 - a) g_uni)`` is then the plain sum), and OPM, whose neutral drop
+  probability is 0 (``q_base = 0``).
 
 A new public function of ``gradbalance.coefficients`` must join ``FUNCTIONS`` or ``HELPERS``.
 """
@@ -57,6 +58,11 @@ def _mmpareto(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return c.mmpareto_weights(scores - alpha, ones, ones)[..., 0]
 
 
+def _opm(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OPM's drop probabilities with ``q_base = alpha / 3`` (in [0, 1]) and ``lam = 0.5``."""
+    return c.opm_drop_probabilities(scores, alpha / 3, 0.5)
+
+
 FUNCTIONS: dict[str, Coefficients] = {
     "mlb_coefficients": c.mlb_coefficients,
     "mlb_error_coefficients": c.mlb_error_coefficients,
@@ -66,6 +72,7 @@ FUNCTIONS: dict[str, Coefficients] = {
     "pmr_weights": c.pmr_weights,
     "gblend_weights": _gblend,
     "mmpareto_weights": _mmpareto,
+    "opm_drop_probabilities": _opm,
 }
 """Every coefficient function as ``f(scores, alpha)``."""
 
@@ -80,6 +87,7 @@ HELPERS = {
     "shapley_matrix",
     "gblend_estimates",
     "gblend_scores",
+    "opm_fusion_scale",  # OPM's rescale of the fusion input, from the probabilities
 }
 """Public functions that are not coefficients (statistics and the parts of the rules)."""
 
@@ -92,6 +100,7 @@ NEUTRAL = {
     "agm_coefficients": (0.0, 1.0),
     "pmr_weights": (0.0, 0.0),
     "mmpareto_weights": (-2.0, 0.5),  # <g_mm, g_uni> = s + 2 > 0: no conflict
+    "opm_drop_probabilities": (0.0, 0.0),  # q_base = 0: nothing dropped
 }
 """``name -> (alpha, the coefficient every modality gets)`` for any scores."""
 

@@ -165,6 +165,10 @@ NONFINITE_HYPERPARAMETERS = [
     ("mmpareto", "gamma", NAN),
     ("mmpareto", "fused_weight", NAN),
     ("mmpareto", "unimodal_weight", NAN),
+    ("opm", "q_base", NAN),
+    ("opm", "lam", INF),
+    ("opm", "lam", NAN),
+    ("opm", "p_exe", NAN),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""

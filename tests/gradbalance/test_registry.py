@@ -22,6 +22,7 @@ EXPECTED = {
     "mslr": gb.MSLR,
     "gblend": gb.GBlend,
     "mmpareto": gb.MMPareto,
+    "opm": gb.OPM,
 }
 
 
