@@ -267,11 +267,17 @@ JOURNAL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
 and each method's options; keys ``lr`` and ``patience`` inside a method override the protocol.
 MSLR/MMCosine without a run.sh value use the config defaults (MSLR (0.9, 1.1), K 5; s 10)."""
 
-NEWER_SETTINGS: dict[str, dict[str, Any]] = {}
+NEWER_SETTINGS: dict[str, dict[str, Any]] = {
+    "opm": {"q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "window": [6, 1500]},
+}
 """Methods published after the paper: ``method -> options`` with the hyperparameters of the
 method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (CREMA-D,
 ResNet-18, Late-Linear fusion, the protocol of appendix B.2 and Table 3's CREMA-D ResNet-18
-settings), so that a new method runs under the same protocol as the paper's rows."""
+settings), so that a new method runs under the same protocol as the paper's rows.
+
+OPM: the authors' script values (``q_base`` 0.5, ``lambda`` 0.5, ``p_exe`` 0.7) and their 6
+warm-up epochs without dropping (``window`` from epoch 6 to the protocol's last epoch; TOML
+has no ``None``)."""
 
 
 _PROTOCOL_KEYS = frozenset(

@@ -32,6 +32,17 @@ def official_q(p1: float, p2: float, q_base: float, lam: float) -> list[float]:
     return [min(max(q1, 0.0), 1.0), min(max(q2, 0.0), 1.0)]
 
 
+def plain_q(scores, q_base, lam):
+    """Each modality against the mean of the others (M >= 2), in plain Python."""
+    s = [max(v, 1e-8) for v in scores]
+    out = []
+    for m, own in enumerate(s):
+        others = [v for j, v in enumerate(s) if j != m]
+        lead = own / (sum(others) / len(others)) - 1
+        out.append(min(q_base * (1 + lam * math.tanh(lead)), 1.0) if lead > 0 else 0.0)
+    return out
+
+
 def official_fusion_input(features, keep, q, widths):
     """The authors' ``execute_drop`` given its Bernoulli mask ``keep`` ``(M, B)``: each feature
     times its mask, all divided by ``1 - sum(d q) / sum(d)``."""
@@ -63,17 +74,11 @@ def test_two_modality_probabilities_are_the_official_calcu_q(p1, p2, q_base, lam
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=6), st.floats(0.0, 1.0), st.floats(0, 3))
 def test_probabilities_compare_each_modality_with_the_others_mean(scores, q_base, lam):
-    s = [max(v, 1e-8) for v in scores]
-    expected = []
-    for m, own in enumerate(s):
-        others = [v for j, v in enumerate(s) if j != m]
-        lead = own / (sum(others) / len(others)) - 1
-        expected.append(min(q_base * (1 + lam * math.tanh(lead)), 1.0) if lead > 0 else 0.0)
     q = opm_drop_probabilities(torch.tensor(scores, dtype=torch.float64), q_base, lam)
-    assert q.tolist() == pytest.approx(expected, abs=1e-12)
+    assert q.tolist() == pytest.approx(plain_q(scores, q_base, lam), abs=1e-12)
     # Never every modality: some sample always keeps a feature, and the rescale is finite.
     assert (q == 0).any()
-    scale = opm_fusion_scale(q, torch.full((len(s),), 16))
+    scale = opm_fusion_scale(q, torch.full((len(scores),), 16))
     assert torch.isfinite(scale) and scale >= 1
 
 
@@ -112,34 +117,37 @@ def test_uniforms_are_uniform_and_independent_across_streams_and_counters():
     assert torch.equal(u, hash_uniform(0, torch.tensor(7), 0, n))
 
 
-def build(init=0, **options):
+def build(init=0, dims=(5, 7), **options):
     torch.manual_seed(init)
-    model = MultiTowerNet((5, 7))
+    model = MultiTowerNet(dims)
     defaults = {"q_base": 0.5, "lam": 0.5, "p_exe": 1.0, "fusion_head": model.fusion}
     return model, gb.OPM(model, list(model.towers), num_classes=4, **{**defaults, **options})
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_training_step_against_a_manual_masked_forward(seed):
-    model, bal = build(seed, lam=2.0)
-    inputs, target = make_batch((5, 7), seed=seed)
+@pytest.mark.parametrize(
+    ("seed", "dims"), [(0, (5, 7)), (1, (5, 7)), (2, (5, 7)), (3, (5, 7, 3)), (4, (5, 7, 3, 4, 6))]
+)
+def test_training_step_against_a_manual_masked_forward(seed, dims):
+    model, bal = build(seed, dims, lam=2.0)
+    inputs, target = make_batch(dims, seed=seed)
     # Step 1: nothing dropped yet; the scores give the next forward's probabilities.
     s = slice_scores(model, inputs, target)
     bal.loss(model(*inputs), target).backward()
     assert [float(v) for v in bal.scores.values()] == pytest.approx(s, rel=1e-5)
     assert all(float(k) == 1.0 for k in bal.coefficients.values())
-    q = official_q(s[0], s[1], 0.5, 2.0)
+    q = official_q(s[0], s[1], 0.5, 2.0) if len(dims) == 2 else plain_q(s, 0.5, 2.0)
     assert bal.drop_probabilities.tolist() == pytest.approx(q, rel=1e-5)
     model.zero_grad()
 
     # Step 2: the manual forward with the same per-sample draws (the method's own numbers).
-    inputs, target = make_batch((5, 7), batch=64, seed=seed + 10)
+    inputs, target = make_batch(dims, batch=64, seed=seed + 10)
     reference = copy.deepcopy(model)
     draws = bal.draws.clone()
-    keep = [(hash_uniform(0, draws, m, 64) >= q[m]).float() for m in range(2)]
-    assert 0 < int(keep[int(q[1] > 0)].sum()) < 64  # the dominant modality lost some samples
+    keep = [(hash_uniform(0, draws, m, 64) >= q[m]).float() for m in range(len(dims))]
+    leader = max(range(len(dims)), key=lambda m: q[m])
+    assert 0 < int(keep[leader].sum()) < 64  # the dominant modality lost some samples
     features = [t(x) for t, x in zip(reference.towers, inputs)]
-    fused = official_fusion_input(features, keep, q, [12, 12])
+    fused = official_fusion_input(features, keep, q, [12] * len(dims))
     F.cross_entropy(reference.fusion(torch.cat(fused, dim=1)), target).backward()
     bal.loss(model(*inputs), target).backward()
     for p, r in zip(model.parameters(), reference.parameters()):
