@@ -275,9 +275,9 @@ method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (C
 ResNet-18, Late-Linear fusion, the protocol of appendix B.2 and Table 3's CREMA-D ResNet-18
 settings), so that a new method runs under the same protocol as the paper's rows.
 
-OPM: the authors' script values (``q_base`` 0.5, ``lambda`` 0.5, ``p_exe`` 0.7) and their 6
-warm-up epochs without dropping (``window`` from epoch 6 to the protocol's last epoch; TOML
-has no ``None``)."""
+OPM: the authors' script values (``q_base`` 0.5, ``lambda`` 0.5, ``p_exe`` 0.7; their only
+published script, for Kinetics-Sounds) and their 6 warm-up epochs without dropping (``window``
+from epoch 6 to the protocol's last epoch; TOML has no ``None``)."""
 
 
 _PROTOCOL_KEYS = frozenset(

@@ -1,8 +1,8 @@
 """OPM against the authors' rule written plainly and a manual masked forward.
 
-The authors' ``calcu_q`` and ``Modality_drop.execute_drop`` (BML_TPAMI2024,
-``code/models/Classifier.py``) are re-derived below as plain formulas: their module does not
-import (a stray bracket in ``execute_drop``), so the comparison is by reading.
+The authors' ``calcu_q`` and ``Modality_drop.execute_drop`` (their public BML_TPAMI2024 code)
+are re-derived below as plain formulas: their module does not import (a stray bracket in
+``execute_drop``), so the comparison is by reading.
 """
 
 from __future__ import annotations
