@@ -23,6 +23,7 @@ from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
 from gradbalance.methods.ogm import OGM, OGMGE
+from gradbalance.methods.opm import OPM
 from gradbalance.methods.pmr import PMR
 from gradbalance.registry import METHODS, make, register_method, unregister_method
 
@@ -37,6 +38,7 @@ __all__ = [
     "MSLR",
     "OGM",
     "OGMGE",
+    "OPM",
     "PMR",
     "AMSSPlus",
     "Balancer",

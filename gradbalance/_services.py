@@ -137,13 +137,35 @@ class MethodServices(BalancerState):
         self.register_buffer(name, default.detach().clone().to(self.last_scores.device), persistent)
         self._state_reductions[name] = reduce
 
-    def update_state(self, step: Step, name: str, value: torch.Tensor) -> None:
+    def update_state(
+        self, step: Step, name: str, value: torch.Tensor, *, replace: bool = False
+    ) -> None:
         """Set the state ``name`` (see :meth:`add_state`) to ``value`` unless this step or
         ``value`` is not finite (then it keeps its value). No host synchronisation; under DDP
-        call it after this step's ``step.mean`` (every rank then agrees on the step)."""
+        call it after this step's ``step.mean`` (every rank then agrees on the step).
+
+        ``replace=True`` binds a new tensor to the state instead of writing into it: for a
+        state that the model's forward reads (in :meth:`_fork_output`), which that forward's
+        graph may have saved for its backward (autograd refuses a saved tensor changed in
+        place, and under ``torch.compile`` the graph may save the state itself). The state
+        stays a buffer (``state_dict()``, ``.to()``); hold no other reference to it.
+
+        Raises:
+            ConfigurationError: ``replace=True`` with a value of another shape than the
+                state's.
+        """
         state = getattr(self, name)
         with torch.no_grad():
-            state.copy_(step.keep_if_finite(value.to(state.dtype), state))
+            new = step.keep_if_finite(value.to(device=state.device, dtype=state.dtype), state)
+            if not replace:
+                state.copy_(new)
+                return
+        if new.shape != state.shape:
+            raise ConfigurationError(
+                f"update_state({name!r}, replace=True) needs a value of the state's shape "
+                f"{tuple(state.shape)}, got {tuple(new.shape)}"
+            )
+        setattr(self, name, new)
 
     def synced_state(self, name: str) -> torch.Tensor:
         """The state ``name`` over all ranks: the sum or the mean of the ranks' values, as its

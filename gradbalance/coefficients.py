@@ -23,6 +23,8 @@ from gradbalance._coefficients_cggm import cggm_coefficients as cggm_coefficient
 from gradbalance._coefficients_cggm import cggm_direction_loss as cggm_direction_loss
 from gradbalance._coefficients_inforeg import inforeg_betas as inforeg_betas
 from gradbalance._coefficients_inforeg import inforeg_trace_change as inforeg_trace_change
+from gradbalance._coefficients_opm import opm_drop_probabilities as opm_drop_probabilities
+from gradbalance._coefficients_opm import opm_fusion_scale as opm_fusion_scale
 from gradbalance.methods._loss_weights import gblend_estimates as gblend_estimates
 from gradbalance.methods._loss_weights import gblend_scores as gblend_scores
 from gradbalance.methods._loss_weights import gblend_weights as gblend_weights

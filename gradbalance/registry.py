@@ -26,6 +26,7 @@ from gradbalance.methods.mmpareto import MMPareto
 from gradbalance.methods.mslr import MSLR
 from gradbalance.methods.multiloss import MLB, MultiLoss
 from gradbalance.methods.ogm import OGM, OGMGE
+from gradbalance.methods.opm import OPM
 from gradbalance.methods.pmr import PMR
 
 _METHODS: dict[str, type[Balancer]] = {}
@@ -167,5 +168,6 @@ for _name, _cls, _aliases in (
     ("inforeg", InfoReg, ("info_reg",)),
     ("amss", AMSS, ()),
     ("amss_plus", AMSSPlus, ("amss+", "amssplus")),
+    ("opm", OPM, ()),
 ):
     register_method(_name, _cls, aliases=_aliases)

@@ -1,7 +1,7 @@
 """``make demo``: every method on the embedded audio-visual set, one table, the plots.
 
 Trains the unimodal baselines, Joint, Multi-Loss, MLB, OGM, AGM, PMR, MSLR, MMCosine, Gradient
-Blending, MMPareto, AMSS and AMSS+ on the generated set of
+Blending, MMPareto, CGGM, InfoReg, AMSS, AMSS+ and OPM on the generated set of
 :mod:`reference_models.data.synthetic` (waveforms through the log-STFT front end, frame clips
 through the visual encoder) with reduced-width
 ResNet-18 encoders (width 4), through the same training harness as the paper's runs
@@ -54,6 +54,7 @@ DEMO_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("InfoReg", "inforeg", {"strength": [0.95, 0.1], "trace_epochs": 3}),
     ("AMSS", "amss", {"parameters": "conv"}),
     ("AMSS+", "amss_plus", {"parameters": "conv"}),
+    ("OPM", "opm", {}),
 )
 """(label, method, method options) of each demo row. Hyperparameters: Table 2's CREMA-D ResNet
 column where it fits this short run (OGM α 1, AGM α 3 with its clipping, PMR α 2, MSLR λ
@@ -62,15 +63,17 @@ epochs for a 12-epoch run; PMR's prototypes accumulated from the training steps 
 default, no extra pass); G-Blend re-estimates its loss weights every 2 epochs on the validation
 split (k: the unimodal heads' weights, which sum to 1 with the fused one); MMPareto with the
 authors' gamma 1.5 (k: 1, it scales no modality); CGGM with the official code's rho 1.3 and its
-CMU-MOSI/IEMOCAP lam 0.2 (the direction term on the Late-Linear head's weight blocks), the
-gains from the probes' batch accuracies as the official code (k: rho * B_m, averaged over the
-steps); InfoReg with the authors' CREMA-D strengths (0.95 audio, 0.1 video) and a 3-epoch
-trace average instead of 10, so that its prime learning window can close within 12 epochs
-(with 10 the zeros before the first epoch keep it open throughout; k: the proximal strengths
-beta, it scales no gradient); AMSS and AMSS+ with the official defaults (temperature 0.2,
-offset 0.5, bias 0), masking the encoders' conv kernels channel by channel
-as the official code (k: the keep rates, the fraction of each kernel's output channels that
-are updated; the masks are not a scaling of the gradient by k)."""
+CMU-MOSI/IEMOCAP lam 0.2 (the direction term on the Late-Linear head's weight blocks), the gains
+from the probes' batch accuracies as the official code (k: rho * B_m, averaged over the steps);
+InfoReg with the authors' CREMA-D strengths (0.95 audio, 0.1 video) and a 3-epoch trace average
+instead of 10, so that its prime learning window can close within 12 epochs (with 10 the zeros
+before the first epoch keep it open throughout; k: the proximal strengths beta, it scales no
+gradient); AMSS and AMSS+ with the official defaults (temperature 0.2, offset 0.5, bias 0),
+masking the encoders' conv kernels channel by channel as the official code (k: the keep rates,
+the fraction of each kernel's output channels that are updated; the masks are not a scaling of
+the gradient by k); OPM with the authors' script values (q_base 0.5, lambda 0.5, p_exe 0.7, its
+defaults) dropping from the first epoch (the official 6 warm-up epochs would be half of this
+run; k: 1, it drops features instead of scaling gradients)."""
 
 DEMO_CONFIG: dict[str, Any] = {
     "dataset": "synthetic",

@@ -272,6 +272,7 @@ NEWER_SETTINGS: dict[str, dict[str, Any]] = {
     "inforeg": {"strength": [0.95, 0.1], "threshold": 0.05, "trace_epochs": 10},
     "amss": {"temperature": 0.2, "offset": 0.5, "bias": 0.0, "parameters": "conv"},
     "amss_plus": {"temperature": 0.2, "offset": 0.5, "bias": 0.0, "parameters": "conv"},
+    "opm": {"q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "window": [6, 1500]},
 }
 """Methods published after the paper: ``method -> options`` with the hyperparameters of the
 method's own paper, each written as ``newer/cremad_resnet18_linear_<method>`` (CREMA-D,
@@ -282,7 +283,10 @@ CGGM: the official code's rho 1.3 and its Food-101 lam 0.05 (the paper's one two
 classification task, as CREMA-D; CMU-MOSI and IEMOCAP use 0.2). InfoReg: the authors' CREMA-D
 strengths (0.95 audio, 0.1 video), threshold 0.05 and a 10-epoch trace average. AMSS and AMSS+:
 the official CREMA-D run's settings (temperature 0.2, offset 0.5, bias 0, the encoders' conv
-kernels masked by output channel)."""
+kernels masked by output channel). OPM: the authors' script values (``q_base`` 0.5, ``lambda``
+0.5, ``p_exe`` 0.7; their only published script, for Kinetics-Sounds) and their 6 warm-up epochs
+without dropping (``window`` from epoch 6 to the protocol's last epoch; TOML has no
+``None``)."""
 
 
 _PROTOCOL_KEYS = frozenset(

@@ -165,8 +165,8 @@ def _classifier_blocks(options: dict[str, Any], model: nn.Module, seed: int) -> 
 
 
 def _seeded_slices(options: dict[str, Any], model: nn.Module, seed: int) -> None:
-    """OGM-GE, AMSS, AMSS+: as OGM, with their random draws (OGM-GE's noise, AMSS's masks)
-    seeded by the run seed."""
+    """OGM-GE, AMSS, AMSS+, OPM: as OGM, with their random draws (OGM-GE's noise, AMSS's masks,
+    OPM's feature drops) seeded by the run seed."""
     _fused_slices(options, model, seed)
     options.setdefault("seed", seed)
 
@@ -233,6 +233,7 @@ _RECIPES: dict[str, MethodRecipe] = {
     "mlb": MethodRecipe("MLB", "mlb", wire=_fused_weight_blocks),
     "ogm": MethodRecipe("OGM", "ogm", wire=_fused_slices),
     "ogm_ge": MethodRecipe("OGM-GE", "ogm_ge", wire=_seeded_slices),
+    "opm": MethodRecipe("OPM", "opm", wire=_seeded_slices),
     "agm": MethodRecipe("AGM", "agm", wire=_masked_passes),
     "pmr": MethodRecipe(
         "PMR",

@@ -91,6 +91,13 @@ def ogm_ge(model: nn.Module, **options: Any) -> gb.Balancer:
     return _build(gb.OGMGE, model, encoders, defaults, options)
 
 
+def opm(model: nn.Module, **options: Any) -> gb.Balancer:
+    """Every training forward drops (``p_exe=1``), so the suites run the masked branch."""
+    encoders = _encoders(model, options)
+    defaults = {"q_base": 0.5, "lam": 0.5, "p_exe": 1.0, "fusion_head": model.fusion}
+    return _build(gb.OPM, model, encoders, defaults, options)
+
+
 def agm(model: nn.Module, **options: Any) -> gb.Balancer:
     encoders = _encoders(model, options)
     defaults = {
@@ -160,6 +167,7 @@ WIRED: dict[str, Factory] = {
     "mlb": mlb,
     "ogm": ogm,
     "ogm_ge": ogm_ge,
+    "opm": opm,
     "agm": agm,
     "pmr": pmr,
     "mslr": mslr,

@@ -15,6 +15,8 @@ what the property needs), and each property runs over every entry it applies to:
   MMPareto, whose weights without conflict are ``(1/2, 1/2)`` (the combined gradient
   ``2 (a g_mm + (1 - a) g_uni)`` is then the plain sum), and InfoReg, whose neutral
   proximal strength (``strength = 0``, passed as ``alpha``) is 0.
+  ``2 (a g_mm + (1 - a) g_uni)`` is then the plain sum), and OPM, whose neutral drop
+  probability is 0 (``q_base = 0``).
 
 A new public function of ``gradbalance.coefficients`` must join ``FUNCTIONS`` or ``HELPERS``.
 """
@@ -68,6 +70,9 @@ def _amss(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     label_entropy = torch.tensor(math.log(scores.shape[0]), dtype=scores.dtype)
     losses = -scores.log()
     return c.amss_keep_rates(losses, torch.ones_like(scores), label_entropy, 0.1 + alpha)
+def _opm(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OPM's drop probabilities with ``q_base = alpha / 3`` (in [0, 1]) and ``lam = 0.5``."""
+    return c.opm_drop_probabilities(scores, alpha / 3, 0.5)
 
 
 FUNCTIONS: dict[str, Coefficients] = {
@@ -82,6 +87,7 @@ FUNCTIONS: dict[str, Coefficients] = {
     "cggm_coefficients": _cggm,
     "inforeg_betas": c.inforeg_betas,
     "amss_keep_rates": _amss,
+    "opm_drop_probabilities": _opm,
 }
 """Every coefficient function as ``f(scores, alpha)``."""
 
@@ -101,6 +107,7 @@ HELPERS = {
     "inforeg_trace_change",  # InfoReg's prime-window statistic of the Fisher trace
     "amss_label_entropy",
     "amss_unit_masks",  # the masks of gradient units, not per-modality coefficients
+    "opm_fusion_scale",  # OPM's rescale of the fusion input, from the probabilities
 }
 """Public functions that are not coefficients (statistics and the parts of the rules)."""
 
@@ -114,6 +121,7 @@ NEUTRAL = {
     "pmr_weights": (0.0, 0.0),
     "mmpareto_weights": (-2.0, 0.5),  # <g_mm, g_uni> = s + 2 > 0: no conflict
     "inforeg_betas": (0.0, 0.0),  # strength 0: no proximal term
+    "opm_drop_probabilities": (0.0, 0.0),  # q_base = 0: nothing dropped
 }
 """``name -> (alpha, the coefficient every modality gets)`` for any scores."""
 

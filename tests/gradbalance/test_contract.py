@@ -182,6 +182,10 @@ NONFINITE_HYPERPARAMETERS = [
     *((name, "temperature", NAN) for name in ("amss", "amss_plus")),
     *((name, "offset", NAN) for name in ("amss", "amss_plus")),
     *((name, "bias", NAN) for name in ("amss", "amss_plus")),
+    ("opm", "q_base", NAN),
+    ("opm", "lam", INF),
+    ("opm", "lam", NAN),
+    ("opm", "p_exe", NAN),
 ]
 """Every float hyperparameter of every constructor with NaN, and ``alpha``/``beta_max`` inf
 (Joint has none)."""

@@ -26,6 +26,7 @@ EXPECTED = {
     "inforeg": gb.InfoReg,
     "amss": gb.AMSS,
     "amss_plus": gb.AMSSPlus,
+    "opm": gb.OPM,
 }
 
 
