@@ -69,15 +69,17 @@ class _KeepMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, watch: Watch | None) -> torch.Tensor:
         ctx.watch = watch
-        ctx.save_for_backward(keep)
+        # An attribute, not save_for_backward: activation checkpointing (use_reentrant=False)
+        # counts the saved tensors of the encoder's call, and its recomputation in backward()
+        # runs no drop.
+        ctx.keep = keep
         return x * keep
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         if ctx.watch is not None:
             ctx.watch(grad)
-        (keep,) = ctx.saved_tensors
-        return grad * keep, None, None
+        return grad * ctx.keep, None, None
 
 
 def _per_sample(keep: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

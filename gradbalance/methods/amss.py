@@ -261,8 +261,10 @@ class AMSS(SlicedScoresMethod):
         if self.unit == "element":
             importance = torch.cat([g.reshape(-1) for g in grads]).float().square()
         else:
-            norms = [
-                torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32)
+            norms = [  # in float32, or float64 for double gradients (no narrowing)
+                torch.linalg.vector_norm(
+                    g.reshape(n, -1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32)
+                ).float()
                 for g, n in zip(grads, counts)
             ]
             importance = torch.cat(norms).square()

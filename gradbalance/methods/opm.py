@@ -165,8 +165,9 @@ class OPM(SlicedScoresMethod):
     def _fork_output(self, name: str, output: Any, watch: Any) -> tuple[Any, Any] | None:
         """The model continues with the dropped (and rescaled) output; the heads read it whole.
 
-        Only in a training forward (the encoder in train mode) inside the window."""
-        if not (self.active() and self.encoders[name].training):
+        Only in a training forward (the balancer in training mode, whatever the encoders'
+        modes) inside the window."""
+        if not (self.active() and self.training):
             return None
         index = self.names.index(name)
         q = self.drop_probabilities[index] * self.drop_executes
