@@ -66,9 +66,19 @@ def _balancer(method: str, model: EqualTowers) -> gb.Balancer:
     return gb.make(method, model, towers, num_classes=NUM_CLASSES, **options)
 
 
-def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counter[str]:
+def presence_mask(modalities: int) -> torch.Tensor:
+    """``(BATCH, M)``: the second modality absent in every third sample."""
+    present = torch.ones(BATCH, modalities, dtype=torch.bool)
+    present[::3, 1] = False
+    return present
+
+
+def step_ops(
+    method: str, modalities: int, with_forward: bool = False, masked: bool = False
+) -> Counter[str]:
     """The ops of one counted training step of ``method`` (any name of ``gb.METHODS``):
-    ``bal.loss(logits, y)``, ``loss.backward()`` and ``bal.after_backward()``."""
+    ``bal.loss(logits, y)``, ``loss.backward()`` and ``bal.after_backward()``; with
+    ``masked``, every ``loss()`` gets ``present=`` :func:`presence_mask`."""
     torch.manual_seed(0)
     model = EqualTowers(modalities)
     bal = _balancer(method, model)
@@ -76,9 +86,10 @@ def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counte
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(BATCH, INPUT_DIM, generator=g) for _ in range(modalities)]
     target = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    present = presence_mask(modalities) if masked else None
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        bal.loss(model(*inputs), target).backward()
+        bal.loss(model(*inputs), target, present).backward()
         bal.after_backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -87,7 +98,7 @@ def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counte
     with counter:
         if logits is None:
             logits = model(*inputs)
-        bal.loss(logits, target).backward()
+        bal.loss(logits, target, present).backward()
         bal.after_backward()
     return counter.ops
 
@@ -97,6 +108,12 @@ def extra_ops(modalities: int, with_forward: bool = False, method: str = "mlb") 
     own = sum(step_ops(method, modalities, with_forward).values())
     joint = sum(step_ops("joint", modalities, with_forward).values())
     return own - joint
+
+
+def mask_ops(method: str, modalities: int) -> int:
+    """Ops a presence mask adds to ``method``'s ``loss()`` + ``backward()``."""
+    masked = sum(step_ops(method, modalities, masked=True).values())
+    return masked - sum(step_ops(method, modalities).values())
 
 
 def table(modalities: tuple[int, ...] = (2, 8), methods: Sequence[str] = ("mlb",)) -> str:
