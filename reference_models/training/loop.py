@@ -265,7 +265,7 @@ def _train_epoch(
     seen = 0
     bar = report.progress(len(session.train_loader), f"epoch {progress.epoch}", config.progress)
     for index, batch in enumerate(session.train_loader):
-        tensors = to_device(batch, state.device)
+        tensors = to_device(batch, state.device, carries_present=state.carries_present)
         train_step(state, *tensors)
         size = int(tensors[2].shape[0])
         seen += size
