@@ -276,3 +276,53 @@ def test_demo_missing_dispatches_with_its_rates(monkeypatch):
     assert options["fill"] == "learned" and options["overrides"] == {"max_epochs": 3}
     with pytest.raises(ValueError, match="NAME=RATE"):
         missing_demo.parse_rates("video")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "reference_models.data.missing",
+        "reference_models.missing_fill",
+        "reference_models.missing_demo",
+        "reference_models.training.missing_metrics",
+        "reference_models.training.config",
+    ],
+)
+def test_missing_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.slow
+def test_the_missing_demo_prints_its_table(tmp_path, capsys):
+    quick = {key: TINY[key] for key in ("width", "batch_size", "eval_batch_size", "log_every")}
+    quick.update(max_epochs=2, plots=False, data_options=TINY_DATA)
+    summary = missing_demo.run_missing_demo(
+        {"video": 0.5}, tmp_path, methods=["joint", "mlb"], overrides=quick, jobs=1
+    )
+    rows = summary["rows"]
+    assert [(row["label"], row["mask"]) for row in rows] == [
+        ("Joint", False),
+        ("Joint", True),
+        ("MLB", False),
+        ("MLB", True),
+    ]
+    # The fused loss is the model's business: Joint trains the same with and without the mask.
+    for key in ("fused_complete", "fused_incomplete", "audio", "video"):
+        assert rows[0][key] == rows[1][key], key
+    assert rows[0]["k_video"] == 1.0 and rows[3]["k_video"] is not None
+    lines = [line for line in summary["table"].splitlines() if line.startswith("| ")]
+    assert lines[0] == "| " + " | ".join(missing_demo._COLUMNS) + " |"
+    assert summary["table"] in capsys.readouterr().out
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["rates"] == {"video": 0.5} and len(saved["rows"]) == 4
+    assert (tmp_path / "mlb_mask" / "seed0" / "results.json").is_file()
+
+
+def test_the_summary_shows_complete_and_incomplete_accuracy(tmp_path, capsys):
+    train(tiny(tmp_path, method="video_only", missing={"video": 0.5}, max_epochs=1))
+    out = capsys.readouterr().out
+    assert "on 6 complete samples" in out and "on 6 with a modality missing" in out
