@@ -91,7 +91,8 @@ def _balancer_loss(
     told = state.told(present)
     if told is None:
         return bal.loss(logits, y)
-    return bal.loss(logits, y, present={n: state.column(told, n) for n in state.names})
+    # The balancer's encoders follow MODALITIES, as the mask's columns.
+    return bal.loss(logits, y, present=told)
 
 
 def train_step(
