@@ -66,7 +66,9 @@ class Session:
         if hook is not None:
             hook(self.state.balancer, self.state.config.method_options, self._forward_passes)
 
-    def _forward_passes(self, fraction: float) -> Iterator[torch.Tensor]:
+    def _forward_passes(
+        self, fraction: float
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return forward_passes(self.state, self.train_loader, fraction)
 
 

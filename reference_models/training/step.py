@@ -274,9 +274,12 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
     return out
 
 
-def forward_passes(state: RunState, loader: Any, fraction: float) -> Iterator[torch.Tensor]:
+def forward_passes(
+    state: RunState, loader: Any, fraction: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Eval-mode forwards without gradients over the first ``fraction`` of ``loader``'s batches
-    (at least one); yields each batch's labels after its forward."""
+    (at least one); yields each batch's labels and the presence mask the balancer is told
+    (``None`` without missing modalities or with ``missing_mask=false``) after its forward."""
     batches = max(1, int(len(loader) * fraction))
     state.model.eval()
     with torch.no_grad():
@@ -289,5 +292,5 @@ def forward_passes(state: RunState, loader: Any, fraction: float) -> Iterator[to
             present, masks = split_extras(extras, state.carries_present)
             with state.autocast():
                 _forward(state, audio, video, masks, present)
-            yield y
+            yield y, state.told(present)
     state.model.train()

@@ -326,3 +326,44 @@ def test_the_summary_shows_complete_and_incomplete_accuracy(tmp_path, capsys):
     train(tiny(tmp_path, method="video_only", missing={"video": 0.5}, max_epochs=1))
     out = capsys.readouterr().out
     assert "on 6 complete samples" in out and "on 6 with a modality missing" in out
+
+
+class CollectingPrototypes:
+    """A stand-in for PMR with explicit prototypes: records what the recipe passes it."""
+
+    prototype_source = "explicit"
+
+    def __init__(self):
+        self.collected = []
+        self.updated = 0
+
+    def collect(self, labels, **options):
+        self.collected.append((labels, options))
+
+    def update_prototypes(self):
+        self.updated += 1
+
+
+def test_explicit_prototypes_get_the_mask_of_their_pass(tmp_path):
+    from reference_models.recipes import METHODS
+
+    session = build_run(tiny(tmp_path, method="joint", missing={"video": 0.5}))
+    try:
+        fake = CollectingPrototypes()
+        shuffle = session.generator.get_state()
+        METHODS["pmr"].epoch_start(fake, {"prototype_fraction": 1.0}, session._forward_passes)
+        session.generator.set_state(shuffle)  # the same batches again
+        batches = list(session.train_loader)
+        assert len(fake.collected) == len(batches) and fake.updated == 1
+        for (labels, options), batch in zip(fake.collected, batches):
+            assert torch.equal(labels, batch[2])
+            assert torch.equal(options["present"], batch[3])
+    finally:
+        session.close()
+    complete = build_run(tiny(tmp_path, method="joint"))
+    try:
+        fake = CollectingPrototypes()
+        METHODS["pmr"].epoch_start(fake, {}, complete._forward_passes)
+        assert [options for _, options in fake.collected] == [{}]
+    finally:
+        complete.close()
