@@ -166,20 +166,14 @@ class TrainConfig:
         wav2vec2_checkpoint: the Conformer backbone's wav2vec2-large-robust weights, a local
             torchaudio state dict (converted once from the Hugging Face model, see the README),
             or ``"random"`` for smoke tests (warns). Needed by the Conformer backbone only.
-        missing: missing modalities, ``{modality: rate}`` (e.g. ``{"video": 0.5}``; on the
-            command line ``--set missing.video=0.5``): that share of the samples of each split
-            ``missing_mode`` names loses the modality (zero input,
-            :func:`reference_models.data.missing.with_missing`); batches then carry the
-            ``(B, 2)`` presence mask, and results.json reports accuracies on the samples with
-            each modality present and absent. Empty: every sample complete.
-        missing_mode: ``both``, ``train`` or ``test`` (validation and test): the splits with
-            missing modalities.
-        missing_fill: what the fusion head sees for a missing modality: ``input`` (the
-            encoder's output of the zero input), ``zero`` or ``learned`` (a learned vector per
-            modality), :mod:`reference_models.missing_fill`.
-        missing_mask: tell the model and the balancer which inputs are missing (``present=``
-            in ``bal.loss``); ``false`` trains as if the zeros were data (the baseline; the
-            fill must then be ``input``). The harness's probes and metrics always use the mask.
+        missing: ``{modality: rate}`` (``--set missing.video=0.5``): that share of the samples
+            of the splits ``missing_mode`` names (``both``, ``train``, ``test``) loses the
+            modality (:func:`reference_models.data.missing.with_missing`); batches carry the
+            presence mask and results.json the accuracies by presence.
+        missing_mode: see ``missing``.
+        missing_fill: ``input``, ``zero`` or ``learned`` (:mod:`reference_models.missing_fill`).
+        missing_mask: pass the mask to the model and ``bal.loss(present=)``; ``false``: the
+            zero-fill baseline (fill ``input``). Probes and metrics always use it.
         fold: 0-based fold: 0, 1 or 2 (the paper's three; CREMA-D also 3 and 4, the other
             two folds of its split file, whose key is ``fold + 1``). For every dataset it
             also picks the default seed.
@@ -476,8 +470,7 @@ def parse_value(text: str) -> Any:
 
 
 def nest_dotted(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"missing.video": 0.5}`` as ``{"missing": {"video": 0.5}}``: a dotted key sets one
-    entry of a table field (:data:`TABLE_FIELDS`).
+    """A dotted key sets one entry of a table field (:data:`TABLE_FIELDS`).
 
     Example:
         >>> nest_dotted({"missing.video": 0.5, "method_options.alpha": 2, "lr": 1e-3})
