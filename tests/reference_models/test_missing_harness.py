@@ -91,6 +91,22 @@ def test_a_fill_replaces_the_absent_features_and_stops_their_gradient(fill):
     assert model.fill.tokens[1].requires_grad == (fill == "learned")
 
 
+@pytest.mark.parametrize("fusion", ["linear", "film", "tf"])
+def test_with_a_fill_the_absent_input_changes_nothing(fusion):
+    torch.manual_seed(0)
+    options = {"num_heads": 2} if fusion == "tf" else {}
+    model = build_model(
+        "cremad", "resnet18", fusion, num_classes=6, width=2, missing_fill="learned",
+        fusion_options=options,
+    ).eval()
+    audio, video = inputs()
+    other = video.clone()
+    other[~PRESENT[:, 1]] = torch.randn_like(other[~PRESENT[:, 1]])
+    first, second = model(audio, video, present=PRESENT), model(audio, other, present=PRESENT)
+    assert torch.allclose(first, second, atol=1e-6)
+    assert not torch.allclose(model(audio, video), model(audio, other))
+
+
 def test_the_input_fill_ignores_the_mask():
     torch.manual_seed(0)
     model = build_model("cremad", "resnet18", "linear", num_classes=6, width=2).eval()
