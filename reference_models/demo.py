@@ -12,10 +12,15 @@ combined coefficient plot (appendix Figure 7) under ``--out`` (``outputs/demo``)
 
     python -m reference_models.demo                 # the full demo (3-5 min on 2 CPU cores)
     python -m reference_models.demo --seeds 0 1 2   # mean over several data/training seeds
+    python -m reference_models.demo --missing video=0.5   # half the clips lose their video
 
 In the generated set audio is the strong modality (learned within a few epochs, capped by
 its ambiguity) and video the weak one (learned slowly from a faint signal): trained jointly,
 the video encoder ends clearly worse than the same encoder trained alone.
+
+``--missing video=0.5`` runs the missing-modality demo instead
+(:mod:`reference_models.missing_demo`): Joint, Multi-Loss and MLB with and without the
+presence mask on the same incomplete data.
 """
 
 from __future__ import annotations
@@ -25,17 +30,28 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from reference_models.coefficients_figure import plot_coefficients, read_history
 from reference_models.train import TrainConfig, train
 
-__all__ = ["DEMO_CONFIG", "DEMO_METHODS", "format_table", "main", "run_demo"]
+__all__ = [
+    "DEMO_CONFIG",
+    "DEMO_METHODS",
+    "format_cell",
+    "format_table",
+    "main",
+    "mean_of",
+    "run_demo",
+    "train_all",
+]
+
+Key = TypeVar("Key", bound=Hashable)
 
 DEMO_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("Video only", "video_only", {}),
@@ -105,7 +121,8 @@ _SCALING_METHODS = frozenset({"mlb", "ogm", "ogm_ge", "agm", "mslr", "cggm"})
 _COLUMNS = ("method", "fused", "audio", "video", "ECE", "k audio", "k video", "time")
 
 
-def _cell(value: float | None, digits: int = 3) -> str:
+def format_cell(value: float | None, digits: int = 3) -> str:
+    """A table cell: ``value`` with ``digits`` decimals, or a dash for ``None``."""
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -116,12 +133,12 @@ def format_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> str:
     for row in rows:
         cells = [
             row["label"],
-            _cell(row["fused"]),
-            _cell(row.get("audio")),
-            _cell(row.get("video")),
-            _cell(row["ece"]),
-            _cell(row.get("k_audio"), 2),
-            _cell(row.get("k_video"), 2),
+            format_cell(row["fused"]),
+            format_cell(row.get("audio")),
+            format_cell(row.get("video")),
+            format_cell(row["ece"]),
+            format_cell(row.get("k_audio"), 2),
+            format_cell(row.get("k_video"), 2),
             f"{row['time']:.0f} s",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -136,7 +153,8 @@ def format_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def _mean(values: list[float | None]) -> float | None:
+def mean_of(values: list[float | None]) -> float | None:
+    """The mean of the values that are not ``None`` (``None`` if there are none)."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
 
@@ -147,6 +165,25 @@ def _train_one(config: dict[str, Any]) -> dict[str, Any]:
     results = train(TrainConfig.from_dict(config), verbose=False)
     results["run_time_s"] = time.perf_counter() - start
     return results
+
+
+def train_all(
+    configs: Mapping[Key, dict[str, Any]],
+    jobs: int,
+    report: Callable[[Key, dict[str, Any]], None],
+) -> None:
+    """Train every configuration (``jobs`` at once, each in its own process; 1: in this
+    process) and pass each run's results to ``report`` as it finishes (with its
+    ``run_time_s``)."""
+    if jobs <= 1:
+        for key, config in configs.items():
+            report(key, _train_one(config))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_train_one, config): key for key, config in configs.items()}
+        for future in as_completed(futures):
+            report(futures[future], future.result())
 
 
 def run_demo(
@@ -198,8 +235,9 @@ def run_demo(
         finished[key] = results
         if verbose:
             test = results["test_last"]
-            parts = [f"fused {_cell(test['fused']['accuracy'])}"] + [
-                f"{m} {_cell(test.get(m, {}).get('probe_accuracy'))}" for m in ("audio", "video")
+            parts = [f"fused {format_cell(test['fused']['accuracy'])}"] + [
+                f"{m} {format_cell(test.get(m, {}).get('probe_accuracy'))}"
+                for m in ("audio", "video")
             ]
             print(
                 f"[demo] {key[0]:<11} seed {key[1]}: "
@@ -208,15 +246,7 @@ def run_demo(
                 flush=True,
             )
 
-    if jobs <= 1:
-        for key, config in configs.items():
-            report(key, _train_one(config))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_train_one, config): key for key, config in configs.items()}
-            for future in as_completed(futures):
-                report(futures[future], future.result())
+    train_all(configs, jobs, report)
 
     rows = []
     histories: dict[str, dict[str, list[float]]] = {}
@@ -228,17 +258,19 @@ def run_demo(
         row: dict[str, Any] = {
             "label": label,
             "method": method,
-            "fused": _mean([t["fused"]["accuracy"] for t in test]),
-            "ece": _mean([t["fused"]["ece"] for t in test]),
+            "fused": mean_of([t["fused"]["accuracy"] for t in test]),
+            "ece": mean_of([t["fused"]["ece"] for t in test]),
             "time": sum(r["run_time_s"] for r in per_seed),
         }
         for modality in ("audio", "video"):
-            row[modality] = _mean([t.get(modality, {}).get("probe_accuracy") for t in test])
-            row[f"k_{modality}"] = _mean([r["final_coefficients"].get(modality) for r in per_seed])
+            row[modality] = mean_of([t.get(modality, {}).get("probe_accuracy") for t in test])
+            row[f"k_{modality}"] = mean_of(
+                [r["final_coefficients"].get(modality) for r in per_seed]
+            )
         row["best_validation"] = {
-            "fused": _mean([t["fused"]["accuracy"] for t in best]),
+            "fused": mean_of([t["fused"]["accuracy"] for t in best]),
             **{
-                m: _mean([t.get(m, {}).get("probe_accuracy") for t in best])
+                m: mean_of([t.get(m, {}).get("probe_accuracy") for t in best])
                 for m in ("audio", "video")
             },
         }
@@ -296,15 +328,30 @@ def run_demo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m reference_models.demo``."""
+    from reference_models.missing_demo import MISSING_DEMO_METHODS, parse_rates, run_missing_demo
+
     parser = argparse.ArgumentParser(
         prog="python -m reference_models.demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--out", default="outputs/demo")
+    parser.add_argument("--out", help="default outputs/demo (outputs/demo_missing with --missing)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", help="comma-separated subset, e.g. joint,mlb,video_only")
     parser.add_argument("--epochs", type=int, help=f"default {DEMO_CONFIG['max_epochs']}")
     parser.add_argument("--threads", type=int, help="torch threads per run (default 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument(
+        "--missing",
+        metavar="NAME=RATE[,NAME=RATE]",
+        help="missing-modality demo: this share of the clips of every split loses the "
+        f"modality; runs {', '.join(MISSING_DEMO_METHODS)} with and without the mask",
+    )
+    parser.add_argument(
+        "--fill",
+        default="input",
+        choices=("input", "zero", "learned"),
+        help="with --missing: what the fusion head sees for a missing input when the model "
+        "is told (default input: the encoder's output of the zeros)",
+    )
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.epochs:
@@ -312,7 +359,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         overrides["threads"] = args.threads
     methods = args.methods.split(",") if args.methods else None
-    run_demo(args.out, seeds=args.seeds, methods=methods, overrides=overrides, jobs=args.jobs)
+    if args.missing:
+        run_missing_demo(
+            parse_rates(args.missing),
+            args.out or "outputs/demo_missing",
+            seeds=args.seeds,
+            methods=methods,
+            fill=args.fill,
+            overrides=overrides,
+            jobs=args.jobs,
+        )
+        return 0
+    run_demo(
+        args.out or "outputs/demo",
+        seeds=args.seeds,
+        methods=methods,
+        overrides=overrides,
+        jobs=args.jobs,
+    )
     return 0
 
 

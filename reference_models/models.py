@@ -25,6 +25,7 @@ from reference_models.encoders import (
     masked_mean,
 )
 from reference_models.fusion import build_fusion
+from reference_models.missing_fill import MISSING_FILLS, MissingFill
 from reference_models.wav2vec2 import Wav2Vec2ConformerEncoder
 
 __all__ = ["BACKBONES", "NUM_CLASSES", "AudioVisualClassifier", "build_model"]
@@ -45,11 +46,15 @@ class AudioVisualClassifier(nn.Module):
     e.g. ``gb.MLB(model, encoders=[model.audio, model.video], num_classes=K, pool="tokens")``.
     Encoders that take variable-length inputs (the Conformer ones) accept padding masks
     (``(B, length)`` bool, True = padded) through the keyword arguments of :meth:`forward`.
+    Samples missing a modality (``present``, ``(B, 2)`` bool, True = there) reach the fusion
+    head through the ``missing_fill`` (:mod:`reference_models.missing_fill`).
 
     Args:
         audio: audio encoder (``encoder(x, padding_mask=None)``, ``token_padding_mask``).
         video: video encoder, same interface.
         fusion: fusion head called as ``fusion(audio_features, video_features)``.
+        missing_fill: ``"input"`` (the encoder's output of the zero input), ``"zero"`` or
+            ``"learned"`` (the absent rows' features replaced after the encoder).
 
     Example:
         >>> from reference_models.encoders import ResNet18AudioEncoder, ResNet18VideoEncoder
@@ -60,8 +65,14 @@ class AudioVisualClassifier(nn.Module):
         torch.Size([2, 6])
     """
 
-    def __init__(self, audio: nn.Module, video: nn.Module, fusion: nn.Module) -> None:
+    def __init__(
+        self, audio: nn.Module, video: nn.Module, fusion: nn.Module, missing_fill: str = "input"
+    ) -> None:
         super().__init__()
+        if missing_fill not in MISSING_FILLS:
+            raise ValueError(
+                f"missing_fill must be one of {list(MISSING_FILLS)}, got {missing_fill!r}"
+            )
         takes_tokens = getattr(fusion, "takes_tokens", False)
         wanted = "token sequences" if takes_tokens else "pooled features"
         for name, encoder in (("audio", audio), ("video", video)):
@@ -76,6 +87,12 @@ class AudioVisualClassifier(nn.Module):
         self.video = video
         self.fusion = fusion
         self.takes_tokens = takes_tokens
+        self.missing_fill = missing_fill
+        self.fill = (
+            None
+            if missing_fill == "input"
+            else MissingFill([audio.feature_dim, video.feature_dim], missing_fill)
+        )
         self._last_batch: tuple[torch.Tensor | None, ...] | None = None
         self.token_padding_masks: dict[str, torch.Tensor | None] = {}
 
@@ -86,13 +103,15 @@ class AudioVisualClassifier(nn.Module):
         *,
         audio_padding_mask: torch.Tensor | None = None,
         video_padding_mask: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders.
+        """Logits ``(B, K)`` of one batch; padding masks only for the Conformer encoders;
+        ``present`` ``(B, 2)`` bool (audio, video; True = there) for samples missing a modality.
 
         The batch is kept (by reference) until the next forward, for :meth:`forward_masked`.
         """
-        self._last_batch = (audio, video, audio_padding_mask, video_padding_mask)
-        return self._logits(audio, video, audio_padding_mask, video_padding_mask)
+        self._last_batch = (audio, video, audio_padding_mask, video_padding_mask, present)
+        return self._logits(audio, video, audio_padding_mask, video_padding_mask, present)
 
     def pooled_tokens(self, modality: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """A balancer's ``features`` callable for token-returning encoders (Transformer
@@ -122,7 +141,7 @@ class AudioVisualClassifier(nn.Module):
 
         AGM's input masking (the official code re-runs the whole model on the batch with a
         modality's input set to zero): ``gb.AGM(..., masking="input",
-        forward_masked=model.forward_masked)``. Padding masks are kept.
+        forward_masked=model.forward_masked)``. Padding masks and ``present`` are kept.
 
         Args:
             masked: the modalities to zero, among ``"audio"`` and ``"video"``.
@@ -145,10 +164,10 @@ class AudioVisualClassifier(nn.Module):
             raise ValueError(f"forward_masked: unknown modalities {sorted(unknown)}")
         if self._last_batch is None:
             raise RuntimeError("forward_masked re-runs the last batch: call the model first")
-        audio, video, audio_mask, video_mask = self._last_batch
+        audio, video, audio_mask, video_mask, present = self._last_batch
         audio = torch.zeros_like(audio) if "audio" in masked else audio
         video = torch.zeros_like(video) if "video" in masked else video
-        return self._logits(audio, video, audio_mask, video_mask)
+        return self._logits(audio, video, audio_mask, video_mask, present)
 
     def _logits(
         self,
@@ -156,9 +175,12 @@ class AudioVisualClassifier(nn.Module):
         video: torch.Tensor,
         audio_padding_mask: torch.Tensor | None,
         video_padding_mask: torch.Tensor | None,
+        present: torch.Tensor | None,
     ) -> torch.Tensor:
         audio_features = self.audio(audio, padding_mask=audio_padding_mask)
         video_features = self.video(video, padding_mask=video_padding_mask)
+        if self.fill is not None and present is not None:
+            audio_features, video_features = self.fill([audio_features, video_features], present)
         if not self.takes_tokens:
             return self.fusion(audio_features, video_features)
         masks = [
@@ -198,6 +220,7 @@ def build_model(
     audio_options: Mapping[str, Any] | None = None,
     video_options: Mapping[str, Any] | None = None,
     fusion_options: Mapping[str, Any] | None = None,
+    missing_fill: str = "input",
 ) -> AudioVisualClassifier:
     """Build one of the paper's reference models.
 
@@ -222,6 +245,8 @@ def build_model(
         video_options: extra keyword options of the video encoder.
         fusion_options: extra keyword options of the fusion head (e.g. ``{"scale": 8}`` for
             ``mmcosine``).
+        missing_fill: what the fusion head sees for a missing modality: ``"input"``,
+            ``"zero"`` or ``"learned"`` (:mod:`reference_models.missing_fill`).
 
     Returns:
         An :class:`AudioVisualClassifier` with attributes ``audio``, ``video`` and ``fusion``.
@@ -252,4 +277,4 @@ def build_model(
     head = build_fusion(
         fusion, [audio.feature_dim, video.feature_dim], num_classes, **(fusion_options or {})
     )
-    return AudioVisualClassifier(audio, video, head)
+    return AudioVisualClassifier(audio, video, head, missing_fill)

@@ -80,10 +80,14 @@ DATASETS: dict[str, DatasetRecipe] = {
 Wiring = Callable[[dict[str, Any], nn.Module, int], None]
 """``wire(options, model, seed)``: fill a method's options from the model, in place."""
 
-EpochStart = Callable[[Any, dict[str, Any], Callable[[float], Iterator[torch.Tensor]]], None]
-"""``epoch_start(balancer, options, forward_passes)``: work a method needs before each epoch;
-``forward_passes(fraction)`` runs eval-mode forwards without gradients over that fraction of
-the training batches and yields each batch's labels."""
+ForwardPasses = Callable[[float], Iterator[tuple[torch.Tensor, torch.Tensor | None]]]
+"""``forward_passes(fraction)``: eval-mode forwards without gradients over that fraction of the
+training batches; yields each batch's labels and the presence mask the balancer is told
+(``None`` when every sample is complete or the run does not tell it)."""
+
+EpochStart = Callable[[Any, dict[str, Any], ForwardPasses], None]
+"""``epoch_start(balancer, options, forward_passes)``: work a method needs before each epoch
+(``forward_passes``: see :data:`ForwardPasses`)."""
 
 
 @dataclass(frozen=True)
@@ -208,17 +212,18 @@ def _official_momentum(options: dict[str, Any], model: nn.Module, seed: int) -> 
 
 
 def _explicit_prototypes(
-    balancer: Any,
-    options: dict[str, Any],
-    forward_passes: Callable[[float], Iterator[torch.Tensor]],
+    balancer: Any, options: dict[str, Any], forward_passes: ForwardPasses
 ) -> None:
     """PMR with ``prototypes="explicit"``: class prototypes from an eval-mode pass over
     ``prototype_fraction`` (0.1) of the training batches before each epoch (the official
-    code)."""
+    code); with missing modalities, each modality's from the samples where it is present."""
     if getattr(balancer, "prototype_source", None) != "explicit":
         return
-    for labels in forward_passes(float(options.get("prototype_fraction", 0.1))):
-        balancer.collect(labels)
+    for labels, present in forward_passes(float(options.get("prototype_fraction", 0.1))):
+        if present is None:
+            balancer.collect(labels)
+        else:
+            balancer.collect(labels, present=present)
     balancer.update_prototypes()
 
 

@@ -12,7 +12,9 @@ class UnimodalClassifier(nn.Module):
     """One modality's encoder and a linear classifier: the "Audio only"/"Video only" baselines.
 
     Called like the audio-visual models, ``model(audio, video)``; only its own modality is
-    used. The last pooled feature is kept in :attr:`last_features` for the probe.
+    used. The last pooled feature is kept in :attr:`last_features` for the probe. A sample
+    missing its modality (``present``) is classified from its zero input: the classifier has
+    nothing else.
 
     Args:
         encoder: the modality's encoder (pooled ``(B, D)`` output).
@@ -47,8 +49,10 @@ class UnimodalClassifier(nn.Module):
         *,
         audio_padding_mask: torch.Tensor | None = None,
         video_padding_mask: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, K)`` from this classifier's modality (the other input is ignored)."""
+        """Logits ``(B, K)`` from this classifier's modality (the other input and ``present``
+        are ignored)."""
         if self.modality == "audio":
             inputs, padding_mask = audio, audio_padding_mask
         else:

@@ -9,10 +9,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["MASK_NAMES", "InMemoryBatches", "make_loader", "padded_batch", "to_device"]
+__all__ = [
+    "MASK_NAMES",
+    "InMemoryBatches",
+    "make_loader",
+    "padded_batch",
+    "split_extras",
+    "to_device",
+]
 
 MASK_NAMES: tuple[str, ...] = ("audio_padding_mask", "video_padding_mask")
-"""The model's keyword names of the padding masks a batch may carry after its labels."""
+"""The model's keyword names of the padding masks a batch may carry after its labels (and
+after the presence mask, when the run has missing modalities)."""
 
 
 class InMemoryBatches:
@@ -113,13 +121,32 @@ def make_loader(
     )
 
 
-def to_device(batch: Sequence[Any], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(audio, video, labels, *padding masks)`` on ``device`` (masks: see :data:`MASK_NAMES`)."""
-    audio, video, label, *masks = batch
-    if len(masks) > len(MASK_NAMES):
+def to_device(
+    batch: Sequence[Any], device: torch.device, *, carries_present: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``(audio, video, labels, [present,] *padding masks)`` on ``device`` (masks: see
+    :data:`MASK_NAMES`; ``present``, the ``(B, M)`` presence mask, when ``carries_present``)."""
+    audio, video, label, *extras = batch
+    if len(extras) > len(MASK_NAMES) + carries_present:
+        mask = "a presence mask and " if carries_present else ""
         raise ValueError(
-            f"a batch is (audio, video, labels) and at most {len(MASK_NAMES)} padding masks, "
-            f"got {len(batch)} items"
+            f"a batch is (audio, video, labels), {mask}at most {len(MASK_NAMES)} padding "
+            f"masks, got {len(batch)} items"
         )
-    tensors = (audio, video, torch.as_tensor(label), *masks)
+    tensors = (audio, video, torch.as_tensor(label), *extras)
     return tuple(x if x is None else x.to(device, non_blocking=True) for x in tensors)
+
+
+def split_extras(
+    extras: Sequence[Any], carries_present: bool
+) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
+    """A batch's items after its labels as ``(present or None, padding masks)``.
+
+    Example:
+        >>> present = torch.ones(2, 2, dtype=torch.bool)
+        >>> split_extras((present, None), carries_present=True)[1], split_extras((), False)
+        ((None,), (None, ()))
+    """
+    if carries_present:
+        return extras[0], tuple(extras[1:])
+    return None, tuple(extras)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import gradbalance as gb
+from reference_models.data.missing import PresentCollate, with_missing
 from reference_models.recipes import METHODS, MODALITIES
 from reference_models.training.batches import padded_batch
 from reference_models.training.config import DataSlice, MethodSlice, ModelSlice, TrainConfig
@@ -70,11 +71,25 @@ def build_datasets(config: TrainConfig | DataSlice) -> tuple[Dataset, Dataset, D
 
     The Conformer backbone reads CREMA-D's waveforms and face features
     (:class:`~reference_models.data.CremaDWaveformFaces`), the ResNet one spectrograms and
-    frames.
+    frames. With missing modalities (``missing``) each split goes through
+    :func:`~reference_models.data.missing.with_missing` (seeded by the run seed).
     """
     data = config.data if isinstance(config, TrainConfig) else config
     build = _synthetic if data.dataset == "synthetic" else _prepared
-    return build(data)  # type: ignore[return-value]
+    splits = build(data)
+    if not data.missing:
+        return splits  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]
+        with_missing(
+            dataset,
+            data.missing,
+            seed=data.seed,
+            mode=data.missing_mode,
+            split=split,
+            modalities=MODALITIES,
+        )
+        for dataset, split in zip(splits, SPLITS)
+    )
 
 
 def data_report(splits: tuple[Dataset, ...]) -> dict[str, dict[str, int]]:
@@ -87,8 +102,10 @@ def data_report(splits: tuple[Dataset, ...]) -> dict[str, dict[str, int]]:
 
 def collate_for(data: DataSlice) -> Callable[[Sequence[Any]], Any] | None:
     """The batch collate of the datasets :func:`build_datasets` makes: the padding one for the
-    Conformer backbone's variable-length items, else the default."""
-    return padded_batch if data.backbone == "conformer" else None
+    Conformer backbone's variable-length items, else the default; with missing modalities,
+    that one with the presence mask after the labels (:class:`PresentCollate`)."""
+    collate = padded_batch if data.backbone == "conformer" else None
+    return PresentCollate(collate) if data.missing else collate
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -132,6 +149,7 @@ def build_model_for(
         audio_options=config.audio_options,
         video_options=config.video_options,
         fusion_options=fusion_options,
+        missing_fill=config.missing_fill,
         **(conformer if config.backbone == "conformer" else {}),
     )
     if recipe.modality is None:

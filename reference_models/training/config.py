@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from gradbalance.metrics import BINNINGS
-from reference_models.recipes import BACKBONES, DATASETS, FUSIONS, METHOD_ALIASES, METHODS
+from reference_models.data.missing import MISSING_MODES, check_rates
+from reference_models.missing_fill import MISSING_FILLS
+from reference_models.recipes import (
+    BACKBONES,
+    DATASETS,
+    FUSIONS,
+    METHOD_ALIASES,
+    METHODS,
+    MODALITIES,
+)
 from reference_models.schedule import SCHEDULES
 from reference_models.training.tensorboard import LOGGERS
 
@@ -36,6 +45,7 @@ __all__ = [
     "TrainConfig",
     "key_values",
     "load_config",
+    "nest_dotted",
     "parse_value",
     "resolve_preset",
 ]
@@ -52,6 +62,7 @@ TABLE_FIELDS = (
     "fusion_options",
     "audio_options",
     "video_options",
+    "missing",
 )
 """The fields that are tables (dicts); overrides of them are merged, not replaced."""
 
@@ -93,6 +104,8 @@ class DataSlice:
     fold: int
     seed: int
     options: dict[str, Any]
+    missing: dict[str, float] = field(default_factory=dict)
+    missing_mode: str = "both"
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ class ModelSlice:
     wav2vec2_checkpoint: str | None = None
     audio_options: dict[str, Any] = field(default_factory=dict)
     video_options: dict[str, Any] = field(default_factory=dict)
+    missing_fill: str = "input"
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,14 @@ class TrainConfig:
         wav2vec2_checkpoint: the Conformer backbone's wav2vec2-large-robust weights, a local
             torchaudio state dict (converted once from the Hugging Face model, see the README),
             or ``"random"`` for smoke tests (warns). Needed by the Conformer backbone only.
+        missing: ``{modality: rate}`` (``--set missing.video=0.5``): that share of the samples
+            of the splits ``missing_mode`` names (``both``, ``train``, ``test``) loses the
+            modality (:func:`reference_models.data.missing.with_missing`); batches carry the
+            presence mask and results.json the accuracies by presence.
+        missing_mode: see ``missing``.
+        missing_fill: ``input``, ``zero`` or ``learned`` (:mod:`reference_models.missing_fill`).
+        missing_mask: pass the mask to the model and ``bal.loss(present=)``; ``false``: the
+            zero-fill baseline (fill ``input``). Probes and metrics always use it.
         fold: 0-based fold: 0, 1 or 2 (the paper's three; CREMA-D also 3 and 4, the other
             two folds of its split file, whose key is ``fold + 1``). For every dataset it
             also picks the default seed.
@@ -200,6 +222,10 @@ class TrainConfig:
     audio_options: dict[str, Any] = field(default_factory=dict)
     video_options: dict[str, Any] = field(default_factory=dict)
     wav2vec2_checkpoint: str | None = None
+    missing: dict[str, float] = field(default_factory=dict)
+    missing_mode: str = "both"
+    missing_fill: str = "input"
+    missing_mask: bool = True
     fold: int = 0
     seed: int | None = None
     device: str = "cpu"
@@ -246,6 +272,8 @@ class TrainConfig:
             "schedule": SCHEDULES,
             "ece_binning": BINNINGS,
             "logger": LOGGERS,
+            "missing_mode": MISSING_MODES,
+            "missing_fill": MISSING_FILLS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -280,6 +308,12 @@ class TrainConfig:
         for name in TABLE_FIELDS:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table (dict), got {getattr(self, name)!r}")
+        check_rates(self.missing, MODALITIES)
+        if not self.missing_mask and self.missing_fill != "input":
+            raise ValueError(
+                f"missing_fill={self.missing_fill!r} needs the mask (missing_mask=true): a model "
+                "not told which inputs are missing can only see the zero input"
+            )
         if self.dataset != "synthetic" and not self.root:
             raise ValueError(
                 f"dataset {self.dataset!r} needs root=DIR, the prepared dataset "
@@ -312,6 +346,8 @@ class TrainConfig:
             self.fold,
             self.run_seed,
             dict(self.data_options),
+            dict(self.missing),
+            self.missing_mode,
         )
 
     @property
@@ -325,6 +361,7 @@ class TrainConfig:
             self.wav2vec2_checkpoint,
             dict(self.audio_options),
             dict(self.video_options),
+            self.missing_fill,
         )
 
     @property
@@ -430,6 +467,28 @@ def parse_value(text: str) -> Any:
         except Exception:  # noqa: BLE001 - anything that is not a TOML value is a string
             return text
     return text  # pragma: no cover
+
+
+def nest_dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A dotted key sets one entry of a table field (:data:`TABLE_FIELDS`).
+
+    Example:
+        >>> nest_dotted({"missing.video": 0.5, "method_options.alpha": 2, "lr": 1e-3})
+        {'missing': {'video': 0.5}, 'method_options': {'alpha': 2}, 'lr': 0.001}
+    """
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        table, dot, entry = key.partition(".")
+        if not dot:
+            nested[key] = value
+            continue
+        if table not in TABLE_FIELDS or not entry:
+            raise ValueError(
+                f"{key!r}: a dotted key sets an entry of a table field, one of "
+                f"{list(TABLE_FIELDS)} (e.g. missing.video=0.5)"
+            )
+        nested.setdefault(table, {})[entry] = value
+    return nested
 
 
 def key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:

@@ -66,7 +66,9 @@ class Session:
         if hook is not None:
             hook(self.state.balancer, self.state.config.method_options, self._forward_passes)
 
-    def _forward_passes(self, fraction: float) -> Iterator[torch.Tensor]:
+    def _forward_passes(
+        self, fraction: float
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return forward_passes(self.state, self.train_loader, fraction)
 
 
@@ -265,7 +267,7 @@ def _train_epoch(
     seen = 0
     bar = report.progress(len(session.train_loader), f"epoch {progress.epoch}", config.progress)
     for index, batch in enumerate(session.train_loader):
-        tensors = to_device(batch, state.device)
+        tensors = to_device(batch, state.device, carries_present=state.carries_present)
         train_step(state, *tensors)
         size = int(tensors[2].shape[0])
         seen += size

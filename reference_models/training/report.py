@@ -175,6 +175,13 @@ def summary_text(results: Mapping[str, Any]) -> str:
                     f"{_fmt(test[name][f'{kind}_accuracy']):>10}"
                     f"{_fmt(test[name][f'{kind}_ece']):>10}{_fmt(test[name][f'{kind}_loss']):>11}"
                 )
+    if "accuracy_complete" in test["fused"]:
+        fused = test["fused"]
+        lines.append(
+            f"test fused accuracy on {fused['complete']} complete samples "
+            f"{_fmt(fused['accuracy_complete'])}, on {fused['incomplete']} with a modality "
+            f"missing {_fmt(fused['accuracy_incomplete'])}"
+        )
     left_out = {
         split: n["left_out"] for split, n in results.get("data", {}).items() if n["left_out"]
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +13,16 @@ from torch import nn
 
 import gradbalance as gb
 from gradbalance.metrics import BINNINGS, accuracy, expected_calibration_error
+from reference_models.recipes import MODALITIES
 from reference_models.schedule import WarmupCosineRestarts
-from reference_models.training.batches import MASK_NAMES, to_device
+from reference_models.training.batches import MASK_NAMES, split_extras, to_device
 from reference_models.training.config import TrainConfig
+from reference_models.training.missing_metrics import (
+    PRESENCE_COUNTS,
+    PRESENCE_KEYS,
+    masked_cross_entropy,
+    presence_metrics,
+)
 
 __all__ = ["RunState", "evaluate", "forward_passes", "train_step"]
 
@@ -42,6 +50,20 @@ class RunState:
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
+    @property
+    def carries_present(self) -> bool:
+        """Whether batches carry a presence mask after the labels (missing modalities)."""
+        return bool(self.config.missing)
+
+    def told(self, present: torch.Tensor | None) -> torch.Tensor | None:
+        """The presence mask the model and the balancer get: ``present``, or ``None`` when
+        the run does not tell them (``missing_mask=false``, the zero-fill baseline)."""
+        return present if self.config.missing_mask else None
+
+    def column(self, present: torch.Tensor, name: str) -> torch.Tensor:
+        """The ``(B,)`` presence of modality ``name`` (columns in :data:`MODALITIES` order)."""
+        return present[:, MODALITIES.index(name)]
+
 
 def _features(state: RunState) -> dict[str, torch.Tensor]:
     if state.balancer is None:
@@ -50,30 +72,56 @@ def _features(state: RunState) -> dict[str, torch.Tensor]:
 
 
 def _forward(
-    state: RunState, audio: torch.Tensor, video: torch.Tensor, masks: tuple[Any, ...]
+    state: RunState,
+    audio: torch.Tensor,
+    video: torch.Tensor,
+    masks: tuple[Any, ...],
+    present: torch.Tensor | None,
 ) -> torch.Tensor:
-    return state.model(audio, video, **dict(zip(MASK_NAMES, masks)))
+    told = state.told(present)
+    extra = {} if told is None else {"present": told}
+    return state.model(audio, video, **dict(zip(MASK_NAMES, masks)), **extra)
+
+
+def _balancer_loss(
+    state: RunState, logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None
+) -> torch.Tensor:
+    bal = state.balancer
+    assert bal is not None
+    told = state.told(present)
+    if told is None:
+        return bal.loss(logits, y)
+    # The balancer's encoders follow MODALITIES, as the mask's columns.
+    return bal.loss(logits, y, present=told)
 
 
 def train_step(
-    state: RunState, audio: torch.Tensor, video: torch.Tensor, y: torch.Tensor, *masks: Any
+    state: RunState, audio: torch.Tensor, video: torch.Tensor, y: torch.Tensor, *extras: Any
 ) -> None:
     """One optimizer step; no host synchronisation (everything stays on the device).
 
-    ``masks``: the batch's padding masks (audio, then video; True = padded), if any.
+    ``extras``: the batch's presence mask (``(B, M)`` bool, when the run has missing
+    modalities), then its padding masks (audio, then video; True = padded), if any. The probes
+    learn from the samples where their modality is present.
     """
+    present, masks = split_extras(extras, state.carries_present)
     with state.autocast():
-        logits = _forward(state, audio, video, masks)
+        logits = _forward(state, audio, video, masks, present)
         if state.balancer is None:
             loss = F.cross_entropy(logits, y)
         else:
-            loss = state.balancer.loss(logits, y)
+            loss = _balancer_loss(state, logits, y, present)
         total = loss
         if state.probes:
             features = _features(state)
             for name, probe in state.probes.items():
-                probe_logits = probe(features[name].detach().float())
-                total = total + F.cross_entropy(probe_logits.float(), y)
+                probe_logits = probe(features[name].detach().float()).float()
+                if present is None:
+                    total = total + F.cross_entropy(probe_logits, y)
+                else:
+                    total = total + masked_cross_entropy(
+                        probe_logits, y, state.column(present, name)
+                    )
     state.optimizer.zero_grad(set_to_none=True)
     total.backward()
     after_backward = getattr(state.balancer, "after_backward", None)
@@ -133,6 +181,12 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
 
     With ``collect`` (the per-epoch validation) the balancer's ``loss()`` sees the batches
     under ``torch.no_grad()`` (MSLR takes its validation accuracies from them).
+
+    With missing modalities the fused entry also gets ``accuracy_complete`` and
+    ``accuracy_incomplete`` (and their sample counts), and each modality's entry the fused
+    accuracy on the samples where it is present and absent, and its probe's and head's
+    accuracy on the samples where it is present (:mod:`~reference_models.training.missing_metrics`;
+    ``None`` where a subset is empty).
     """
     model, config = state.model, state.config
     was_training = model.training
@@ -143,12 +197,18 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
     probes: dict[str, list[torch.Tensor]] = {n: [] for n in state.probes}
     heads: dict[str, list[torch.Tensor]] = {}
     slices: dict[str, list[torch.Tensor]] = {}
+    presence: list[torch.Tensor] = []
     for batch in loader:
-        audio, video, y, *masks = to_device(batch, state.device)
+        audio, video, y, *extras = to_device(
+            batch, state.device, carries_present=state.carries_present
+        )
+        present, masks = split_extras(extras, state.carries_present)
+        if present is not None:
+            presence.append(present)
         with state.autocast():
-            logits = _forward(state, audio, video, tuple(masks))
+            logits = _forward(state, audio, video, masks, present)
             if collect and state.balancer is not None:
-                state.balancer.loss(logits, y)
+                _balancer_loss(state, logits, y, present)
             features = _features(state)
             for name, probe in state.probes.items():
                 probes[name].append(probe(features[name].float()).float())
@@ -192,26 +252,45 @@ def evaluate(state: RunState, loader: Any, *, collect: bool = False) -> dict[str
         if getattr(model, "modality", None) == name:  # a unimodal classifier's own head
             entry.update({f"head_{k}": v for k, v in result["fused"].items()})
         result[name] = entry
+    if presence:
+        columns = {name: state.column(torch.cat(presence), name) for name in state.names}
+        unimodal = {
+            kind: {n: torch.cat(c) for n, c in chunks.items()}
+            for kind, chunks in (("probe", probes), ("head", heads))
+        }
+        extra = presence_metrics(torch.cat(fused), target, columns, unimodal)
+        for outer, entry in extra.items():
+            result[outer].update(entry)
     # One host synchronisation for the whole split.
     flat = [(outer, inner) for outer, entry in result.items() for inner in entry]
     values = torch.stack([result[o][i].double().cpu() for o, i in flat]).tolist()
     out: dict[str, Any] = {outer: {} for outer in result}
     for (outer, inner), value in zip(flat, values):
+        if inner in PRESENCE_COUNTS:
+            value = int(value)
+        elif inner in PRESENCE_KEYS and math.isnan(value):
+            value = None
         out[outer][inner] = value
     return out
 
 
-def forward_passes(state: RunState, loader: Any, fraction: float) -> Iterator[torch.Tensor]:
+def forward_passes(
+    state: RunState, loader: Any, fraction: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Eval-mode forwards without gradients over the first ``fraction`` of ``loader``'s batches
-    (at least one); yields each batch's labels after its forward."""
+    (at least one); yields each batch's labels and the presence mask the balancer is told
+    (``None`` without missing modalities or with ``missing_mask=false``) after its forward."""
     batches = max(1, int(len(loader) * fraction))
     state.model.eval()
     with torch.no_grad():
         for index, batch in enumerate(loader):
             if index >= batches:
                 break
-            audio, video, y, *masks = to_device(batch, state.device)
+            audio, video, y, *extras = to_device(
+                batch, state.device, carries_present=state.carries_present
+            )
+            present, masks = split_extras(extras, state.carries_present)
             with state.autocast():
-                _forward(state, audio, video, tuple(masks))
-            yield y
+                _forward(state, audio, video, masks, present)
+            yield y, state.told(present)
     state.model.train()

@@ -202,7 +202,16 @@ class FailOnHostSync(TorchDispatchMode):
 
 @pytest.mark.parametrize("method", ["mlb", "joint", "ogm", "agm", "pmr", "inforeg", "video_only"])
 def test_training_step_makes_no_host_sync(session_of, method):
-    session = session_of(method=method)
+    steps_without_host_sync(session_of(method=method))
+
+
+@pytest.mark.parametrize("method", ["mlb", "multiloss", "joint", "video_only"])
+@pytest.mark.parametrize("mask", [True, False])
+def test_a_step_with_missing_modalities_makes_no_host_sync(session_of, method, mask):
+    steps_without_host_sync(session_of(method=method, missing={"video": 0.5}, missing_mask=mask))
+
+
+def steps_without_host_sync(session):
     state = session.state
     batches = list(session.train_loader)
     train_step(state, *batches[0])  # warm-up (first-step checks)
