@@ -14,6 +14,7 @@ from gradbalance._step import Step
 from gradbalance.coefficients import mslr_coefficients
 from gradbalance.errors import InputError, OrderError
 from gradbalance.methods._base import SlicedScoresMethod
+from gradbalance.methods._presence import means_and_seen, present_counts
 
 Accuracies = torch.Tensor | Sequence[float] | Mapping[str, float]
 
@@ -73,6 +74,7 @@ class MSLR(SlicedScoresMethod):
     memory: torch.Tensor
     accuracies: torch.Tensor
     validation_correct: torch.Tensor
+    validation_counts: torch.Tensor
 
     head_mode = "probe"
 
@@ -113,6 +115,7 @@ class MSLR(SlicedScoresMethod):
         self.add_state("memory", torch.zeros(memory_epochs, m))
         self.add_state("accuracies", torch.zeros(m))
         self.add_state("validation_correct", torch.zeros(m))
+        self.add_state("validation_counts", torch.zeros(m))
         self.memory_size = 0
         self._validation_seen = 0
         self._show_epoch_coefficients()
@@ -130,19 +133,18 @@ class MSLR(SlicedScoresMethod):
 
     @torch.no_grad()
     def _collect_validation(self, step: Step) -> None:
+        """Each modality's correct predictions and samples, over the samples where it is
+        present (``loss(..., present=)``)."""
         logits = self._modality_logits(step)
         correct = self.validation_correct
         if isinstance(logits, torch.Tensor):
-            target = step.target.to(logits.device)
-            hits = (logits.argmax(dim=-1) == target).sum(dim=-1).to(correct.device)
+            hits = logits.argmax(dim=-1) == step.target.to(logits.device)
         else:
             hits = torch.stack(
-                [
-                    (u.argmax(dim=-1) == step.target.to(u.device)).sum().to(correct.device)
-                    for u in logits
-                ]
+                [(u.argmax(dim=-1) == step.target.to(u.device)).to(correct.device) for u in logits]
             )
-        correct += hits
+        correct += step.present_sums(hits.to(torch.float32)).to(correct.device)
+        self.validation_counts += present_counts(step.present, step.batch_size, correct)
         self._validation_seen += step.batch_size
 
     def _as_tensor(self, accuracies: Accuracies) -> torch.Tensor:
@@ -182,22 +184,29 @@ class MSLR(SlicedScoresMethod):
                     "with bal.loss(model(...), y) under torch.no_grad() before epoch_end(), or "
                     "pass epoch_end(accuracies={name: accuracy})"
                 )
-            # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end).
-            current = self.reduce_mean(self.validation_correct, self._validation_seen)
+            # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end). A
+            # modality with no present validation sample keeps its accuracy and coefficient.
+            current, seen = means_and_seen(
+                self.reduce_mean, self.validation_correct, self.validation_counts
+            )
+            current = torch.where(seen, current, self.accuracies)
         else:
             current = self._as_tensor(accuracies)
+            seen = torch.ones_like(current, dtype=torch.bool)
         if self.memory_size >= self.memory_epochs:
             means = self.memory.mean(dim=0)
             ratio_k = mslr_coefficients(current, means.clamp_min(1e-12), self.initial)
             new = torch.where(means > 0, ratio_k, self.initial)
         else:
             new = self.initial.clone()
+        new = torch.where(seen, new, self.epoch_coefficients)
         self.epoch_coefficients.copy_(new)
         self.memory.copy_(torch.roll(self.memory, -1, dims=0))
         self.memory[-1].copy_(current)
         self.memory_size = min(self.memory_size + 1, self.memory_epochs)
         self.accuracies.copy_(current)
         self.validation_correct.zero_()
+        self.validation_counts.zero_()
         self._validation_seen = 0
         self._show_epoch_coefficients()
         super().epoch_end()
@@ -213,6 +222,17 @@ class MSLR(SlicedScoresMethod):
         """``bal.coefficients`` shows the coefficients of the coming epoch at once."""
         values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)
         self.last_coefficients.copy_(values)
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        key = f"{prefix}validation_counts"
+        extra = state_dict.get(f"{prefix}_extra_state")
+        if key not in state_dict and isinstance(extra, Mapping):
+            # A state dict of a release without missing modalities: every sample had them all.
+            seen = float(extra.get("validation_seen", 0))
+            state_dict = {**state_dict, key: torch.full((len(self.names),), seen)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
