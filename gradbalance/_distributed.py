@@ -66,6 +66,23 @@ def reduce_mean(
     return total / reduced, (packed[end:] if extra is not None else None)
 
 
+def reduce_sum(
+    values: torch.Tensor, group: Any, extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum_ranks(values)`` (float32, detached) in one all-reduce, with ``extra`` (an optional
+    1-D float tensor, e.g. a non-finite flag) summed in the same collective."""
+    values = values.detach().float()
+    if world_size(group) == 1:
+        return values, extra
+    parts = [values.reshape(-1)]
+    if extra is not None:
+        parts.append(extra.float().reshape(-1).to(values.device))
+    packed = torch.cat(parts)
+    dist.all_reduce(packed, group=group)
+    total = packed[: values.numel()].view(values.shape)
+    return total, (packed[values.numel() :] if extra is not None else None)
+
+
 def broadcast_parameters(module: nn.Module, group: Any) -> None:
     """Give every rank the parameters of the group's first rank."""
     source = 0 if group is None else dist.get_global_rank(group, 0)

@@ -10,6 +10,12 @@
   :meth:`Step.loss_sums` (classification or regression alike);
 * reduces per-sample statistics with :meth:`Step.mean` (over all ranks with ``sync="global"``;
   every rank must make the same calls in the same order);
+* honours missing modalities (``loss(..., present=)``, :attr:`Step.present`) with
+  :meth:`Step.present_sums`, :meth:`Step.present_mean`, :meth:`Step.modality_mean` and
+  :meth:`Step.keep_if_seen`: per-modality statistics over the samples where the modality is
+  present (:meth:`head_terms`, :meth:`loss_sums` and :meth:`score_sums` do it already), and a
+  modality absent from the whole global batch keeps its coefficient and score
+  (:meth:`store` does it);
 * keeps running state with :meth:`Step.keep_if_finite` (or :meth:`Step.update_state` for a
   state declared with ``add_state``);
 * records the step's coefficients and scores once with :meth:`Step.store` (training only);
@@ -28,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradbalance._distributed import local_mean, reduce_mean
+from gradbalance._distributed import local_mean, reduce_mean, reduce_sum
 from gradbalance._finite import NonFiniteGuard, is_finite, nonfinite_message
 from gradbalance._scale import Binding, scale_grad
 from gradbalance.coefficients import true_class_probability
@@ -57,6 +63,7 @@ class StepContext:
         guard: the balancer's non-finite guard.
         index: the number of training steps before this one (for error messages).
         previous: the last coefficients and scores (kept by a non-finite step).
+        world_size: the number of ranks of ``process_group`` (1 outside torch.distributed).
     """
 
     names: list[str]
@@ -67,6 +74,7 @@ class StepContext:
     guard: NonFiniteGuard
     index: int
     previous: tuple[torch.Tensor, torch.Tensor]
+    world_size: int = 1
 
 
 class Step:
@@ -74,9 +82,11 @@ class Step:
     ``_loss(step)``.
 
     Data: :attr:`logits`, :attr:`target`, :attr:`features` (``{name: (B, D)}``),
-    :attr:`outputs` (raw encoder outputs), :attr:`unimodal` (heads' logits), :attr:`training`.
+    :attr:`outputs` (raw encoder outputs), :attr:`unimodal` (heads' logits), :attr:`training`,
+    :attr:`present` (the ``(B, M)`` mask of present modalities, or ``None``).
     Services: :meth:`fused_loss`, :meth:`head_terms`, :meth:`loss_sums`, :meth:`score_sums`,
-    :meth:`mean`, :meth:`keep_if_finite`, :meth:`scale`, :meth:`store`.
+    :meth:`mean`, :meth:`present_sums`, :meth:`present_mean`, :meth:`modality_mean`,
+    :meth:`keep_if_seen`, :meth:`keep_if_finite`, :meth:`scale`, :meth:`store`.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -102,6 +112,7 @@ class Step:
         outputs: dict[str, Any],
         training: bool,
         binding: Binding | None,
+        present: torch.Tensor | None = None,
     ) -> None:
         self.context = context
         self.logits = logits
@@ -115,6 +126,13 @@ class Step:
         self.finite: torch.Tensor | None = None
         self.finite_reduced = False
         self.stored: Stored | None = None
+        self.present = present
+        """``(B, M)`` bool: whether sample i has modality m (``loss(..., present=)``); ``None``:
+        every sample has every modality."""
+        self.seen: torch.Tensor | None = None
+        """``(M,)`` bool on the balancer's device, once a :meth:`modality_mean` ran with a mask:
+        whether modality m is present in some sample of the global batch (``None``: all)."""
+        self._global_counts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -141,17 +159,113 @@ class Step:
 
         With ``sync="global"`` in a training step under torch.distributed, ``sums`` and
         ``count`` are all-reduced in one collective (the step's non-finite flag rides along,
-        so every rank skips the same steps); otherwise the local ``sums / count``.
+        so every rank skips the same steps); otherwise the local ``sums / count``. ``count``
+        may be a tensor broadcastable to ``sums`` (a count per modality).
         """
-        if not (self.training and self.context.synced):
+        if not self._synced():
             return local_mean(sums, count)
-        carry = self.finite is not None and not self.finite_reduced
-        flag = (~self.finite).float().reshape(1) if carry and self.finite is not None else None
-        mean, reduced = reduce_mean(sums, count, self.context.process_group, flag)
+        mean, reduced = reduce_mean(sums, count, self.context.process_group, self._flag())
+        self._agree(reduced)
+        return mean
+
+    def _synced(self) -> bool:
+        return self.training and self.context.synced
+
+    def _flag(self) -> torch.Tensor | None:
+        """The step's non-finite flag, to ride along the step's first all-reduce."""
+        if self.finite is None or self.finite_reduced:
+            return None
+        return (~self.finite).float().reshape(1)
+
+    def _agree(self, reduced: torch.Tensor | None) -> None:
         if reduced is not None:
             self.finite = reduced[0] == 0
             self.finite_reduced = True
-        return mean
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks when the step's statistics are (float32, detached)."""
+        if not self._synced():
+            return values.detach().float()
+        total, reduced = reduce_sum(values, self.context.process_group, self._flag())
+        self._agree(reduced)
+        return total
+
+    def _mask(self, like: torch.Tensor) -> torch.Tensor:
+        """``(M, B, 1, ...)``: the mask transposed, shaped and placed to select in ``like``."""
+        present = self.present
+        assert present is not None
+        # contiguous: a transposed mask would lay the selection out transposed, and the sum
+        # over the batch would then add in another order than the unmasked sum
+        mask = present.t().contiguous().to(like.device)
+        return mask.view(*mask.shape, *([1] * (like.dim() - 2)))
+
+    def _counts(self) -> torch.Tensor:
+        """``(M,)`` float32 on the balancer's device: present samples per modality, here."""
+        assert self.present is not None
+        return self.present.sum(0).to(device=self.context.device, dtype=torch.float32)
+
+    def present_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """``(M, ...)``: each modality's sum over the samples where it is present, for
+        ``(M, B, ...)`` per-sample values (the plain sum over the batch without a mask)."""
+        if self.present is None:
+            return values.sum(1)
+        return torch.where(self._mask(values), values, 0).sum(1)
+
+    def present_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``(M, ...)`` with graph: each modality's mean of ``(M, B, ...)`` per-sample values
+        (losses) over the samples where it is present; absent samples get exactly no gradient.
+
+        A modality absent from the whole batch gives 0. With a mask, in a training step with
+        ``sync="global"`` under torch.distributed, each rank returns its share of the global
+        mean (its sum times the world size over the global count), so the gradient average of
+        DDP equals one process on the concatenated batch.
+        """
+        if self.present is None:
+            return values.mean(1)
+        counts = self._reduced_counts().clamp_min(1)
+        world = self.context.world_size if self._synced() else 1
+        share = torch.full_like(counts, float(self.batch_size * world)) / counts
+        share = share.to(device=values.device, dtype=values.dtype)
+        return torch.where(self._mask(values), values, 0).mean(1) * share.view(
+            -1, *([1] * (values.dim() - 2))
+        )
+
+    def _reduced_counts(self) -> torch.Tensor:
+        """``(M,)``: present samples per modality in the global batch (computed once)."""
+        if self._global_counts is None:
+            self._global_counts = self._sum_over_ranks(self._counts())
+        return self._global_counts
+
+    def modality_mean(
+        self, sums: torch.Tensor, fallback: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(M, ...)`` float32, detached: each modality's mean over the global batch of a
+        per-sample statistic whose ``(M, ...)`` sums :meth:`present_sums` gave.
+
+        Without a mask, ``mean(sums, batch_size)``. With one, the sums and the per-modality
+        counts ride in one all-reduce (``sync="global"``); a modality absent from the whole
+        global batch gets ``fallback`` (default 0) instead of 0/0, and :attr:`seen` records it.
+        """
+        if self.present is None:
+            return self.mean(sums, self.batch_size)
+        shape = (-1, *([1] * (sums.dim() - 1)))
+        counts = self._counts()
+        packed = torch.cat([sums.detach().float().reshape(-1).to(counts.device), counts])
+        total = self._sum_over_ranks(packed)
+        sums_total, counts_total = total[: sums.numel()].view(sums.shape), total[sums.numel() :]
+        self._global_counts = counts_total
+        self.seen = counts_total > 0
+        mean = sums_total / counts_total.clamp_min(1).view(shape)
+        other = torch.zeros_like(mean) if fallback is None else fallback.to(mean)
+        return torch.where(self.seen.view(shape), mean, other)
+
+    def keep_if_seen(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``(M, ...)``: ``new`` for the modalities present somewhere in the global batch,
+        ``old`` for the others (after a :meth:`modality_mean`; ``new`` without a mask)."""
+        if self.seen is None:
+            return new
+        seen = self.seen.to(new.device)
+        return torch.where(seen.view(-1, *([1] * (new.dim() - 1))), new, old)
 
     def keep_if_finite(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """``new`` when this step and ``new`` are finite, else ``old`` (no host sync).
@@ -172,8 +286,16 @@ class Step:
         return list(self.unimodal.values())
 
     def score_sums(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Batch sums of the true-class probability of ``(M, B, K)`` logits (or a list)."""
+        """Batch sums of the true-class probability of ``(M, B, K)`` logits (or a list), over
+        each modality's present samples (:meth:`present_sums`)."""
         device = self.context.device
+        if self.present is not None:
+            stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(
+                [u.to(self.logits.device) for u in logits]
+            )
+            target = self.target.to(stacked.device)
+            probabilities = true_class_probability(stacked.detach(), target, "none")
+            return self.present_sums(probabilities).to(device)
         if isinstance(logits, torch.Tensor):
             return true_class_probability(logits.detach(), self.target.to(logits.device), "sum").to(
                 device
@@ -203,8 +325,12 @@ class Step:
 
     def loss_sums(self, predictions: torch.Tensor) -> torch.Tensor:
         """``(M,)`` float32: the batch sum of each sample's training loss, for ``(M, B, K)``
-        predictions (classification: cross-entropy; regression: the mean loss per sample)."""
-        return self.context.task.loss_sums(predictions, self.target)
+        predictions (classification: cross-entropy; regression: the mean loss per sample),
+        over each modality's present samples (:meth:`present_sums`)."""
+        task = self.context.task
+        if self.present is None:
+            return task.loss_sums(predictions, self.target)
+        return self.present_sums(task.sample_losses(predictions, self.target))
 
     def head_outputs(self, scaled: bool) -> torch.Tensor:
         """``(M, B, K)``: every head's output on this step, batched or stacked (separately run
@@ -236,12 +362,16 @@ class Step:
 
         Writes them into this forward's binding (its backward applies them); the balancer
         copies them into its buffers and history when the method's ``_loss`` returns. A
-        non-finite step (see ``nonfinite``) keeps the previous coefficients and scores.
+        non-finite step (see ``nonfinite``) keeps the previous coefficients and scores; so does
+        a modality absent from the whole global batch (:attr:`seen`), for its own.
         """
         context = self.context
         with torch.no_grad():
             coefficients = coefficients.to(device=context.device, dtype=torch.float32)
             scores = scores.to(device=context.device, dtype=torch.float32)
+            if self.seen is not None:  # a modality absent from the global batch keeps its own
+                coefficients = torch.where(self.seen, coefficients, context.previous[0])
+                scores = torch.where(self.seen, scores, context.previous[1])
             values_finite = (coefficients.sum() + scores.sum()) * 0 == 0
             finite: torch.Tensor | None = None
             if context.guard.raises_at_once(coefficients):

@@ -94,13 +94,19 @@ class Task:
         the head logits through the step's coefficients.
         """
         true_class = _true_class_log_probability(step.head_outputs(scaled), step.target)
-        sums = true_class.detach().exp().sum(-1).to(step.context.device)
-        return -true_class.mean(-1), step.mean(sums, step.batch_size)
+        if step.present is None:
+            sums = true_class.detach().exp().sum(-1).to(step.context.device)
+            return -true_class.mean(-1), step.mean(sums, step.batch_size)
+        return _masked_head_terms(step, -true_class, true_class.detach().exp())
 
     def loss_sums(self, predictions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(M,)`` float32: the batch sum of each sample's cross-entropy, for ``(M, B, K)``
         logits."""
         return -_true_class_log_probability(predictions, target).sum(-1)
+
+    def sample_losses(self, predictions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(M, B)`` float32: each sample's cross-entropy, for ``(M, B, K)`` logits."""
+        return -_true_class_log_probability(predictions, target)
 
     def describe(self) -> str:
         return ""
@@ -195,6 +201,10 @@ class Regression(Task):
         predictions (AGM's statistic on its Shapley outputs)."""
         return self.elementwise(predictions.float(), target).mean(-1).sum(-1)
 
+    def sample_losses(self, predictions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(M, B)`` float32: each sample's mean loss, for ``(M, B, T)`` predictions."""
+        return self.elementwise(predictions.float(), target).mean(-1)
+
     def head_terms(self, step: Step, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's mean training loss (with graph) and batch error (float32, detached,
         over all ranks with ``sync="global"``), both ``(M,)``.
@@ -207,8 +217,10 @@ class Regression(Task):
         losses = self.elementwise(predictions, target).mean(-1)  # (M, B)
         with torch.no_grad():
             difference = predictions.detach() - target.to(predictions.dtype)
-            errors = difference.square() if self.error == "mse" else difference.abs()
-            sums = errors.mean(-1).sum(-1).to(step.context.device)
+            errors = (difference.square() if self.error == "mse" else difference.abs()).mean(-1)
+        if step.present is not None:
+            return _masked_head_terms(step, losses, errors)
+        sums = errors.sum(-1).to(step.context.device)
         return losses.mean(-1), step.mean(sums, step.batch_size)
 
     def describe(self) -> str:
@@ -224,6 +236,17 @@ def _true_class_log_probability(logits: torch.Tensor, target: torch.Tensor) -> t
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     index = target.to(logits.device).expand(log_probs.shape[:-1]).unsqueeze(-1)
     return log_probs.gather(-1, index).squeeze(-1)
+
+
+def _masked_head_terms(
+    step: Step, losses: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's mean loss over its present samples (with graph) and mean score over them
+    (a modality absent from the global batch keeps its previous score), from ``(M, B)``
+    per-sample losses and scores."""
+    sums = step.present_sums(scores).to(step.context.device)
+    mean_scores = step.modality_mean(sums, fallback=step.context.previous[1])
+    return step.present_mean(losses), mean_scores
 
 
 def _has_width(tensor: torch.Tensor, width: int) -> bool:

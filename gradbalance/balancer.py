@@ -33,6 +33,7 @@ from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_
 from gradbalance._checks import (
     check_choice,
     check_common,
+    check_present,
 )
 from gradbalance._deprecation import DeprecatedHelpers
 from gradbalance._distributed import RankSync
@@ -308,7 +309,12 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=AttachAfterInit):
             prepare_heads(self.heads, features)
             return separate_head_logits(self.heads, features, detach=True)
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        present: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The training loss of this step; also computes and stores the coefficients.
 
         Call it once after each forward of the model and before ``backward()``. It is a
@@ -321,18 +327,27 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=AttachAfterInit):
             logits: the model's fused logits, ``(B, num_classes)``, B >= 1.
             target: integer class labels, ``(B,)``, in ``[0, num_classes)``, on the logits'
                 device (``task="regression"``: real targets ``(B, output_dim)``).
+            present: missing modalities: a ``(B, M)`` bool tensor (columns in encoder order)
+                or a dict ``name -> (B,)`` bool tensor, on the logits' device; False where that
+                sample's input of that modality carries no information. Each head's loss and
+                every statistic of the method then use the samples where the modality is
+                present, and a modality absent from the whole (global) batch keeps its
+                coefficient and score. ``None`` (default): every sample has every modality.
+                The fused loss is the model's: zero-fill or learn a token for the missing
+                input there. A sample with no modality present is refused.
 
         Raises:
             CaptureError: an encoder produced no output in the forward before this call.
             NonFiniteError: non-finite inputs with ``nonfinite="raise"``.
             InputError, InputTypeError: logits or labels of the wrong shape, dtype or device,
-                or an empty batch.
+                or an empty batch; a ``present`` mask not of the form above.
             OrderError: an optimizer updates the model but not the balancer's heads.
         """
         self._require_attached()
         grad_enabled = torch.is_grad_enabled()
         captures = self._captures.take(grad_enabled)
         target = self._task.check_inputs(logits, target, self.num_classes)
+        present = check_present(present, self.names, target.shape[0], logits.device)
         gradients = grad_enabled and logits.requires_grad
         training = is_training_step(gradients, self.training)
         encoders_training = any(c.train_mode for c in captures.values())
@@ -340,7 +355,8 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=AttachAfterInit):
         outputs = {name: c.output for name, c in captures.items()}
         features = {name: self._feature(name, output) for name, output in outputs.items()}
         binding = next(iter(captures.values())).binding
-        step = Step(self._step_context(), logits, target, features, outputs, training, binding)
+        context = self._step_context()
+        step = Step(context, logits, target, features, outputs, training, binding, present)
         prepare_heads(self.heads, features)
         stacked = stack_if_uniform(features)
         if training:
@@ -354,7 +370,8 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=AttachAfterInit):
         return total
 
     def _step_context(self) -> StepContext:
-        synced = self.sync == "global" and self.world_size() > 1
+        world_size = self.world_size()
+        synced = self.sync == "global" and world_size > 1
         return StepContext(
             names=self.names,
             task=self._task,
@@ -364,6 +381,7 @@ class Balancer(MethodServices, DeprecatedHelpers, metaclass=AttachAfterInit):
             guard=self._guard,
             index=self.steps,
             previous=(self.last_coefficients, self.last_scores),
+            world_size=world_size,
         )
 
     def _begin_training_step(self, step: Step, stacked: torch.Tensor | None) -> None:

@@ -120,7 +120,9 @@ def _tanh_coefficients(ratios: torch.Tensor, alpha: float, beta_max: float) -> t
 
 
 def true_class_probability(
-    logits: torch.Tensor, target: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reduction: Literal["mean", "sum", "none"] = "mean",
 ) -> torch.Tensor:
     """Batch mean (or sum) of ``softmax(logits)[i, target[i]]``, computed in float32.
 
@@ -131,7 +133,7 @@ def true_class_probability(
     Args:
         logits: ``(..., B, K)``.
         target: ``(B,)`` class indices.
-        reduction: ``"mean"`` or ``"sum"`` over the batch.
+        reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` (one per sample).
 
     Example:
         >>> true_class_probability(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
@@ -142,6 +144,8 @@ def true_class_probability(
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     index = target.expand(log_probs.shape[:-1]).unsqueeze(-1)
     probabilities = log_probs.gather(-1, index).squeeze(-1).exp()
+    if reduction == "none":
+        return probabilities
     return probabilities.sum(-1) if reduction == "sum" else probabilities.mean(-1)
 
 

@@ -244,6 +244,18 @@ def parameters_replaced() -> None:
     bal.loss(model(A, V), Y)
 
 
+def mask_of_another_shape() -> None:
+    model, encoders = two_towers()
+    gb.MLB(model, encoders, 3).loss(model(A, V), Y, present=torch.ones(4, 3, dtype=torch.bool))
+
+
+def sample_with_no_modality() -> None:
+    model, encoders = two_towers()
+    present = torch.ones(4, 2, dtype=torch.bool)
+    present[2] = False
+    gb.MLB(model, encoders, 3).loss(model(A, V), Y, present=present)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -273,6 +285,8 @@ CASES: dict[str, Callable[[], None]] = {
     "dict_without_features": dict_without_features,
     "model_output_without_pool": model_output_without_pool,
     "parameters_replaced": parameters_replaced,
+    "mask_of_another_shape": mask_of_another_shape,
+    "sample_with_no_modality": sample_with_no_modality,
 }
 
 

@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from balancer_factories import ALL_FACTORIES, INPUT_DIMS, factory_params, make_batch_for
 from conftest import MultiTowerNet, make_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -146,3 +149,46 @@ def test_mlb_regression_step_never_syncs(loss, separate, device):
         opt.step()
     assert bal.steps == 3
     assert all(float(k) != 1.0 for k in bal.coefficients.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", factory_params(regression=True))
+def test_a_step_with_a_presence_mask_never_syncs(name, device):
+    """``loss(..., present=)``: the mask's checks (a sample with no modality included), the
+    masked statistics and a modality absent from the whole batch (its k and score kept) make
+    no host synchronisation, in training and evaluation."""
+    torch.manual_seed(0)
+    model = MultiTowerNet(INPUT_DIMS).to(device)
+    bal = ALL_FACTORIES[name](model, flush_every=1000)
+    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()])
+    inputs, target = make_batch_for(name, INPUT_DIMS)
+    inputs, target = [x.to(device) for x in inputs], target.to(device)
+    partly = torch.ones(10, 2, dtype=torch.bool)
+    partly[::3, 0] = False
+    partly[[1, 4, 8], 1] = False
+    video_absent = torch.ones(10, 2, dtype=torch.bool)
+    video_absent[:, 1] = False
+    masks = [m.to(device) for m in (partly, partly, video_absent)]
+
+    def step(present):
+        opt.zero_grad()
+        bal.loss(model(*inputs), target, present=present).backward()
+        bal.after_backward()
+        with torch.no_grad():
+            bal.loss(model(*inputs), target, present=present)
+        bal.epoch_end()
+
+    step(masks[0])  # materialises lazy state
+    opt.step()
+    for present in masks[1:]:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with FailOnHostSync():
+                step(present)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+    assert bal.steps == 3
+    assert all(math.isfinite(float(v)) for v in bal.coefficients.values())
