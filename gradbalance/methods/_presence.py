@@ -30,11 +30,14 @@ def means_and_seen(
         (tensor([0.7500,    nan]), tensor([ True, False]))
     """
     counts = counts.to(sums.dtype)
-    packed = reduce_mean(torch.stack([sums, counts]), torch.stack([counts, torch.ones_like(counts)]))
+    ones = torch.ones_like(counts)
+    packed = reduce_mean(torch.stack([sums, counts]), torch.stack([counts, ones]))
     return packed[0], packed[1] > 0
 
 
-def present_counts(present: torch.Tensor | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+def present_counts(
+    present: torch.Tensor | None, batch_size: int, like: torch.Tensor
+) -> torch.Tensor:
     """``(M,)`` float32 on ``like``'s device: the samples of each modality in this batch
     (``batch_size`` for every one without a mask; ``like`` is an ``(M,)`` buffer)."""
     if present is None:

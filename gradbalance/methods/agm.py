@@ -373,11 +373,12 @@ class AGM(Method):
         """
         count = self.running_count + 1
         counts = step.keep_if_seen(self.modality_counts + 1, self.modality_counts)
-        # A modality absent from the batch stands at its running mean: its mean is unchanged.
         updated = self.running_losses + (losses - self.running_losses) / counts
+        updated = step.keep_if_seen(updated, self.running_losses)  # 0 / 0 before its first
         finite = torch.isfinite(updated).all()
         self.update_state(step, "running_count", torch.where(finite, count, self.running_count))
-        self.update_state(step, "modality_counts", torch.where(finite, counts, self.modality_counts))
+        counts = torch.where(finite, counts, self.modality_counts)
+        self.update_state(step, "modality_counts", counts)
         self.update_state(step, "running_losses", updated)
 
     @torch.no_grad()

@@ -254,20 +254,20 @@ class GBlend(Method):
         # One collective over all ranks with sync="global" (every rank calls epoch_end()).
         val_now, val_seen = means_and_seen(self.reduce_mean, self.sums[1], self.counts[1])
         # A component without samples (a modality missing from the epoch) is left out.
-        seen = torch.ones_like(val_seen)
+        sampled = torch.ones_like(val_seen)
         if train_losses is None:
-            seen = seen & (self.counts[0] > 0)
+            sampled = sampled & (self.counts[0] > 0)
         else:
             train_now = self._as_tensor(train_losses, "train_losses")
         if val_losses is None:
-            seen = seen & val_seen
+            sampled = sampled & val_seen
         else:
             val_now = self._as_tensor(val_losses, "val_losses")
         now = torch.stack([train_now, val_now])
         if self.checkpoints:
-            self._estimate(now, seen & self.referenced)
-        self.previous.copy_(torch.where(seen, now, self.previous))
-        self.referenced |= seen
+            self._estimate(now, sampled & self.referenced)
+        self.previous.copy_(torch.where(sampled, now, self.previous))
+        self.referenced |= sampled
         self.checkpoints += 1
 
     def _estimate(self, now: torch.Tensor, estimable: torch.Tensor) -> None:
@@ -281,7 +281,8 @@ class GBlend(Method):
         total = scores.sum()
         valid = torch.isfinite(total) & (total > 0)
         share = 1 - torch.where(estimable, 0, self.loss_weights).sum()
-        estimated = torch.where(estimable, share * scores / total.clamp_min(1e-30), self.loss_weights)
+        estimated = share * scores / total.clamp_min(1e-30)
+        estimated = torch.where(estimable, estimated, self.loss_weights)
         self.loss_weights.copy_(torch.where(valid, estimated, self.loss_weights))
         self.kept_estimates.add_((~valid).long())
         degenerate = (gain <= 0) | (change <= self.min_overfitting)

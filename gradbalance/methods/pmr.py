@@ -41,7 +41,9 @@ BATCH_NORM_EPS = 1e-5
 """The ``eps`` of PMR's ``batch_norm`` standardisation (``BatchNorm1d``'s default)."""
 
 
-def batch_standardise(features: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+def batch_standardise(
+    features: torch.Tensor, present: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(z - mean) / sqrt(var + 1e-5)`` over the batch, with the biased variance: the
     training-mode ``BatchNorm1d(affine=False)`` of the MLB authors' PMR code.
 
@@ -56,7 +58,8 @@ def batch_standardise(features: torch.Tensor, present: torch.Tensor | None = Non
                 [ 1.0000,  0.0000]])
         >>> batch_standardise(torch.tensor([[5.0, -1.0]]))
         tensor([[0., 0.]])
-        >>> batch_standardise(torch.tensor([[1.0], [3.0], [9.0]]), torch.tensor([True, True, False]))
+        >>> rows = torch.tensor([True, True, False])
+        >>> batch_standardise(torch.tensor([[1.0], [3.0], [9.0]]), rows)
         tensor([[-1.0000],
                 [ 1.0000],
                 [ 7.0000]])
@@ -352,8 +355,9 @@ class PMR(Method):
             old = self._sized("prototypes", name, width)
             new = sums / counts[:, index].clamp_min(1).unsqueeze(1)
             blended = (1 - self.momentum) * new + self.momentum * old
-            own_valid = valid[index]
-            blends = own_valid if self.epoch >= self.first_blend_epoch else torch.zeros_like(own_valid)
+            blends = valid[index]
+            if self.epoch < self.first_blend_epoch:
+                blends = torch.zeros_like(blends)
             blended = torch.where(blends.unsqueeze(1), blended, new)
             old.copy_(torch.where(seen[:, index].unsqueeze(1), blended, old))
             sums_buffer.zero_()
@@ -411,7 +415,10 @@ class PMR(Method):
         valid = self.prototype_valid
         proto_logits = self.prototype_logits(step.features, present)
         sums = step.score_sums(
-            [_masked(z.detach(), valid[i].to(z.device)) for i, z in enumerate(proto_logits.values())]
+            [
+                _masked(z.detach(), valid[index].to(z.device))
+                for index, z in enumerate(proto_logits.values())
+            ]
         )
         # Over all ranks with sync="global", each modality over its present samples; one absent
         # from the whole batch is weighed with its previous score (and keeps it).

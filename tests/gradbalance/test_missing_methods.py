@@ -36,7 +36,7 @@ def _absent_from(present: torch.Tensor, column: int) -> torch.Tensor:
 
 
 def agm_k(losses, running, alpha, cap=10.0):
-    """AGM's k written out: r and o from the batch and running losses, k = exp(a min(o - r, cap))."""
+    """AGM's k written out: r and o of the batch and running losses, k = exp(a min(o - r, cap))."""
     m = len(losses)
     ratio = lambda values, i: math.exp((sum(values) / m - values[i]) * m / (m - 1))  # noqa: E731
     return [
@@ -44,18 +44,20 @@ def agm_k(losses, running, alpha, cap=10.0):
     ]
 
 
+@pytest.mark.parametrize("name", ["agm", "agm_regression"])
 @PROPERTY
 @given(present=masks())
-def test_agm_losses_scores_and_coefficients_are_those_of_the_present_sub_batches(present):
-    model, bal = build("agm")
-    inputs, target = batch("agm", present.shape[0])
+def test_agm_losses_scores_and_coefficients_are_those_of_the_present_sub_batches(name, present):
+    model, bal = build(name)
+    inputs, target = batch(name, present.shape[0])
     expected_scores = sub_batch_scores(model, bal, inputs, target, present)
     step(model, bal, inputs, target, present)
     seen = present.any(0)
     torch.testing.assert_close(bal.last_scores[seen], expected_scores[seen], rtol=1e-5, atol=1e-6)
-    # the first step's running means are its losses; an absent modality stands at its running
-    # mean (0 before any step) and keeps its k (1)
-    losses = torch.where(seen, -expected_scores.log(), torch.zeros(2)).tolist()
+    # the first step's running means are its losses (classification scores: exp(-l)); an absent
+    # modality stands at its running mean (0 before any step) and keeps its k (1)
+    sub_losses = expected_scores if name == "agm_regression" else -expected_scores.log()
+    losses = torch.where(seen, sub_losses, torch.zeros(2)).tolist()
     k = torch.where(seen, torch.tensor(agm_k(losses, [0.0, 0.0], bal.alpha)), torch.ones(2))
     torch.testing.assert_close(bal.last_coefficients, k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bal.running_losses, torch.tensor(losses), rtol=1e-5, atol=1e-6)
