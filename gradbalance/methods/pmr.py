@@ -320,13 +320,13 @@ class PMR(Method):
         """
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise InputError("collect(target) takes the (B,) class labels of the last forward")
+        mask = check_present(present, self.names, target.shape[0], target.device)
         features = self.take_features()  # consumes them, as loss() would
         if any(f.shape[0] != target.shape[0] for f in features.values()):
             raise InputError(
                 f"collect(target): {target.shape[0]} labels for features of batch size "
                 f"{next(iter(features.values())).shape[0]}"
             )
-        mask = check_present(present, self.names, target.shape[0], target.device)
         self._accumulate(features, target.long(), None, mask)
 
     @torch.no_grad()

@@ -171,6 +171,22 @@ def test_pmr_prototypes_are_the_class_means_of_the_present_samples(present, expl
                 torch.testing.assert_close(bal.prototypes()[name][c], want, rtol=1e-5, atol=1e-6)
 
 
+def test_pmr_collect_refuses_a_bad_mask():
+    model, bal = build("pmr")
+    inputs, target = batch("pmr", 6)
+    present = torch.ones(6, 2, dtype=torch.bool)
+    present[4] = False
+    cases = [
+        (torch.ones(6, 3, dtype=torch.bool), r"present= must be .* got shape \(6, 3\)"),
+        (present, r"every modality absent .*\(samples \[4\]\)"),
+    ]
+    for mask, match in cases:
+        with torch.no_grad():
+            model(*inputs)
+            with pytest.raises(gb.errors.InputError, match=match):
+                bal.collect(target, present=mask)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.lists(st.booleans(), min_size=2, max_size=9).filter(any),
