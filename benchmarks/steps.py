@@ -55,15 +55,27 @@ def two_cnn_model_and_batch(batch: int = 16, device: str = "cpu", seed: int = 0)
 MODELS = {"reference": reference_model_and_batch, "two_cnn": two_cnn_model_and_batch}
 
 
-def make_step(method: str, model: nn.Module, inputs, target) -> Callable[[], None]:
-    """One full training step (forward, loss, backward, after_backward, Adam step)."""
+def presence_mask(batch: int, device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """A ``(batch, 2)`` mask of ``loss(..., present=)``: audio always present, video absent in
+    about 30% of the samples."""
+    g = torch.Generator().manual_seed(seed)
+    present = torch.ones(batch, 2, dtype=torch.bool)
+    present[:, 1] = torch.rand(batch, generator=g) >= 0.3
+    return present.to(device)
+
+
+def make_step(
+    method: str, model: nn.Module, inputs, target, present: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """One full training step (forward, loss, backward, after_backward, Adam step), with the
+    presence mask ``present`` when given."""
     build = METHODS.get(method) or (lambda *a, **k: gb.make(method, *a, **k))
     bal = build(model, [model.audio, model.video], num_classes=6, **method_options(method, model))
-    bal.loss(model(*inputs), target)  # materialise lazy heads before building the optimizer
+    bal.loss(model(*inputs), target, present)  # materialise lazy heads before the optimizer
     opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=1e-3)
 
     def step() -> None:
-        loss = bal.loss(model(*inputs), target)
+        loss = bal.loss(model(*inputs), target, present)
         opt.zero_grad()
         loss.backward()
         bal.after_backward()
@@ -72,10 +84,18 @@ def make_step(method: str, model: nn.Module, inputs, target) -> Callable[[], Non
     return step
 
 
-def method_steps(model_name: str, methods=tuple(METHODS), device: str = "cpu", **batch_options):
-    """A step per method, each on its own copy of the same initial model and batch."""
+def method_steps(
+    model_name: str,
+    methods=tuple(METHODS),
+    device: str = "cpu",
+    masked: bool = False,
+    **batch_options,
+):
+    """A step per method, each on its own copy of the same initial model and batch (with
+    ``masked``, every step passes the same :func:`presence_mask`)."""
     steps = {}
     for method in methods:
         model, inputs, target = MODELS[model_name](device=device, **batch_options)
-        steps[method] = make_step(method, model, inputs, target)
+        present = presence_mask(len(target), target.device) if masked else None
+        steps[method] = make_step(method, model, inputs, target, present)
     return steps

@@ -21,6 +21,19 @@ from balancer_factories import ALL_FACTORIES, INPUT_DIMS, make_batch_for
 from conftest import MultiTowerNet
 from hypothesis import strategies as st
 
+CORE = (
+    "joint",
+    "multiloss",
+    "mlb",
+    "ogm",
+    "ogm_ge",
+    "joint_regression",
+    "multiloss_regression",
+    "mlb_regression",
+)
+"""The entries whose masked statistics ``test_missing.py`` and ``test_missing_ddp.py`` check
+(the other methods: ``test_missing_methods.py``)."""
+
 
 @st.composite
 def masks(draw: Any, modalities: int = 2, min_batch: int = 4, max_batch: int = 10) -> torch.Tensor:

@@ -16,10 +16,12 @@ import math
 
 import pytest
 import torch
-from balancer_factories import ALL_FACTORIES, flat_state
+from balancer_factories import ALL_FACTORIES, INPUT_DIMS, flat_state
+from conftest import MultiTowerNet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from missing_cases import (
+    CORE,
     batch,
     build,
     head_gradients,
@@ -30,6 +32,7 @@ from missing_cases import (
     twin,
 )
 
+import gradbalance as gb
 from gradbalance.errors import InputError
 
 
@@ -66,7 +69,7 @@ EXPECTED_COEFFICIENTS = {
 }
 """This file's methods: the coefficients from the scores, by hand."""
 
-CORE = list(EXPECTED_COEFFICIENTS)
+assert set(EXPECTED_COEFFICIENTS) == set(CORE)
 HEADS = [name for name in CORE if not name.startswith("ogm") or name == "ogm_ge"]
 """The entries with trained heads or probes (``ogm`` scores the fused head's slices)."""
 
@@ -76,6 +79,7 @@ PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 # --- the statistics are those of the present samples --------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CORE)
 @PROPERTY
 @given(present=masks())
@@ -91,6 +95,33 @@ def test_scores_and_coefficients_are_those_of_the_present_sub_batches(name, pres
     torch.testing.assert_close(bal.last_coefficients, expected, rtol=1e-5, atol=1e-6)
 
 
+class CosineTowers(MultiTowerNet):
+    """The towers fused by an MMCosine head."""
+
+    def __init__(self) -> None:
+        super().__init__(INPUT_DIMS)
+        self.fusion = gb.MMCosineHead([12, 12], 4)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.fusion(*[tower(x) for tower, x in zip(self.towers, inputs)])
+
+
+@pytest.mark.slow
+@PROPERTY
+@given(present=masks())
+def test_ogm_on_an_mmcosine_head_scores_its_slices_on_the_present_samples(present):
+    torch.manual_seed(0)
+    model = CosineTowers()
+    bal = gb.OGM(model, list(model.towers), 4, alpha=0.8, fusion_head=model.fusion)
+    inputs, target = batch("ogm", present.shape[0])
+    expected_scores = sub_batch_scores(model, bal, inputs, target, present)
+    step(model, bal, inputs, target, present)
+    torch.testing.assert_close(bal.last_scores, expected_scores, rtol=1e-5, atol=1e-6)
+    expected = torch.where(present.any(0), _ogm(expected_scores, 0.8), torch.ones(2))
+    torch.testing.assert_close(bal.last_coefficients, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in HEADS if n.startswith(("multiloss", "joint"))])
 @PROPERTY
 @given(present=masks())
