@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from missing_cases import batch, build, masks, step, sub_batch_scores, twin
+from test_missing_ddp import check_one_process, missing_ranks  # noqa: F401 - the fixture
 
 import gradbalance as gb
 from gradbalance.methods._pareto import pareto_combination
@@ -414,3 +415,15 @@ def test_mmpareto_refuses_a_mask_for_outputs_without_the_batch_first():
     present = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)
     with pytest.raises(gb.errors.InputError, match="batch first"):
         bal.loss(model(a, v), y, present=present)
+
+
+# --- DDP with uneven presence ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["agm", "agm_regression", "pmr", "mslr", "gblend", "mmpareto"])
+def test_uneven_presence_under_ddp_equals_one_process(missing_ranks, name):  # noqa: F811
+    """2 gloo ranks, rank 0 without the second modality: the coefficients, scores and heads'
+    gradients of one process on the concatenated batch and mask; at a step where no rank has
+    the second modality it keeps its k and score."""
+    check_one_process(missing_ranks, name)
