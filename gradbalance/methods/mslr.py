@@ -118,6 +118,7 @@ class MSLR(SlicedScoresMethod):
         self.add_state("validation_counts", torch.zeros(m))
         self.memory_size = 0
         self._validation_seen = 0
+        self._validation_masked = False  # a loss(..., present=) was collected this epoch
         self._show_epoch_coefficients()
 
     def _loss(self, step: Step) -> torch.Tensor:
@@ -146,6 +147,7 @@ class MSLR(SlicedScoresMethod):
         correct += step.present_sums(hits.to(torch.float32)).to(correct.device)
         self.validation_counts += present_counts(step.present, step.batch_size, correct)
         self._validation_seen += step.batch_size
+        self._validation_masked |= step.present is not None
 
     def _as_tensor(self, accuracies: Accuracies) -> torch.Tensor:
         device = self.initial.device
@@ -184,12 +186,7 @@ class MSLR(SlicedScoresMethod):
                     "with bal.loss(model(...), y) under torch.no_grad() before epoch_end(), or "
                     "pass epoch_end(accuracies={name: accuracy})"
                 )
-            # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end). A
-            # modality with no present validation sample keeps its accuracy and coefficient.
-            current, seen = means_and_seen(
-                self.reduce_mean, self.validation_correct, self.validation_counts
-            )
-            current = torch.where(seen, current, self.accuracies)
+            current, seen = self._validation_accuracies()
         else:
             current = self._as_tensor(accuracies)
             seen = torch.ones_like(current, dtype=torch.bool)
@@ -208,8 +205,24 @@ class MSLR(SlicedScoresMethod):
         self.validation_correct.zero_()
         self.validation_counts.zero_()
         self._validation_seen = 0
+        self._validation_masked = False
         self._show_epoch_coefficients()
         super().epoch_end()
+
+    def _validation_accuracies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's collected accuracies and which modalities had a validation sample.
+
+        Over all ranks with sync="global" (one all-reduce, the same on every rank whatever its
+        masks; every rank calls epoch_end). With a mask, each modality over its present
+        samples; one without any keeps its accuracy.
+        """
+        correct = self.validation_correct
+        synced = self.sync == "global" and self.world_size() > 1
+        if not (self._validation_masked or synced):  # as before masks: correct / seen
+            current = self.reduce_mean(correct, self._validation_seen)
+            return current, torch.ones_like(current, dtype=torch.bool)
+        current, seen = means_and_seen(self.reduce_mean, correct, self.validation_counts)
+        return torch.where(seen, current, self.accuracies), seen
 
     def epoch_end_reason(self) -> str | None:
         """Why MSLR needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
@@ -239,12 +252,14 @@ class MSLR(SlicedScoresMethod):
             **super().get_extra_state(),
             "memory_size": self.memory_size,
             "validation_seen": self._validation_seen,
+            "validation_masked": self._validation_masked,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         self.memory_size = int(state.get("memory_size", 0))
         self._validation_seen = int(state.get("validation_seen", 0))
+        self._validation_masked = bool(state.get("validation_masked", False))
 
     def extra_repr(self) -> str:
         return (
