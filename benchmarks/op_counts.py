@@ -56,11 +56,23 @@ def _balancer(method: str, model: EqualTowers) -> gb.Balancer:
     towers = list(model.towers)
     if method == "mlb":
         return gb.MLB(model, towers, NUM_CLASSES, feature_dims=[WIDTH] * len(towers))
+    if method == "multiloss":
+        return gb.MultiLoss(model, towers, NUM_CLASSES, feature_dims=[WIDTH] * len(towers))
     return gb.Joint(model, towers, NUM_CLASSES)
 
 
-def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counter[str]:
-    """The ops of one counted training step of ``method`` ("mlb" or "joint", no probes)."""
+def presence_mask(modalities: int) -> torch.Tensor:
+    """``(BATCH, M)``: the second modality absent in every third sample."""
+    present = torch.ones(BATCH, modalities, dtype=torch.bool)
+    present[::3, 1] = False
+    return present
+
+
+def step_ops(
+    method: str, modalities: int, with_forward: bool = False, masked: bool = False
+) -> Counter[str]:
+    """The ops of one counted training step of ``method`` ("mlb", "multiloss" or "joint", no
+    probes); with ``masked``, every ``loss()`` gets ``present=`` :func:`presence_mask`."""
     torch.manual_seed(0)
     model = EqualTowers(modalities)
     bal = _balancer(method, model)
@@ -68,9 +80,10 @@ def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counte
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(BATCH, INPUT_DIM, generator=g) for _ in range(modalities)]
     target = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    present = presence_mask(modalities) if masked else None
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        bal.loss(model(*inputs), target).backward()
+        bal.loss(model(*inputs), target, present).backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
     counter = OpCounter()
@@ -78,7 +91,7 @@ def step_ops(method: str, modalities: int, with_forward: bool = False) -> Counte
     with counter:
         if logits is None:
             logits = model(*inputs)
-        bal.loss(logits, target).backward()
+        bal.loss(logits, target, present).backward()
     return counter.ops
 
 
@@ -87,6 +100,12 @@ def extra_ops(modalities: int, with_forward: bool = False) -> int:
     mlb = sum(step_ops("mlb", modalities, with_forward).values())
     joint = sum(step_ops("joint", modalities, with_forward).values())
     return mlb - joint
+
+
+def mask_ops(method: str, modalities: int) -> int:
+    """Ops a presence mask adds to ``method``'s ``loss()`` + ``backward()``."""
+    masked = sum(step_ops(method, modalities, masked=True).values())
+    return masked - sum(step_ops(method, modalities).values())
 
 
 def table(modalities: tuple[int, ...] = (2, 8)) -> str:

@@ -256,6 +256,11 @@ class Step:
         self._global_counts = counts_total
         self.seen = counts_total > 0
         mean = sums_total / counts_total.clamp_min(1).view(shape)
+        if not self._synced():
+            # a complete column divides as the unmasked step does (by the Python number B: a
+            # multiplication by 1/B on CUDA), so an all-true mask is bitwise on every device
+            complete = (counts_total == self.batch_size).view(shape)
+            mean = torch.where(complete, sums_total / self.batch_size, mean)
         other = torch.zeros_like(mean) if fallback is None else fallback.to(mean)
         return torch.where(self.seen.view(shape), mean, other)
 

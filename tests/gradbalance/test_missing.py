@@ -315,3 +315,45 @@ def test_the_dict_form_equals_the_tensor_form():
         results.append((bal.last_coefficients, head_gradients(bal)))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+# --- the Step services a method builds on -----------------------------------------------------
+
+
+class FeatureNorms(gb.Method):
+    """Records each modality's mean feature norm over its present samples (a running state kept
+    for a modality absent from the batch) and adds each modality's present-mean norm to the
+    loss."""
+
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, head_mode="none", **options)
+        self.add_state("norms", torch.full((len(self.names),), -1.0))
+        self.seen_norms: torch.Tensor | None = None
+
+    def _loss(self, step: gb.Step) -> torch.Tensor:
+        norms = torch.stack([f.norm(dim=1) for f in step.features.values()])  # (M, B)
+        mean = step.modality_mean(step.present_sums(norms.detach()))
+        if step.training:
+            self.update_state(step, "norms", step.keep_if_seen(mean, self.norms))
+            step.store(torch.ones_like(mean), mean)
+        return step.fused_loss() + step.present_mean(norms).sum()
+
+
+def test_a_method_built_on_the_step_services_uses_the_present_samples_only():
+    torch.manual_seed(0)
+    model = MultiTowerNet(INPUT_DIMS)
+    bal = FeatureNorms(model, list(model.towers), 4)
+    inputs, target = batch("joint", 6)
+    present = torch.tensor([[1, 0], [1, 1], [0, 1], [1, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    loss = bal.loss(model(*inputs), target, present=present)
+    with bal.paused():
+        norms = [tower(x).norm(dim=1) for tower, x in zip(model.towers, inputs)]
+        fused = torch.nn.functional.cross_entropy(model(*inputs), target)
+    expected = torch.stack([n[present[:, m]].mean() for m, n in enumerate(norms)])
+    torch.testing.assert_close(bal.norms, expected.detach())
+    torch.testing.assert_close(loss, fused + expected.sum())
+    loss.backward()
+    absent = torch.tensor([[1, 0]] * 6, dtype=torch.bool)
+    bal.loss(model(*inputs), target, present=absent).backward()
+    assert bal.norms[1] == expected[1]  # kept: absent from the batch
+    assert bal.last_scores[1] == expected[1]
