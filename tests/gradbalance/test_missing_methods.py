@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from missing_cases import batch, build, masks, step, sub_batch_scores, twin
+from missing_cases import batch, build, head_gradients, masks, step, sub_batch_scores, twin
 from test_missing_ddp import check_one_process, missing_ranks  # noqa: F401 - the fixture
 
 import gradbalance as gb
@@ -31,6 +31,39 @@ def _absent_from(present: torch.Tensor, column: int) -> torch.Tensor:
     out = torch.ones_like(present)
     out[:, column] = False
     return out
+
+
+# --- the heads and probes learn from the present samples only -----------------------------------
+
+WITH_HEADS = {
+    "agm": {"probes": True, "feature_dims": [12, 12]},  # heads built at once
+    "pmr": {"probes": True},
+    "mslr": {},
+    "gblend": {},
+    "mmpareto": {},
+}
+"""This file's methods with heads (G-Blend, MMPareto) or probes (MSLR by default)."""
+
+
+@pytest.mark.parametrize("name", list(WITH_HEADS))
+@PROPERTY
+@given(present=masks(), seed=st.integers(0, 99))
+def test_absent_rows_give_the_heads_exactly_no_gradient(name, present, seed):
+    """Whatever the inputs of the absent rows hold, the heads' (probes') gradients are bitwise
+    the same."""
+    model, bal = build(name, **WITH_HEADS[name])
+    inputs, target = batch(name, present.shape[0])
+    other_model, other_bal = twin(model, bal)
+    g = torch.Generator().manual_seed(seed)
+    noisy = [
+        torch.where(present[:, index : index + 1], x, 1e3 * torch.randn(x.shape, generator=g))
+        for index, x in enumerate(inputs)
+    ]
+    step(model, bal, inputs, target, present)
+    step(other_model, other_bal, noisy, target, present)
+    assert bal.heads
+    for got, want in zip(head_gradients(other_bal), head_gradients(bal)):
+        assert torch.equal(got, want)
 
 
 # --- AGM: Shapley losses and running means over the present samples -----------------------------
