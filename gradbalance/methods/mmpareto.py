@@ -90,7 +90,11 @@ class MMPareto(MultiLoss):
         m = len(self.names)
         self.add_state("cosine_values", torch.zeros(m))
         self.add_state("conflicts", torch.zeros(m, dtype=torch.int64))
+        self._open_sites: list[ParetoSite] = []  # the forks of the forward before loss()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._open_sites = []
     @property
     def cosines(self) -> dict[str, torch.Tensor]:
         """``{name: 0-dim tensor}``: each encoder's gradient cosine in the last backward."""
@@ -115,7 +119,7 @@ class MMPareto(MultiLoss):
             reduce=partial(MMPareto._reduce, self) if global_sync else None,
             watch=watch,
         )
-        self.__dict__.setdefault("_open_sites", []).append(site)
+        self._open_sites.append(site)
         return pareto_fork(output, site, name)
 
     def _loss(self, step: Step) -> torch.Tensor:
@@ -124,7 +128,8 @@ class MMPareto(MultiLoss):
 
     def _mask_sites(self, step: Step) -> None:
         """Give the forks of this step's forward the mask of their modality's samples."""
-        sites = self.__dict__.pop("_open_sites", [])
+        sites = list(self._open_sites)
+        self._open_sites.clear()  # the same list: a compiled forward appends to it
         present = step.present
         if present is None:
             return
