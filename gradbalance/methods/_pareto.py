@@ -119,8 +119,12 @@ class _ParetoFork(torch.autograd.Function):
         with torch.no_grad():
             dot, n1, n2 = stats.unbind()
             cosine = dot / torch.sqrt(n1 * n2).clamp_min(torch.finfo(dot.dtype).tiny)
-            # A non-finite backward (a skipped step) leaves the statistics as they were.
-            finite = torch.isfinite(stats).all().to(site.cosines.device)
+            # A non-finite backward (a skipped step) leaves the statistics as they were; so does
+            # a modality without a present sample in the (global) batch (nothing measured).
+            finite = torch.isfinite(stats).all()
+            if site.present is not None:
+                finite = finite & (n1 + n2 > 0)
+            finite = finite.to(site.cosines.device)
             old = site.cosines[site.index]
             old.copy_(torch.where(finite, cosine.to(old), old))
             site.conflicts[site.index].add_(((dot < 0) & finite).to(site.conflicts))

@@ -429,6 +429,28 @@ def test_mmpareto_encoder_gradients_and_cosines_with_a_mask(seed):
     assert bal.conflicts.tolist() == [int(c < 0) for c in cosines]
 
 
+@pytest.mark.parametrize("absent", [0, 1])
+def test_mmpareto_a_modality_absent_from_the_batch_keeps_its_cosine(absent):
+    model, bal = build("mmpareto")
+    step(model, bal, *batch("mmpareto", 8, seed=1))
+    cosines, conflicts = bal.cosine_values.clone(), bal.conflicts.clone()
+    inputs, target = batch("mmpareto", 8, seed=2)
+    copy_model, copy_bal = twin(model, bal)
+    step(copy_model, copy_bal, inputs, target)
+    model.zero_grad(set_to_none=True)
+    step(model, bal, inputs, target, _absent_from(torch.ones(8, 2, dtype=torch.bool), absent))
+    other = 1 - absent
+    assert bal.cosine_values[absent] == cosines[absent]
+    assert bal.conflicts[absent] == conflicts[absent]
+    assert bal.cosine_values[other] != cosines[other]
+    encoder = list(model.towers[absent].parameters())  # its rows all keep g_mm: Multi-Loss's
+    with copy_bal.paused():  # the plain fused loss, no fork
+        fused = F.cross_entropy(copy_model(*inputs), target)
+    want = torch.autograd.grad(fused, list(copy_model.towers[absent].parameters()))
+    for got, expected in zip(encoder, want):
+        torch.testing.assert_close(got.grad, expected)
+
+
 def test_mmpareto_refuses_a_mask_for_outputs_without_the_batch_first():
     class SequenceFirst(torch.nn.Module):
         def __init__(self):
