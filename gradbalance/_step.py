@@ -11,11 +11,11 @@
 * reduces per-sample statistics with :meth:`Step.mean` (over all ranks with ``sync="global"``;
   every rank must make the same calls in the same order);
 * honours missing modalities (``loss(..., present=)``, :attr:`Step.present`) with
-  :meth:`Step.present_sums`, :meth:`Step.present_mean`, :meth:`Step.modality_mean` and
-  :meth:`Step.keep_if_seen`: per-modality statistics over the samples where the modality is
-  present (:meth:`head_terms`, :meth:`loss_sums` and :meth:`score_sums` do it already), and a
-  modality absent from the whole global batch keeps its coefficient and score
-  (:meth:`store` does it);
+  :meth:`Step.present_sums`, :meth:`Step.present_mean`, :meth:`Step.modality_mean`,
+  :meth:`Step.score_mean` and :meth:`Step.keep_if_seen`: per-modality statistics over the
+  samples where the modality is present (:meth:`head_terms`, :meth:`loss_sums` and
+  :meth:`score_sums` do it already), and a modality absent from the whole global batch keeps
+  its coefficient and score (:meth:`store` does it);
 * keeps running state with :meth:`Step.keep_if_finite` (or :meth:`Step.update_state` for a
   state declared with ``add_state``);
 * records the step's coefficients and scores once with :meth:`Step.store` (training only);
@@ -86,7 +86,7 @@ class Step:
     :attr:`present` (the ``(B, M)`` mask of present modalities, or ``None``).
     Services: :meth:`fused_loss`, :meth:`head_terms`, :meth:`loss_sums`, :meth:`score_sums`,
     :meth:`mean`, :meth:`present_sums`, :meth:`present_mean`, :meth:`modality_mean`,
-    :meth:`keep_if_seen`, :meth:`keep_if_finite`, :meth:`scale`, :meth:`store`.
+    :meth:`score_mean`, :meth:`keep_if_seen`, :meth:`keep_if_finite`, :meth:`scale`, :meth:`store`.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -264,6 +264,21 @@ class Step:
         other = torch.zeros_like(mean) if fallback is None else fallback.to(mean)
         return torch.where(self.seen.view(shape), mean, other)
 
+    def score_mean(self, sums: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` scores: :meth:`modality_mean` of the ``(M,)`` score sums, a modality absent
+        from the global batch given its previous score (the one :meth:`store` keeps), so that
+        it enters the other modalities' coefficients as last seen. At the first training step
+        there is no previous score: it gets the mean of the present modalities' scores."""
+        if self.present is None:
+            return self.mean(sums, self.batch_size)
+        if self.context.index > 0 or not self.training:
+            return self.modality_mean(sums, fallback=self.context.previous[1])
+        scores = self.modality_mean(sums)
+        seen = self.seen
+        assert seen is not None
+        average = (scores * seen).sum() / seen.sum()  # every sample has a present modality
+        return torch.where(seen, scores, average)
+
     def keep_if_seen(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """``(M, ...)``: ``new`` for the modalities present somewhere in the global batch,
         ``old`` for the others (after a :meth:`modality_mean`; ``new`` without a mask)."""
@@ -368,7 +383,8 @@ class Step:
         Writes them into this forward's binding (its backward applies them); the balancer
         copies them into its buffers and history when the method's ``_loss`` returns. A
         non-finite step (see ``nonfinite``) keeps the previous coefficients and scores; so does
-        a modality absent from the whole global batch (:attr:`seen`), for its own.
+        a modality absent from the whole global batch (:attr:`seen`), for its own (at the
+        first training step, which has no previous score, its score is the one given).
         """
         context = self.context
         with torch.no_grad():
@@ -376,7 +392,8 @@ class Step:
             scores = scores.to(device=context.device, dtype=torch.float32)
             if self.seen is not None:  # a modality absent from the global batch keeps its own
                 coefficients = torch.where(self.seen, coefficients, context.previous[0])
-                scores = torch.where(self.seen, scores, context.previous[1])
+                if context.index > 0:  # the first step has no previous score to keep
+                    scores = torch.where(self.seen, scores, context.previous[1])
             values_finite = (coefficients.sum() + scores.sum()) * 0 == 0
             finite: torch.Tensor | None = None
             if context.guard.raises_at_once(coefficients):

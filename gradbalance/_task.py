@@ -242,11 +242,10 @@ def _masked_head_terms(
     step: Step, losses: torch.Tensor, scores: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's mean loss over its present samples (with graph) and mean score over them
-    (a modality absent from the global batch keeps its previous score), from ``(M, B)``
+    (a modality absent from the global batch: see ``Step.score_mean``), from ``(M, B)``
     per-sample losses and scores."""
     sums = step.present_sums(scores).to(step.context.device)
-    mean_scores = step.modality_mean(sums, fallback=step.context.previous[1])
-    return step.present_mean(losses), mean_scores
+    return step.present_mean(losses), step.score_mean(sums)
 
 
 def _has_width(tensor: torch.Tensor, width: int) -> bool:

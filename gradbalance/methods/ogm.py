@@ -127,8 +127,7 @@ class OGM(SlicedScoresMethod):
         total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
         if not step.training:
             return total
-        sums = step.score_sums(self._modality_logits(step))
-        scores = step.modality_mean(sums, fallback=step.context.previous[1])
+        scores = step.score_mean(step.score_sums(self._modality_logits(step)))
         active = self.active()
         coefficients = ogm_coefficients(scores, self.alpha) if active else torch.ones_like(scores)
         step.store(coefficients, scores)

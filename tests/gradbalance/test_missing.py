@@ -53,6 +53,13 @@ def _ogm(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.tensor([slowed, 1.0] if first else [1.0, slowed])
 
 
+def first_step_scores(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The scores of a first training step: a modality absent from the batch has no previous
+    score and gets the mean of the present modalities' scores."""
+    seen = present.any(0)
+    return torch.where(seen, scores, scores[seen].mean())
+
+
 def _ones(bal, scores):
     return torch.ones_like(scores)
 
@@ -86,7 +93,9 @@ PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 def test_scores_and_coefficients_are_those_of_the_present_sub_batches(name, present):
     model, bal = build(name)
     inputs, target = batch(name, present.shape[0])
-    expected_scores = sub_batch_scores(model, bal, inputs, target, present)
+    expected_scores = first_step_scores(
+        sub_batch_scores(model, bal, inputs, target, present), present
+    )
     previous = bal.last_coefficients.clone()
     step(model, bal, inputs, target, present)
     torch.testing.assert_close(bal.last_scores, expected_scores, rtol=1e-5, atol=1e-6)
@@ -114,7 +123,9 @@ def test_ogm_on_an_mmcosine_head_scores_its_slices_on_the_present_samples(presen
     model = CosineTowers()
     bal = gb.OGM(model, list(model.towers), 4, alpha=0.8, fusion_head=model.fusion)
     inputs, target = batch("ogm", present.shape[0])
-    expected_scores = sub_batch_scores(model, bal, inputs, target, present)
+    expected_scores = first_step_scores(
+        sub_batch_scores(model, bal, inputs, target, present), present
+    )
     step(model, bal, inputs, target, present)
     torch.testing.assert_close(bal.last_scores, expected_scores, rtol=1e-5, atol=1e-6)
     expected = torch.where(present.any(0), _ogm(expected_scores, 0.8), torch.ones(2))
@@ -215,6 +226,18 @@ def test_a_modality_absent_from_the_batch_keeps_its_coefficient_and_score(name, 
     if bal.heads:
         assert not head_gradients(bal)[absent].any()
         assert head_gradients(bal)[other].any()
+
+
+@pytest.mark.parametrize("name", ["mlb", "mlb_regression"])
+def test_a_modality_absent_from_the_first_batch_moves_no_other_coefficient(name):
+    """The first step has no previous score to keep: the absent modality's score is the present
+    one's, so MLB's ratio is 1 and both coefficients stay 1."""
+    model, bal = build(name)
+    present = torch.ones(8, 2, dtype=torch.bool)
+    present[:, 1] = False
+    step(model, bal, *batch(name, 8), present)
+    assert bal.last_scores[1] == bal.last_scores[0] > 0
+    assert torch.equal(bal.last_coefficients, torch.ones(2))
 
 
 def test_evaluation_loss_with_a_mask_changes_nothing():
