@@ -343,7 +343,7 @@ class AGM(Method):
             sums = step.loss_sums(phi.detach()).to(device)
         else:
             sums = step.present_sums(agm_losses(phi.detach(), step.target, "none")).to(device)
-        losses = step.modality_mean(sums, fallback=self.running_losses)
+        losses = self._absent_at_running_mean(step, step.modality_mean(sums, self.running_losses))
         if self.update_running_first:
             self._update_running(step, losses)
         coefficients = agm_coefficients(losses, self.running_losses, self.alpha, self.max_exponent)
@@ -362,6 +362,16 @@ class AGM(Method):
                 stacklevel=4,
             )
         return step.fused_loss(step.scale(phi).sum(0)) + self._probe_loss(step)
+
+    def _absent_at_running_mean(self, step: Step, losses: torch.Tensor) -> torch.Tensor:
+        """``losses`` with a modality absent from the global batch at its running mean (given
+        as the fallback of the step's mean) or, before its first step with samples, at the mean
+        of the present modalities' losses (it then leaves the others' ratios as they are)."""
+        seen = step.seen
+        if seen is None:
+            return losses
+        average = (losses * seen).sum() / seen.sum()  # every sample has a present modality
+        return torch.where(~seen & (self.modality_counts == 0), average, losses)
 
     @torch.no_grad()
     def _update_running(self, step: Step, losses: torch.Tensor) -> None:

@@ -422,7 +422,7 @@ class PMR(Method):
         )
         # Over all ranks with sync="global", each modality over its present samples; one absent
         # from the whole batch is weighed with its previous score (and keeps it).
-        scores = step.modality_mean(sums, fallback=self.last_scores)
+        scores = step.score_mean(sums)
         weights = pmr_weights(scores, self.alpha)
         step.store(weights, scores)
         for index, z in enumerate(proto_logits.values()):
