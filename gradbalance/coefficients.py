@@ -243,7 +243,8 @@ def agm_losses(
     Args:
         shapley_logits: ``(M, B, K)``, one logit tensor per modality.
         target: ``(B,)`` class indices.
-        reduction: ``"mean"`` (AGM's statistic) or ``"sum"`` over the batch.
+        reduction: ``"mean"`` (AGM's statistic) or ``"sum"`` over the batch, or ``"none"``
+            (``(M, B)``, one per sample: the sums over each modality's present samples).
 
     Returns:
         ``(M,)`` float32: ``mean_i min(-log softmax(logits_m)[i, y_i], -log 1e-8)``, the
@@ -253,11 +254,13 @@ def agm_losses(
         >>> agm_losses(torch.zeros(2, 4, 3), torch.tensor([0, 1, 2, 0]))
         tensor([1.0986, 1.0986])
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     log_probs = torch.log_softmax(shapley_logits.float(), dim=-1)
     index = target.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
     nll = (-log_probs.gather(-1, index).squeeze(-1)).clamp_max(AGM_LOSS_CAP)
+    if reduction == "none":
+        return nll
     return nll.mean(dim=1) if reduction == "mean" else nll.sum(dim=1)
 
 

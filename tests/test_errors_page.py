@@ -256,6 +256,25 @@ def sample_with_no_modality() -> None:
     gb.MLB(model, encoders, 3).loss(model(A, V), Y, present=present)
 
 
+class TimeFirst(nn.Module):
+    """Two encoders whose outputs are ``(T, B, D)``, pooled over time before the fusion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio, self.video = nn.Linear(8, 6), nn.Linear(6, 6)
+        self.fusion = nn.Linear(12, 3)
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        return self.fusion(torch.cat([self.audio(audio).mean(0), self.video(video).mean(0)], -1))
+
+
+def mmpareto_mask_for_time_first_outputs() -> None:
+    model = TimeFirst()
+    bal = gb.MMPareto(model, [model.audio, model.video], 3, features=lambda out: out.mean(0))
+    present = torch.ones(4, 2, dtype=torch.bool)
+    bal.loss(model(torch.randn(5, 4, 8), torch.randn(5, 4, 6)), Y, present=present)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "joint_logits": joint_logits,
     "ogm_slices": ogm_slices,
@@ -287,6 +306,7 @@ CASES: dict[str, Callable[[], None]] = {
     "parameters_replaced": parameters_replaced,
     "mask_of_another_shape": mask_of_another_shape,
     "sample_with_no_modality": sample_with_no_modality,
+    "mmpareto_mask_for_time_first_outputs": mmpareto_mask_for_time_first_outputs,
 }
 
 

@@ -145,6 +145,7 @@ class AGM(Method):
 
     running_losses: torch.Tensor
     running_count: torch.Tensor
+    modality_counts: torch.Tensor
     _shapley: torch.Tensor
     _model: nn.Module
 
@@ -271,6 +272,7 @@ class AGM(Method):
         self.register_buffer("_shapley", exact.to(torch.float32).to(device), persistent=False)
         self.add_state("running_losses", torch.zeros(len(self.names)))
         self.add_state("running_count", torch.zeros((), dtype=torch.int64))
+        self.add_state("modality_counts", torch.zeros(len(self.names), dtype=torch.int64))
         self._after_backward_calls = 0
         self._warned = False
 
@@ -334,12 +336,14 @@ class AGM(Method):
         self.__dict__["_last_outputs"] = step.outputs
         phi = self.shapley_logits(step.logits, step.features)
         device = self.running_losses.device
-        # Batch means, over all ranks with sync="global" (one all-reduce, no host sync).
+        # Batch means, over all ranks with sync="global" (one all-reduce, no host sync), each
+        # modality over the samples where it is present; one absent from the whole batch
+        # stands at its running mean (and keeps it, its coefficient and its score).
         if regression:  # each Shapley output's regression loss
             sums = step.loss_sums(phi.detach()).to(device)
         else:
-            sums = agm_losses(phi.detach(), step.target, reduction="sum").to(device)
-        losses = step.mean(sums, step.batch_size)
+            sums = step.present_sums(agm_losses(phi.detach(), step.target, "none")).to(device)
+        losses = self._absent_at_running_mean(step, step.modality_mean(sums, self.running_losses))
         if self.update_running_first:
             self._update_running(step, losses)
         coefficients = agm_coefficients(losses, self.running_losses, self.alpha, self.max_exponent)
@@ -359,16 +363,32 @@ class AGM(Method):
             )
         return step.fused_loss(step.scale(phi).sum(0)) + self._probe_loss(step)
 
+    def _absent_at_running_mean(self, step: Step, losses: torch.Tensor) -> torch.Tensor:
+        """``losses`` with a modality absent from the global batch at its running mean (given
+        as the fallback of the step's mean) or, before its first step with samples, at the mean
+        of the present modalities' losses (it then leaves the others' ratios as they are)."""
+        seen = step.seen
+        if seen is None:
+            return losses
+        average = (losses * seen).sum() / seen.sum()  # every sample has a present modality
+        return torch.where(~seen & (self.modality_counts == 0), average, losses)
+
     @torch.no_grad()
     def _update_running(self, step: Step, losses: torch.Tensor) -> None:
-        """Cumulative mean of the per-modality losses over every modulated step.
+        """Cumulative mean of each modality's losses over the modulated steps where it is
+        present (``running_count`` counts the modulated steps, ``modality_counts`` each
+        modality's).
 
         A step with non-finite losses (or skipped by ``nonfinite="skip"``) leaves it unchanged.
         """
         count = self.running_count + 1
-        updated = self.running_losses + (losses - self.running_losses) / count
+        counts = step.keep_if_seen(self.modality_counts + 1, self.modality_counts)
+        updated = self.running_losses + (losses - self.running_losses) / counts
+        updated = step.keep_if_seen(updated, self.running_losses)  # 0 / 0 before its first
         finite = torch.isfinite(updated).all()
         self.update_state(step, "running_count", torch.where(finite, count, self.running_count))
+        counts = torch.where(finite, counts, self.modality_counts)
+        self.update_state(step, "modality_counts", counts)
         self.update_state(step, "running_losses", updated)
 
     @torch.no_grad()
@@ -402,6 +422,16 @@ class AGM(Method):
             groups.setdefault((grad.device, grad.dtype), []).append(grad)
         for (grad_device, dtype), group in groups.items():
             torch._foreach_mul_(group, factor.to(device=grad_device, dtype=dtype))
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        key = f"{prefix}modality_counts"
+        count = state_dict.get(f"{prefix}running_count")
+        if key not in state_dict and isinstance(count, torch.Tensor):
+            # A state dict of a release without missing modalities: every step had them all.
+            state_dict = {**state_dict, key: count.expand(len(self.names)).clone()}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "shapley": self._plan.state()}

@@ -18,6 +18,7 @@ from gradbalance.methods._loss_weights import (
     gblend_estimates,
     gblend_scores,
 )
+from gradbalance.methods._presence import means_and_seen, present_counts
 
 Losses = torch.Tensor | Sequence[float] | Mapping[str, float]
 
@@ -91,6 +92,7 @@ class GBlend(Method):
     overfitting: torch.Tensor
     degenerate: torch.Tensor
     kept_estimates: torch.Tensor
+    referenced: torch.Tensor
 
     scales_gradients = False
 
@@ -120,12 +122,14 @@ class GBlend(Method):
         buffers = {
             "loss_weights": torch.full((n,), 1.0 / n, device=device),
             "sums": torch.zeros(2, n, device=device),  # training, held-out loss sums
-            "counts": torch.zeros(2, device=device),
+            "counts": torch.zeros(2, n, device=device),  # their samples, per component
             "previous": torch.zeros(2, n, device=device),  # the last checkpoint's means
             "gains": torch.zeros(n, device=device),
             "overfitting": torch.zeros(n, device=device),
             "degenerate": torch.zeros(n, dtype=torch.int64, device=device),
             "kept_estimates": torch.zeros((), dtype=torch.int64, device=device),
+            # whether each component has losses at a past checkpoint (its reference)
+            "referenced": torch.zeros(n, dtype=torch.bool, device=device),
         }
         for name, value in buffers.items():
             self.add_state(name, value)
@@ -157,25 +161,38 @@ class GBlend(Method):
         weights = self._current_weights()
         total = components @ weights.to(device=components.device, dtype=components.dtype)
         with torch.no_grad():
-            batch = components.detach().float().to(self.sums.device) * step.batch_size
+            batch, sizes = self._batch_sums(step, components)
+            n = batch.numel()
             if step.training:
-                # Sums and count over every rank with sync="global" (both divided by the number
+                # Sums and counts over every rank with sync="global" (both divided by the number
                 # of ranks: their ratio is the global mean), so the state stays rank-identical.
-                size = torch.full((1,), float(step.batch_size), device=batch.device)
-                reduced = step.mean(torch.cat([batch, size]), 1.0)
+                reduced = step.mean(torch.cat([batch, sizes]), 1.0)
                 step.store(weights[1:], scores)
                 kept = step.keep_if_finite(
-                    torch.cat([self.sums[0], self.counts[:1]]) + reduced,
-                    torch.cat([self.sums[0], self.counts[:1]]),
+                    torch.cat([self.sums[0], self.counts[0]]) + reduced,
+                    torch.cat([self.sums[0], self.counts[0]]),
                 )
-                self.sums[0].copy_(kept[:-1])
-                self.counts[0].copy_(kept[-1])
+                self.sums[0].copy_(kept[:n])
+                self.counts[0].copy_(kept[n:])
                 self._train_seen += step.batch_size
             else:  # held-out: this rank's sums, reduced over the ranks by epoch_end()
                 self.sums[1].add_(batch)
-                self.counts[1].add_(step.batch_size)
+                self.counts[1].add_(sizes)
                 self._validation_seen += step.batch_size
         return total
+
+    def _batch_sums(
+        self, step: Step, components: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's ``(n,)`` loss sums and sample counts per component: the fused loss over
+        the batch, each head's over the samples where its modality is present."""
+        batch = components.detach().float().to(self.sums.device) * step.batch_size
+        sizes = present_counts(step.present, step.batch_size, self.sums[0, 1:])
+        if step.present is not None:
+            outputs = step.head_outputs(scaled=False).detach()
+            head_sums = step.loss_sums(outputs).to(batch.device)
+            batch = torch.cat([batch[:1], head_sums])
+        return batch, torch.cat([sizes.new_full((1,), float(step.batch_size)), sizes])
 
     def _as_tensor(self, losses: Losses, option: str) -> torch.Tensor:
         n = len(self.components)
@@ -235,32 +252,53 @@ class GBlend(Method):
                 )
         train_now = self.sums[0] / self.counts[0]  # reduced over the ranks in each step
         # One collective over all ranks with sync="global" (every rank calls epoch_end()).
-        val_now = self.reduce_mean(self.sums[1], self.counts[1])
-        now = torch.stack(
-            [
-                train_now
-                if train_losses is None
-                else self._as_tensor(train_losses, "train_losses"),
-                val_now if val_losses is None else self._as_tensor(val_losses, "val_losses"),
-            ]
-        )
+        val_now, val_seen = means_and_seen(self.reduce_mean, self.sums[1], self.counts[1])
+        # A component without samples (a modality missing from the epoch) is left out.
+        sampled = torch.ones_like(val_seen)
+        if train_losses is None:
+            sampled = sampled & (self.counts[0] > 0)
+        else:
+            train_now = self._as_tensor(train_losses, "train_losses")
+        if val_losses is None:
+            sampled = sampled & val_seen
+        else:
+            val_now = self._as_tensor(val_losses, "val_losses")
+        now = torch.stack([train_now, val_now])
         if self.checkpoints:
-            gain, change = gblend_estimates(self.previous[0], now[0], self.previous[1], now[1])
-            scores = gblend_scores(gain, change, self.min_overfitting)
-            total = scores.sum()
-            valid = torch.isfinite(total) & (total > 0)
-            new = torch.where(valid, scores / total.clamp_min(1e-30), self.loss_weights)
-            self.loss_weights.copy_(new)
-            self.kept_estimates.add_((~valid).long())
-            self.degenerate.add_(((gain <= 0) | (change <= self.min_overfitting)).long())
-            self.gains.copy_(gain)
-            self.overfitting.copy_(change)
-        self.previous.copy_(now)
+            self._estimate(now, sampled & self.referenced)
+        self.previous.copy_(torch.where(sampled, now, self.previous))
+        self.referenced |= sampled
         self.checkpoints += 1
+
+    def _estimate(self, now: torch.Tensor, estimable: torch.Tensor) -> None:
+        """New weights from the estimates since each component's last checkpoint.
+
+        A component that cannot be estimated (no samples now or at any earlier checkpoint)
+        keeps its weight; the others share the rest in proportion to their scores.
+        """
+        gain, change = gblend_estimates(self.previous[0], now[0], self.previous[1], now[1])
+        scores = torch.where(estimable, gblend_scores(gain, change, self.min_overfitting), 0)
+        total = scores.sum()
+        valid = torch.isfinite(total) & (total > 0)
+        share = 1 - torch.where(estimable, 0, self.loss_weights).sum()
+        estimated = share * scores / total.clamp_min(1e-30)
+        estimated = torch.where(estimable, estimated, self.loss_weights)
+        self.loss_weights.copy_(torch.where(valid, estimated, self.loss_weights))
+        self.kept_estimates.add_((~valid).long())
+        degenerate = (gain <= 0) | (change <= self.min_overfitting)
+        self.degenerate.add_((degenerate & estimable).long())
+        self.gains.copy_(torch.where(estimable, gain, self.gains))
+        self.overfitting.copy_(torch.where(estimable, change, self.overfitting))
 
     def _show_weights(self) -> None:
         """``bal.coefficients`` shows the heads' weights of the coming epoch at once."""
         self.last_coefficients.copy_(self._current_weights()[1:])
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        state_dict = per_component_counts(state_dict, prefix, len(self.components))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -281,3 +319,19 @@ class GBlend(Method):
             f"{super().extra_repr()}, every={self.every}, "
             f"min_overfitting={self.min_overfitting}, {self._window_repr()}"
         )
+
+
+def per_component_counts(
+    state_dict: Mapping[str, Any], prefix: str, components: int
+) -> Mapping[str, Any]:
+    """A GBlend state dict of a release without missing modalities (one sample count per
+    split, shared by the components; no ``referenced``) in the current layout."""
+    upgraded = dict(state_dict)
+    counts = state_dict.get(f"{prefix}counts")
+    if isinstance(counts, torch.Tensor) and counts.dim() == 1:
+        upgraded[f"{prefix}counts"] = counts.unsqueeze(1).expand(-1, components).clone()
+    extra = state_dict.get(f"{prefix}_extra_state")
+    if f"{prefix}referenced" not in state_dict and isinstance(extra, Mapping):
+        referenced = int(extra.get("checkpoints", 0)) > 0
+        upgraded[f"{prefix}referenced"] = torch.full((components,), referenced)
+    return upgraded

@@ -11,6 +11,8 @@ from torch import nn
 
 from gradbalance._checks import check_number
 from gradbalance._distributed import reduce_mean
+from gradbalance._step import Step
+from gradbalance.errors import InputError
 from gradbalance.methods._pareto import ParetoSite, pareto_fork
 from gradbalance.methods.multiloss import MultiLoss
 
@@ -69,6 +71,7 @@ class MMPareto(MultiLoss):
     """
 
     supported_tasks: tuple[str, ...] = ("classification",)
+    _transient = (*MultiLoss._transient, "_open_sites")
     cosine_values: torch.Tensor
     conflicts: torch.Tensor
 
@@ -87,7 +90,11 @@ class MMPareto(MultiLoss):
         m = len(self.names)
         self.add_state("cosine_values", torch.zeros(m))
         self.add_state("conflicts", torch.zeros(m, dtype=torch.int64))
+        self._open_sites: list[ParetoSite] = []  # the forks of the forward before loss()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._open_sites = []
     @property
     def cosines(self) -> dict[str, torch.Tensor]:
         """``{name: 0-dim tensor}``: each encoder's gradient cosine in the last backward."""
@@ -112,7 +119,29 @@ class MMPareto(MultiLoss):
             reduce=partial(MMPareto._reduce, self) if global_sync else None,
             watch=watch,
         )
+        self._open_sites.append(site)
         return pareto_fork(output, site, name)
+
+    def _loss(self, step: Step) -> torch.Tensor:
+        self._mask_sites(step)
+        return super()._loss(step)
+
+    def _mask_sites(self, step: Step) -> None:
+        """Give the forks of this step's forward the mask of their modality's samples."""
+        sites = list(self._open_sites)
+        self._open_sites.clear()  # the same list: a compiled forward appends to it
+        present = step.present
+        if present is None:
+            return
+        for site in sites:
+            if any(len(shape) == 0 or shape[0] != step.batch_size for shape in site.shapes):
+                raise InputError(
+                    f"MMPareto with present= combines the gradients of encoder "
+                    f"{self.names[site.index]!r} per sample, so its output tensors must have the "
+                    f"batch first ({step.batch_size} rows), got shapes "
+                    f"{[tuple(shape) for shape in site.shapes]}"
+                )
+            site.present = present[:, site.index]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma}, {self._window_repr()}"

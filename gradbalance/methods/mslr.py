@@ -14,6 +14,7 @@ from gradbalance._step import Step
 from gradbalance.coefficients import mslr_coefficients
 from gradbalance.errors import InputError, OrderError
 from gradbalance.methods._base import SlicedScoresMethod
+from gradbalance.methods._presence import means_and_seen, present_counts
 
 Accuracies = torch.Tensor | Sequence[float] | Mapping[str, float]
 
@@ -73,6 +74,7 @@ class MSLR(SlicedScoresMethod):
     memory: torch.Tensor
     accuracies: torch.Tensor
     validation_correct: torch.Tensor
+    validation_counts: torch.Tensor
 
     head_mode = "probe"
 
@@ -113,8 +115,10 @@ class MSLR(SlicedScoresMethod):
         self.add_state("memory", torch.zeros(memory_epochs, m))
         self.add_state("accuracies", torch.zeros(m))
         self.add_state("validation_correct", torch.zeros(m))
+        self.add_state("validation_counts", torch.zeros(m))
         self.memory_size = 0
         self._validation_seen = 0
+        self._validation_masked = False  # a loss(..., present=) was collected this epoch
         self._show_epoch_coefficients()
 
     def _loss(self, step: Step) -> torch.Tensor:
@@ -130,20 +134,20 @@ class MSLR(SlicedScoresMethod):
 
     @torch.no_grad()
     def _collect_validation(self, step: Step) -> None:
+        """Each modality's correct predictions and samples, over the samples where it is
+        present (``loss(..., present=)``)."""
         logits = self._modality_logits(step)
         correct = self.validation_correct
         if isinstance(logits, torch.Tensor):
-            target = step.target.to(logits.device)
-            hits = (logits.argmax(dim=-1) == target).sum(dim=-1).to(correct.device)
+            hits = logits.argmax(dim=-1) == step.target.to(logits.device)
         else:
             hits = torch.stack(
-                [
-                    (u.argmax(dim=-1) == step.target.to(u.device)).sum().to(correct.device)
-                    for u in logits
-                ]
+                [(u.argmax(dim=-1) == step.target.to(u.device)).to(correct.device) for u in logits]
             )
-        correct += hits
+        correct += step.present_sums(hits.to(torch.float32)).to(correct.device)
+        self.validation_counts += present_counts(step.present, step.batch_size, correct)
         self._validation_seen += step.batch_size
+        self._validation_masked |= step.present is not None
 
     def _as_tensor(self, accuracies: Accuracies) -> torch.Tensor:
         device = self.initial.device
@@ -182,25 +186,43 @@ class MSLR(SlicedScoresMethod):
                     "with bal.loss(model(...), y) under torch.no_grad() before epoch_end(), or "
                     "pass epoch_end(accuracies={name: accuracy})"
                 )
-            # Over all ranks with sync="global" (one all-reduce; every rank calls epoch_end).
-            current = self.reduce_mean(self.validation_correct, self._validation_seen)
+            current, seen = self._validation_accuracies()
         else:
             current = self._as_tensor(accuracies)
+            seen = torch.ones_like(current, dtype=torch.bool)
         if self.memory_size >= self.memory_epochs:
             means = self.memory.mean(dim=0)
             ratio_k = mslr_coefficients(current, means.clamp_min(1e-12), self.initial)
             new = torch.where(means > 0, ratio_k, self.initial)
         else:
             new = self.initial.clone()
+        new = torch.where(seen, new, self.epoch_coefficients)
         self.epoch_coefficients.copy_(new)
         self.memory.copy_(torch.roll(self.memory, -1, dims=0))
         self.memory[-1].copy_(current)
         self.memory_size = min(self.memory_size + 1, self.memory_epochs)
         self.accuracies.copy_(current)
         self.validation_correct.zero_()
+        self.validation_counts.zero_()
         self._validation_seen = 0
+        self._validation_masked = False
         self._show_epoch_coefficients()
         super().epoch_end()
+
+    def _validation_accuracies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's collected accuracies and which modalities had a validation sample.
+
+        Over all ranks with sync="global" (one all-reduce, the same on every rank whatever its
+        masks; every rank calls epoch_end). With a mask, each modality over its present
+        samples; one without any keeps its accuracy.
+        """
+        correct = self.validation_correct
+        synced = self.sync == "global" and self.world_size() > 1
+        if not (self._validation_masked or synced):  # as before masks: correct / seen
+            current = self.reduce_mean(correct, self._validation_seen)
+            return current, torch.ones_like(current, dtype=torch.bool)
+        current, seen = means_and_seen(self.reduce_mean, correct, self.validation_counts)
+        return torch.where(seen, current, self.accuracies), seen
 
     def epoch_end_reason(self) -> str | None:
         """Why MSLR needs :meth:`epoch_end` (see :meth:`Method.epoch_end_reason`)."""
@@ -214,17 +236,30 @@ class MSLR(SlicedScoresMethod):
         values = self.epoch_coefficients if self.enabled else torch.ones_like(self.initial)
         self.last_coefficients.copy_(values)
 
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        key = f"{prefix}validation_counts"
+        extra = state_dict.get(f"{prefix}_extra_state")
+        if key not in state_dict and isinstance(extra, Mapping):
+            # A state dict of a release without missing modalities: every sample had them all.
+            seen = float(extra.get("validation_seen", 0))
+            state_dict = {**state_dict, key: torch.full((len(self.names),), seen)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> dict[str, Any]:
         return {
             **super().get_extra_state(),
             "memory_size": self.memory_size,
             "validation_seen": self._validation_seen,
+            "validation_masked": self._validation_masked,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         self.memory_size = int(state.get("memory_size", 0))
         self._validation_seen = int(state.get("validation_seen", 0))
+        self._validation_masked = bool(state.get("validation_masked", False))
 
     def extra_repr(self) -> str:
         return (

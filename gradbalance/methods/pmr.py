@@ -15,6 +15,7 @@ from gradbalance._checks import (
     check_feature_dims,
     check_int,
     check_number,
+    check_present,
 )
 from gradbalance._step import Step
 from gradbalance.coefficients import pmr_weights
@@ -40,12 +41,16 @@ BATCH_NORM_EPS = 1e-5
 """The ``eps`` of PMR's ``batch_norm`` standardisation (``BatchNorm1d``'s default)."""
 
 
-def batch_standardise(features: torch.Tensor) -> torch.Tensor:
+def batch_standardise(
+    features: torch.Tensor, present: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(z - mean) / sqrt(var + 1e-5)`` over the batch, with the biased variance: the
     training-mode ``BatchNorm1d(affine=False)`` of the MLB authors' PMR code.
 
     Defined for a batch of one as the same formula: the sample equals the batch mean, so its
     standardised feature is 0 (and so is its gradient); ``BatchNorm1d`` refuses that batch.
+    With ``present`` (``(B,)`` bool) the mean and variance are those of the present samples
+    only (the rows of absent ones are standardised with them and read by nobody).
 
     Example:
         >>> batch_standardise(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
@@ -53,9 +58,21 @@ def batch_standardise(features: torch.Tensor) -> torch.Tensor:
                 [ 1.0000,  0.0000]])
         >>> batch_standardise(torch.tensor([[5.0, -1.0]]))
         tensor([[0., 0.]])
+        >>> rows = torch.tensor([True, True, False])
+        >>> batch_standardise(torch.tensor([[1.0], [3.0], [9.0]]), rows)
+        tensor([[-1.0000],
+                [ 1.0000],
+                [ 7.0000]])
     """
-    centered = features - features.mean(0, keepdim=True)
-    variance = centered.square().mean(0, keepdim=True)
+    if present is None:
+        centered = features - features.mean(0, keepdim=True)
+        variance = centered.square().mean(0, keepdim=True)
+    else:
+        rows = present.to(features.device).unsqueeze(1)
+        count = rows.sum(0, keepdim=True).clamp_min(1).to(features.dtype)
+        mean = torch.where(rows, features, 0).sum(0, keepdim=True) / count
+        centered = features - mean
+        variance = torch.where(rows, centered.square(), 0).sum(0, keepdim=True) / count
     return centered * torch.rsqrt(variance + BATCH_NORM_EPS)
 
 
@@ -65,18 +82,28 @@ def _masked(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def prototype_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    present: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of the prototype logits over the samples whose class has a prototype.
+    """Mean cross-entropy of the prototype logits over the samples whose class has a prototype
+    (and, with ``present``, a ``(B,)`` bool mask, where the modality is present; the others
+    get exactly no gradient).
 
     Example:
         >>> logits = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]])
         >>> prototype_cross_entropy(logits, torch.tensor([0, 1]), torch.tensor([True, True]))
         tensor(0.2201)
+        >>> prototype_cross_entropy(logits, torch.tensor([0, 1]), torch.tensor([True, True]),
+        ...                         torch.tensor([True, False]))
+        tensor(0.3133)
     """
     log_probs = torch.log_softmax(_masked(logits, valid), dim=-1)
     nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
     keep = valid.gather(0, target)
+    if present is not None:
+        keep = keep & present.to(keep.device)
     nll = torch.where(keep, nll, torch.zeros_like(nll))
     return nll.sum() / keep.sum().clamp_min(1)
 
@@ -210,8 +237,10 @@ class PMR(Method):
             self.register_buffer(
                 f"feature_sums_{name}", torch.zeros(num_classes, dim, device=device)
             )
-        self.add_state("class_counts", torch.zeros(num_classes))
-        self.add_state("prototype_valid", torch.zeros(num_classes, dtype=torch.bool))
+        m = len(self.names)
+        # Per modality: a modality's samples may be missing (loss(..., present=)).
+        self.add_state("class_counts", torch.zeros(m, num_classes))
+        self.add_state("prototype_valid", torch.zeros(m, num_classes, dtype=torch.bool))
         self.ready = False
         self._collected = 0
 
@@ -221,10 +250,10 @@ class PMR(Method):
         """``{name: (K, D)}``: the current prototypes (rows of classes never seen are 0)."""
         return {name: getattr(self, f"prototypes_{name}").clone() for name in self.names}
 
-    def _standardise(self, feature: torch.Tensor) -> torch.Tensor:
+    def _standardise(self, feature: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
         feature = feature.float()
         if self.batch_norm:
-            feature = batch_standardise(feature)
+            feature = batch_standardise(feature, present)
         return feature
 
     def _sized(self, kind: str, name: str, dim: int) -> torch.Tensor:
@@ -241,9 +270,14 @@ class PMR(Method):
 
     @torch.no_grad()
     def _accumulate(
-        self, features: Mapping[str, torch.Tensor], target: torch.Tensor, step: Step | None
+        self,
+        features: Mapping[str, torch.Tensor],
+        target: torch.Tensor,
+        step: Step | None,
+        present: torch.Tensor | None,
     ) -> None:
-        """Per-class sums of the (detached) features with ``index_add_``; non-finite features
+        """Per-class sums of the (detached) features with ``index_add_``, each modality over
+        its present samples (``present``: ``(B, M)`` bool, ``None``: all); non-finite features
         (or a training ``step`` skipped by ``nonfinite="skip"``) add nothing."""
         if self.batch_norm and target.shape[0] == 1:
             return  # a standardised batch of one is 0 whatever the sample: no information
@@ -251,33 +285,49 @@ class PMR(Method):
         counts = self.class_counts
         target = target.to(counts.device)
         added = []
-        for name in self.names:
-            feature = self._standardise(features[name].detach()).to(counts.device)
+        class_rows = []
+        for index, name in enumerate(self.names):
+            column = None if present is None else present[:, index].to(counts.device)
+            feature = self._standardise(features[name].detach(), column).to(counts.device)
             sums = self._sized("feature_sums", name, feature.shape[1])
             self._sized("prototypes", name, feature.shape[1])
+            if column is None:
+                ones = torch.ones_like(target, dtype=counts.dtype)
+            else:
+                if self.batch_norm:  # one present sample has no batch statistics either
+                    column = column & (column.sum() > 1)
+                feature = torch.where(column.unsqueeze(1), feature, 0)
+                ones = column.to(counts.dtype)
             added.append((sums, torch.zeros_like(sums).index_add_(0, target, feature)))
+            class_rows.append(torch.zeros_like(counts[index]).index_add_(0, target, ones))
         finite = torch.stack([torch.isfinite(delta).all() for _, delta in added]).all()
-        ones = torch.ones_like(target, dtype=counts.dtype)
-        new_counts = counts + torch.zeros_like(counts).index_add_(0, target, ones)
+        new_counts = counts + torch.stack(class_rows)
         for sums, delta in added:
             sums.copy_(keep(torch.where(finite, sums + delta, sums), sums))
         counts.copy_(keep(torch.where(finite, new_counts, counts), counts))
         self._collected += 1
 
-    def collect(self, target: torch.Tensor) -> None:
+    def collect(
+        self,
+        target: torch.Tensor,
+        present: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Add the features of the last forward (class ``target``) to the next prototypes.
 
         For ``prototypes="explicit"``: call after each forward of your prototype pass.
+        ``present`` marks missing modalities as in :meth:`~gradbalance.Balancer.loss`: a
+        modality's prototypes then average only the samples where it is present.
         """
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise InputError("collect(target) takes the (B,) class labels of the last forward")
+        mask = check_present(present, self.names, target.shape[0], target.device)
         features = self.take_features()  # consumes them, as loss() would
         if any(f.shape[0] != target.shape[0] for f in features.values()):
             raise InputError(
                 f"collect(target): {target.shape[0]} labels for features of batch size "
                 f"{next(iter(features.values())).shape[0]}"
             )
-        self._accumulate(features, target.long(), None)
+        self._accumulate(features, target.long(), None, mask)
 
     @torch.no_grad()
     def update_prototypes(self) -> None:
@@ -292,24 +342,26 @@ class PMR(Method):
             return
         names = self.names
         local = [getattr(self, f"feature_sums_{name}") for name in names]
-        packed = torch.cat([*local, self.class_counts.unsqueeze(1)], dim=1)
+        packed = torch.cat([*local, self.class_counts.t()], dim=1)
         totals = self.reduce_mean(packed, 1)  # global sums (count 1: a plain all-reduce)
-        counts = totals[:, -1]
+        counts = totals[:, -len(names) :]  # (K, M): each modality's samples per class
         seen = counts > 0
         valid = self.prototype_valid
         start = 0
-        for name, sums_buffer in zip(names, local):
+        for index, (name, sums_buffer) in enumerate(zip(names, local)):
             width = sums_buffer.shape[1]
             sums = totals[:, start : start + width]
             start += width
             old = self._sized("prototypes", name, width)
-            new = sums / counts.clamp_min(1).unsqueeze(1)
+            new = sums / counts[:, index].clamp_min(1).unsqueeze(1)
             blended = (1 - self.momentum) * new + self.momentum * old
-            blends = valid if self.epoch >= self.first_blend_epoch else torch.zeros_like(valid)
+            blends = valid[index]
+            if self.epoch < self.first_blend_epoch:
+                blends = torch.zeros_like(blends)
             blended = torch.where(blends.unsqueeze(1), blended, new)
-            old.copy_(torch.where(seen.unsqueeze(1), blended, old))
+            old.copy_(torch.where(seen[:, index].unsqueeze(1), blended, old))
             sums_buffer.zero_()
-        valid |= seen
+        valid |= seen.t()
         self.class_counts.zero_()
         self._collected = 0
         self.ready = True
@@ -331,14 +383,19 @@ class PMR(Method):
     # -- loss ---------------------------------------------------------------------------
 
     def prototype_logits(
-        self, features: Mapping[str, torch.Tensor] | None = None
+        self,
+        features: Mapping[str, torch.Tensor] | None = None,
+        present: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{name: (B, K)}`` prototype logits ``-distance`` of the (last) features, with graph."""
+        """``{name: (B, K)}`` prototype logits ``-distance`` of the (last) features, with graph
+        (with ``batch_norm``, standardised over each modality's present samples when a
+        ``(B, M)`` bool ``present`` is given)."""
         if features is None:
             features = self.features()
         out = {}
-        for name in self.names:
-            feature = self._standardise(features[name])
+        for index, name in enumerate(self.names):
+            column = None if present is None else present[:, index]
+            feature = self._standardise(features[name], column)
             prototypes = self._sized("prototypes", name, feature.shape[1])
             out[name] = prototype_logits(feature, prototypes.to(feature.device))
         return out
@@ -347,23 +404,32 @@ class PMR(Method):
         total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
         if not step.training:
             return total
+        present = step.present
         if self.prototype_source == "accumulate":
-            self._accumulate(step.features, step.target, step)
+            self._accumulate(step.features, step.target, step, present)
         device = self.last_scores.device
         if not (self.ready and self.active()):
             zeros = torch.zeros(len(self.names), device=device)
             step.store(zeros, zeros)
             return total
         valid = self.prototype_valid
-        proto_logits = self.prototype_logits(step.features)
+        proto_logits = self.prototype_logits(step.features, present)
         sums = step.score_sums(
-            [_masked(z.detach(), valid.to(z.device)) for z in proto_logits.values()]
+            [
+                _masked(z.detach(), valid[index].to(z.device))
+                for index, z in enumerate(proto_logits.values())
+            ]
         )
-        scores = step.mean(sums, step.batch_size)  # over all ranks with sync="global"
+        # Over all ranks with sync="global", each modality over its present samples; one absent
+        # from the whole batch is weighed with its previous score (and keeps it).
+        scores = step.score_mean(sums)
         weights = pmr_weights(scores, self.alpha)
         step.store(weights, scores)
         for index, z in enumerate(proto_logits.values()):
-            term = prototype_cross_entropy(z, step.target.to(z.device), valid.to(z.device))
+            column = None if present is None else present[:, index].to(z.device)
+            term = prototype_cross_entropy(
+                z, step.target.to(z.device), valid[index].to(z.device), column
+            )
             total = total + (weights[index].to(term.device) * term).to(total.device)
         return total
 
@@ -372,6 +438,7 @@ class PMR(Method):
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
+        state_dict = per_modality_classes(state_dict, prefix, len(self.names))
         for name in self.names:
             for kind in ("prototypes", "feature_sums"):
                 key = f"{prefix}{kind}_{name}"
@@ -397,3 +464,16 @@ class PMR(Method):
             f"prototypes={self.prototype_source!r}, first_blend_epoch={self.first_blend_epoch}, "
             f"{self._window_repr()}"
         )
+
+
+def per_modality_classes(
+    state_dict: Mapping[str, Any], prefix: str, num_modalities: int
+) -> Mapping[str, Any]:
+    """A PMR state dict of a release with one class count and validity per class (shared by
+    the modalities) in the current layout, one row per modality; others unchanged."""
+    upgraded = dict(state_dict)
+    for key in ("class_counts", "prototype_valid"):
+        value = state_dict.get(prefix + key)
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            upgraded[prefix + key] = value.unsqueeze(0).expand(num_modalities, -1).clone()
+    return upgraded

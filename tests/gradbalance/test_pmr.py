@@ -104,7 +104,7 @@ def test_a_class_never_seen_gets_no_nan_and_no_loss():
     target = target % 3  # class 3 never appears
     bal.loss(model(*inputs), target)
     bal.epoch_end()
-    assert bal.prototype_valid.tolist() == [True, True, True, False]
+    assert bal.prototype_valid.tolist() == [[True, True, True, False]] * 2  # per modality
     target = target.clone()
     target[:4] = 3  # samples of the unseen class: left out of the prototype loss
     loss = bal.loss(model(*inputs), target)
