@@ -14,8 +14,9 @@
   :meth:`Step.present_sums`, :meth:`Step.present_mean`, :meth:`Step.modality_mean`,
   :meth:`Step.score_mean` and :meth:`Step.keep_if_seen`: per-modality statistics over the
   samples where the modality is present (:meth:`head_terms`, :meth:`loss_sums`,
-  :meth:`score_sums`, :meth:`accuracy_sums` and :meth:`sample_sums` do it already), and a modality absent from the whole global batch keeps
-  its coefficient and score (:meth:`store` does it);
+  :meth:`score_sums`, :meth:`accuracy_sums` and :meth:`sample_sums` do it already), and a
+  modality absent from the whole global batch keeps its coefficient and score (:meth:`store`
+  does it);
 * keeps running state with :meth:`Step.keep_if_finite` (or :meth:`Step.update_state` for a
   state declared with ``add_state``);
 * records the step's coefficients and scores once with :meth:`Step.store` (training only);
