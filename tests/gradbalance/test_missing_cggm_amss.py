@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from missing_cases import batch, build, head_gradients, masks, step, sub_batch_scores, twin
 from test_missing_ddp import check_one_process, missing_ranks  # noqa: F401  (the fixture)
 
+from gradbalance.coefficients import amss_keep_rates
+
 NAMES = ("cggm", "cggm_regression", "amss", "amss_plus")
 PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -145,6 +147,43 @@ def test_absent_rows_give_the_probes_exactly_no_gradient(name, present, seed):
     for got, want in zip(head_gradients(other_bal), head_gradients(bal)):
         assert torch.equal(got, want)
     assert torch.equal(other_bal.last_coefficients, bal.last_coefficients)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+@PROPERTY
+@given(present=masks())
+def test_probe_gradients_are_those_of_the_present_sub_batches(name, present):
+    """Probe m's parameter gradient is that of its mean loss over the samples where m is present
+    (the probes are fed detached features; nothing else reaches them)."""
+    model, bal = build(name)
+    inputs, target = batch(name, present.shape[0])
+    expected = []
+    for index in range(present.shape[1]):
+        rows = present[:, index]
+        copy_model, copy_bal = twin(model, bal)
+        if rows.any():
+            step(copy_model, copy_bal, [x[rows] for x in inputs], target[rows])
+        expected.append(head_gradients(copy_bal)[index])  # zeros where absent from the batch
+    step(model, bal, inputs, target, present)
+    for got, want in zip(head_gradients(bal), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_amss_keep_rates_give_an_absent_modality_the_mean_significance():
+    """Three modalities, the second absent (its statistics undefined: 0/0): it enters the softmax
+    with the mean of the others' t_m and is left out of the information test."""
+    losses = torch.tensor([0.5, 0.0, 0.9])
+    entropies = torch.tensor([2.0, 0.0, 1.5])
+    label_entropy = torch.tensor([1.3, 0.0, 1.2])
+    seen = torch.tensor([True, False, True])
+    t_a, t_c = (1.3 - 0.5 + 0.5) / (2.0 * 0.2), (1.2 - 0.9 + 0.5) / (1.5 * 0.2)
+    t = torch.tensor([t_a, (t_a + t_c) / 2, t_c])
+    expected = (1 - torch.softmax(t, 0)).clamp(0.1, 0.9)
+    rates = amss_keep_rates(losses, entropies, label_entropy, 0.2, 0.5, 0.0, seen=seen)
+    torch.testing.assert_close(rates, expected)
+    everything = amss_keep_rates(losses, entropies, label_entropy, 0.2, 0.5, 0.0)
+    assert torch.equal(everything, torch.full((3,), 0.5))  # unmasked: undefined, the fallback
 
 
 @pytest.mark.slow
