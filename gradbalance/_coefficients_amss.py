@@ -36,6 +36,7 @@ def amss_keep_rates(
     temperature: float = 0.2,
     offset: float = 0.5,
     bias: float = 0.0,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AMSS's keep rate per modality, from its mutual-information rate.
 
@@ -54,9 +55,19 @@ def amss_keep_rates(
         temperature: ``T > 0`` (0.2 in the official audio-video code).
         offset: added to ``H_Y - L_m`` (0.5 in the official audio-video code).
         bias: added to every rate before the clamp (0 for CREMA-D and Kinetics-Sounds).
+        seen: ``(M,)`` bool, whether each modality is present in the batch (``None``: all).
+            An absent modality's statistics are undefined: it enters the softmax with the
+            mean significance of the present ones (it neither takes nor leaves them a share
+            of its own) and is left out of the ``<= 0`` test; its rate is meaningless (the
+            caller keeps the previous one).
     """
     information = label_entropy - losses + offset
     significance = information / (feature_entropies * temperature)
+    if seen is not None:
+        seen = seen.to(significance.device)
+        known = torch.where(seen, significance, 0)
+        significance = torch.where(seen, significance, known.sum() / seen.sum())
+        information = torch.where(seen, information, 1.0)
     rates = 1 - torch.softmax(significance, dim=-1) + bias
     rates = torch.where(torch.isnan(rates), FALLBACK_RATE, rates.clamp(*RATE_BOUNDS))
     undefined = (information <= 0).any()

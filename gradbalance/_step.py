@@ -13,9 +13,10 @@
 * honours missing modalities (``loss(..., present=)``, :attr:`Step.present`) with
   :meth:`Step.present_sums`, :meth:`Step.present_mean`, :meth:`Step.modality_mean`,
   :meth:`Step.score_mean` and :meth:`Step.keep_if_seen`: per-modality statistics over the
-  samples where the modality is present (:meth:`head_terms`, :meth:`loss_sums` and
-  :meth:`score_sums` do it already), and a modality absent from the whole global batch keeps
-  its coefficient and score (:meth:`store` does it);
+  samples where the modality is present (:meth:`head_terms`, :meth:`loss_sums`,
+  :meth:`score_sums`, :meth:`accuracy_sums` and :meth:`sample_sums` do it already), and a
+  modality absent from the whole global batch keeps its coefficient and score (:meth:`store`
+  does it);
 * keeps running state with :meth:`Step.keep_if_finite` (or :meth:`Step.update_state` for a
   state declared with ``add_state``);
 * records the step's coefficients and scores once with :meth:`Step.store` (training only);
@@ -329,22 +330,33 @@ class Step:
         )
 
     def accuracy_sums(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """``(M,)`` float32: the batch count of samples whose arg-max class is the label, for
-        ``(M, B, K)`` logits (or a list), classification only."""
+        """``(M,)`` float32: the count of samples whose arg-max class is the label, for
+        ``(M, B, K)`` logits (or a list), classification only; over each modality's present
+        samples (:meth:`present_sums`), for :meth:`modality_mean`."""
         device = self.context.device
 
-        def correct(outputs: torch.Tensor) -> torch.Tensor:
-            hits = outputs.detach().argmax(-1) == self.target.to(outputs.device)
-            return hits.sum(-1).to(device, torch.float32)
+        def hits(outputs: torch.Tensor) -> torch.Tensor:
+            correct = outputs.detach().argmax(-1) == self.target.to(outputs.device)
+            return correct.to(device, torch.float32)
 
         if isinstance(logits, torch.Tensor):
-            return correct(logits)
-        return torch.stack([correct(u) for u in logits])
+            return self.present_sums(hits(logits))
+        return self.present_sums(torch.stack([hits(u) for u in logits]))
 
     def sample_sums(self, values: torch.Tensor) -> torch.Tensor:
         """``(..., B) -> (...)`` float32, detached: the batch sums of a method's own per-sample
-        statistic (an entropy per sample, one-hot labels), for :meth:`mean`."""
-        return values.detach().float().sum(-1).to(self.context.device)
+        statistic (an entropy per sample, one-hot labels), for :meth:`modality_mean`.
+
+        With a mask the leading dimension is the modality's: ``(M, ..., B) -> (M, ...)``, each
+        modality's sum over the samples where it is present (e.g. the labels of those samples,
+        ``labels.expand(M, K, B)``).
+        """
+        values = values.detach().float()
+        if self.present is not None:
+            mask = self.present.t().contiguous().to(values.device)
+            shape = (mask.shape[0], *([1] * (values.dim() - 2)), mask.shape[1])
+            values = torch.where(mask.view(shape), values, 0)
+        return values.sum(-1).to(self.context.device)
 
     def fused_loss(self, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The task's mean training loss (cross-entropy, or the regression loss) of the

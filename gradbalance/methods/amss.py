@@ -57,6 +57,12 @@ class AMSS(SlicedScoresMethod):
     The recorded coefficients are the keep rates, the scores the heads' mean true-class
     probability.
 
+    Missing modalities (``loss(..., present=)``): modality m's ``L_m``, ``H(z_m)``, score and
+    label term ``H_Y`` are means over the samples where m is present (its probe trains on them
+    only); a modality absent from the whole (global) batch keeps its keep rate and score and
+    enters the others' softmax with the mean significance of the present ones
+    (``amss_keep_rates(..., seen=)``).
+
     Call :meth:`after_backward` after ``loss.backward()`` (after ``scaler.unscale_(opt)``
     under AMP) and before ``opt.step()``: the masks are drawn from the all-reduced gradients
     with the balancer's own generator (seeded with ``seed``, in ``state_dict``), so every DDP
@@ -166,24 +172,27 @@ class AMSS(SlicedScoresMethod):
         entropies = torch.stack([feature_entropies(step.features[n]) for n in self.names])
         classes = torch.arange(stacked.shape[-1], device=step.target.device)
         labels = step.target == classes[:, None]  # (K, B) one-hot (F.one_hot syncs)
-        score_sums = step.score_sums(stacked)
-        sums = torch.cat(
-            [
-                step.loss_sums(stacked).to(score_sums.device),
-                score_sums,
-                step.sample_sums(entropies),
-                step.sample_sums(labels),
-            ]
-        )
         m = len(self.names)
-        losses, scores, entropy, frequencies = step.mean(sums, step.batch_size).split(
-            [m, m, m, stacked.shape[-1]]
-        )
+        columns = [
+            step.loss_sums(stacked),
+            step.score_sums(stacked),
+            step.sample_sums(entropies),
+        ]
+        frequencies = step.sample_sums(labels.expand(m, *labels.shape))  # (M, K)
+        sums = torch.cat([torch.stack([c.to(frequencies) for c in columns], 1), frequencies], 1)
+        means = step.modality_mean(sums)  # (M, 3 + K): over each modality's present samples
+        losses, scores, entropy = means[:, :3].unbind(1)
         active = self.active()
         if active:
-            label_entropy = amss_label_entropy(frequencies)
+            label_entropy = amss_label_entropy(means[:, 3:])
             rates = amss_keep_rates(
-                losses, entropy, label_entropy, self.temperature, self.offset, self.bias
+                losses,
+                entropy,
+                label_entropy,
+                self.temperature,
+                self.offset,
+                self.bias,
+                seen=step.seen,
             )
         else:
             rates = torch.ones_like(scores)

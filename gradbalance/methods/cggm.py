@@ -46,6 +46,11 @@ class CGGM(Method):
 
     The loss is the fused loss + the probes' own losses (+ ``lam * L_gm``).
 
+    Missing modalities (``loss(..., present=)``): each probe is trained and measured on the
+    samples where its modality is present; a modality absent from the whole (global) batch
+    keeps its metric (its gain is 0, never a fake drop to an empty batch's accuracy) and its
+    coefficient.
+
     Args:
         model: the multimodal model (unchanged by the balancer).
         encoders: the M >= 2 modality submodules (list or dict ``name -> module``).
@@ -178,7 +183,8 @@ class CGGM(Method):
         total = total + losses.sum().to(total.device)
         if not step.training:
             return total
-        metric = self._metric(step, scores)
+        # a modality absent from the global batch keeps its metric: no gain, no fake change
+        metric = step.keep_if_seen(self._metric(step, scores), self.previous_metric)
         gains = metric - self.previous_metric
         if self.task == "regression":  # the scores are errors: a gain is a decrease
             gains = -gains
@@ -196,7 +202,7 @@ class CGGM(Method):
     def _metric(self, step: Step, scores: torch.Tensor) -> torch.Tensor:
         if self.metric == "score":
             return scores
-        return step.mean(step.accuracy_sums(step.unimodal_stack()), step.batch_size)
+        return step.modality_mean(step.accuracy_sums(step.unimodal_stack()))
 
     def weight_blocks(self, features: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The fused classifier's weight block of each modality, ``(K, D_m)``, with graph."""
