@@ -43,6 +43,12 @@ class OPM(SlicedScoresMethod):
     when what follows it up to the fusion is linear per sample, e.g. average pooling) this
     is exactly the authors' drop at the fusion input.
 
+    Missing modalities (``loss(..., present=)``): each score is the mean over the samples
+    where the modality is present (the probes' loss likewise), and a modality absent from the
+    whole global batch keeps its score and drop probability. The drop itself is drawn in the
+    forward, before the mask reaches ``loss()``: every sample draws, an absent one too (zeroing
+    a blank feature changes nothing), and the rescaling does not count absent samples apart.
+
     Deviations from the authors' code: (1) the probabilities of a forward are those computed
     at the previous training step (the labels reach the balancer only in ``loss()``, after
     the forward; the official model scores the batch inside its forward), so the first
@@ -148,10 +154,12 @@ class OPM(SlicedScoresMethod):
         total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
         if not step.training:
             return total
-        scores = step.mean(step.score_sums(self._modality_logits(step)), step.batch_size)
+        scores = step.score_mean(step.score_sums(self._modality_logits(step)))
         step.store(torch.ones_like(scores), scores)
-        # The drop of the next training forward: probabilities, the batch-wide draw, scale.
+        # The drop of the next training forward: probabilities (a modality absent from the
+        # global batch keeps its own), the batch-wide draw, scale.
         q = opm_drop_probabilities(scores, self.q_base, self.lam).to(self.drop_probabilities)
+        q = step.keep_if_seen(q, self.drop_probabilities)
         widths = self._widths(tuple(step.features[n].shape[-1] for n in self.names), q.device)
         executes = hash_uniform(self.seed, self.draws, len(self.names), 1)[0] < self.p_exe
         scale = torch.where(executes, opm_fusion_scale(q, widths), 1.0)
