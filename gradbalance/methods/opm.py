@@ -47,17 +47,19 @@ class OPM(SlicedScoresMethod):
     where the modality is present (the probes' loss likewise), and a modality absent from the
     whole global batch keeps its score and drop probability. The drop itself is drawn in the
     forward, before the mask reaches ``loss()``: every sample draws, an absent one too (zeroing
-    a blank feature changes nothing), and the rescaling does not count absent samples apart.
+    a blank feature changes nothing), the rescaling does not count absent samples apart, and a
+    sample whose only present modality is the dropped one stays in the fused loss.
 
     Deviations from the authors' code: (1) the probabilities of a forward are those computed
     at the previous training step (the labels reach the balancer only in ``loss()``, after
     the forward; the official model scores the batch inside its forward), so the first
     training forward drops nothing; (2) no sample ever loses every modality (at most the
     modalities above the others' mean are dropped, never all), so the official removal of
-    such samples never applies; (3) the random numbers come from a counter-based hash seeded
-    with ``seed`` (identical on every DDP rank and under ``torch.compile``; the counter is in
-    ``state_dict``), not NumPy's global generator; (4) for M > 2 modalities the ratio compares
-    each modality with the mean of the others, as :class:`OGM`.
+    such samples never applies (without a mask); (3) the random numbers come from a
+    counter-based hash seeded with ``seed`` (identical on every DDP rank and under
+    ``torch.compile``; the counter is in ``state_dict``), not NumPy's global generator;
+    (4) for M > 2 modalities the ratio compares each modality with the mean of the others, as
+    :class:`OGM`.
 
     Args:
         model: the multimodal model (unchanged by the balancer).
