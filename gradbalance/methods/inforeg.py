@@ -60,6 +60,13 @@ class InfoReg(Method):
     :meth:`after_backward` allocates ``theta - theta^0`` for the pull (a temporary of the
     encoders' size, freed before ``opt.step()``).
 
+    Missing modalities (``loss(..., present=)``): each head's loss and score are its mean over
+    the samples where the modality is present (as :class:`MultiLoss`), so beta comes from the
+    present samples only; the default ``gap_scale`` stays the (global) number of samples. A
+    modality absent from the whole global batch keeps its score and beta (its encoder is still
+    pulled with that beta, inside the prime learning window only); the Fisher trace reads the
+    gradients as they are.
+
     ``coefficients`` are the strengths ``beta_m`` of the step (not gradient scales: nothing
     is scaled in ``backward()``); :attr:`trace_change` and :attr:`in_prime_window` show the
     window.
@@ -248,7 +255,9 @@ class InfoReg(Method):
         self._step_pending = False
         if not self._epoch_start_taken:
             self._take_epoch_start()
-        betas = self._rank_mean(self.last_coefficients)
+        # A modality absent from the step's global batch kept the beta of an earlier step:
+        # the current window still decides (prime is 1 for the others' betas already).
+        betas = self._rank_mean(self.last_coefficients) * self.prime
         step_trace = torch.zeros((), device=self.epoch_trace.device)
         for index, name in enumerate(self.names):
             params, starts = self._parameters_by_encoder[name], self._starts[name]

@@ -43,15 +43,23 @@ class OPM(SlicedScoresMethod):
     when what follows it up to the fusion is linear per sample, e.g. average pooling) this
     is exactly the authors' drop at the fusion input.
 
+    Missing modalities (``loss(..., present=)``): each score is the mean over the samples
+    where the modality is present (the probes' loss likewise), and a modality absent from the
+    whole global batch keeps its score and drop probability. The drop itself is drawn in the
+    forward, before the mask reaches ``loss()``: every sample draws, an absent one too (zeroing
+    a blank feature changes nothing), the rescaling does not count absent samples apart, and a
+    sample whose only present modality is the dropped one stays in the fused loss.
+
     Deviations from the authors' code: (1) the probabilities of a forward are those computed
     at the previous training step (the labels reach the balancer only in ``loss()``, after
     the forward; the official model scores the batch inside its forward), so the first
     training forward drops nothing; (2) no sample ever loses every modality (at most the
     modalities above the others' mean are dropped, never all), so the official removal of
-    such samples never applies; (3) the random numbers come from a counter-based hash seeded
-    with ``seed`` (identical on every DDP rank and under ``torch.compile``; the counter is in
-    ``state_dict``), not NumPy's global generator; (4) for M > 2 modalities the ratio compares
-    each modality with the mean of the others, as :class:`OGM`.
+    such samples never applies (without a mask); (3) the random numbers come from a
+    counter-based hash seeded with ``seed`` (identical on every DDP rank and under
+    ``torch.compile``; the counter is in ``state_dict``), not NumPy's global generator;
+    (4) for M > 2 modalities the ratio compares each modality with the mean of the others, as
+    :class:`OGM`.
 
     Args:
         model: the multimodal model (unchanged by the balancer).
@@ -148,10 +156,12 @@ class OPM(SlicedScoresMethod):
         total = F.cross_entropy(step.logits, step.target) + self._probe_loss(step)
         if not step.training:
             return total
-        scores = step.mean(step.score_sums(self._modality_logits(step)), step.batch_size)
+        scores = step.score_mean(step.score_sums(self._modality_logits(step)))
         step.store(torch.ones_like(scores), scores)
-        # The drop of the next training forward: probabilities, the batch-wide draw, scale.
+        # The drop of the next training forward: probabilities (a modality absent from the
+        # global batch keeps its own), the batch-wide draw, scale.
         q = opm_drop_probabilities(scores, self.q_base, self.lam).to(self.drop_probabilities)
+        q = step.keep_if_seen(q, self.drop_probabilities)
         widths = self._widths(tuple(step.features[n].shape[-1] for n in self.names), q.device)
         executes = hash_uniform(self.seed, self.draws, len(self.names), 1)[0] < self.p_exe
         scale = torch.where(executes, opm_fusion_scale(q, widths), 1.0)
