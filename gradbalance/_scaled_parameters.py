@@ -30,6 +30,8 @@ class ScaledParameters:
         model: the user's model.
         selected: ``{modality: parameters}`` whose gradients k_modality scales.
         reselect: the rule that chose them (see :class:`ParameterWatch`), or ``None``.
+        hooks: put a gradient hook on each (``False``: only watch them, for a method that
+            works on their gradients itself, in ``after_backward()``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 2))
@@ -45,10 +47,15 @@ class ScaledParameters:
     """
 
     def __init__(
-        self, model: nn.Module, selected: Mapping[str, Sequence[torch.Tensor]], reselect: Reselect
+        self,
+        model: nn.Module,
+        selected: Mapping[str, Sequence[torch.Tensor]],
+        reselect: Reselect,
+        hooks: bool = True,
     ) -> None:
         self.model = model
         self.selected = dict(selected)
+        self.hooks = hooks
         self.watch = ParameterWatch(model, selected, reselect)
         self.hooked: NamedParameters | None = None
 
@@ -59,9 +66,10 @@ class ScaledParameters:
         index: Mapping[str, int],
     ) -> None:
         """Hook ``scale(index[modality], grad)`` on each chosen parameter (removed with the
-        attachment's hooks) and watch the model from now on."""
+        attachment's hooks; not with ``hooks=False``) and watch the model from now on."""
         for name, params in self.selected.items():
-            attachment.add_gradient_hooks(params, partial(scale, index[name]))
+            if self.hooks:
+                attachment.add_gradient_hooks(params, partial(scale, index[name]))
         self.watch.start()  # a re-parametrized model is caught at the next check()
         self.hooked = NamedParameters(self.model, chain(*self.selected.values()))
 

@@ -197,6 +197,22 @@ class MethodServices(BalancerState):
         self._scaled_parameters = ScaledParameters(self._root_model, selected, reselect)
         self.uses_parameter_hooks = bool(selected)
 
+    def watch_parameters(
+        self, parameters: Mapping[str, Iterable[nn.Parameter]], reselect: Reselect = None
+    ) -> None:
+        """In a method's constructor: the encoders' parameters whose gradients the method
+        changes itself (``after_backward()``: AMSS's masks, InfoReg's proximal pull), as
+        ``{name: parameters}``. A later change of the model that replaces them (a
+        re-parametrization such as ``weight_norm``, an adapter, FSDP2's re-registration) is
+        refused at the next training ``loss()`` with an ``OrderError`` naming the parameter,
+        instead of the method working on parameters the model no longer uses. ``reselect``:
+        the rule that chose them, applied again to tell a change of the chosen set from an
+        unrelated one. A method calls this or :meth:`scale_parameter_gradients`, not both."""
+        selected = check_scaled_parameters(parameters, self._encoders, inside_allowed=True)
+        self._scaled_parameters = ScaledParameters(
+            self._root_model, selected, reselect, hooks=False
+        )
+
     def world_size(self) -> int:
         """Processes sharing the training in this balancer's group (1 without distributed)."""
         return world_size(self.process_group)

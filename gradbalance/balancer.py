@@ -33,7 +33,6 @@ from gradbalance._capture import CaptureStore, FeatureFn, extract_feature, pool_
 from gradbalance._checks import (
     check_choice,
     check_common,
-    check_present,
 )
 from gradbalance._deprecation import DeprecatedHelpers
 from gradbalance._distributed import RankSync
@@ -46,6 +45,7 @@ from gradbalance._head_logits import (
 )
 from gradbalance._mode import ModeWarnings, is_training_step
 from gradbalance._optimizer_watch import OptimizerWatch
+from gradbalance._presence_checks import check_present
 from gradbalance._scale import BackwardBindings, Binding, in_backward, scale_grad_tree
 from gradbalance._scaled_parameters import ScaledParameters
 from gradbalance._services import MethodServices

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -152,6 +153,9 @@ class AMSS(SlicedScoresMethod):
         )
         self.parameter_choice = parameters
         self.masked_parameters = self._encoder_parameters(parameters)
+        self.watch_parameters(  # a partial, not a lambda: the balancer pickles
+            self.masked_parameters, partial(self._encoder_parameters, parameters)
+        )
         self._mask_pending = False
         self._after_backward_calls = 0
         self._warned = False

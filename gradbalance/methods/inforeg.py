@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -153,6 +154,9 @@ class InfoReg(Method):
         self.trace_epochs = trace_epochs
         self.trace_encoders = self._check_trace_encoders(trace_encoders)
         self._parameters_by_encoder = self._encoder_parameters("encoder")
+        self.watch_parameters(  # a partial, not a lambda: the balancer pickles
+            self._parameters_by_encoder, partial(self._encoder_parameters, "encoder")
+        )
         self._starts: dict[str, list[str]] = {}
         for name, params in self._parameters_by_encoder.items():
             self._starts[name] = []

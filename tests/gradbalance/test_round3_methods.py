@@ -162,12 +162,16 @@ def _per_parameter_balancer(method, model):
             feature_dims=[4, 4],
             extra_parameters={"towers_0": weights},
         )
+    if method == "inforeg":
+        return gb.InfoReg(model, list(model.towers), num_classes=4, feature_dims=[4, 4])
     return gb.METHODS[method](
         model, list(model.towers), num_classes=4, feature_dims=[4, 4], parameters="conv"
     )
 
 
-PER_PARAMETER = ("mlb", "ogm", "ogm_ge")
+PER_PARAMETER = ("mlb", "ogm", "ogm_ge", "amss", "amss_plus", "inforeg")
+"""Methods that scale (or, AMSS and InfoReg, change in ``after_backward()``) the gradients of
+parameters they chose at construction."""
 
 
 def _scaled_layer(method, model):
@@ -228,7 +232,7 @@ def test_row4_covers_every_method_with_per_parameter_scaling():
         for name, cls in gb.METHODS.items()
         if {"parameters", "extra_parameters"} & options(cls)
     }
-    assert per_parameter == set(PER_PARAMETER)
+    assert per_parameter | {"inforeg"} == set(PER_PARAMETER)  # InfoReg: every parameter
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
@@ -249,6 +253,11 @@ def test_row4_model_changed_after_the_balancer_is_refused_at_next_loss(method, c
     # The fix: a balancer built on the changed model trains, with the old one's state.
     bal.remove()
     fresh = _per_parameter_balancer(method, model)
+    if method == "inforeg":  # its epoch-start copy is of the replaced parameters: not loadable
+        with pytest.raises(RuntimeError, match="epoch_start"):
+            fresh.load_state_dict(bal.state_dict())
+        fresh.loss(model(*inputs), target).backward()
+        return
     fresh.load_state_dict(bal.state_dict())
     fresh.loss(model(*inputs), target).backward()
     assert fresh.steps == 2
