@@ -25,6 +25,11 @@ METHOD_COLOURS: dict[str, str] = {
     "multiloss": "C6",
     "pmr": "C7",
     "mmcosine": "C8",
+    "cggm": "C9",
+    "inforeg": "black",
+    "amss": "olive",
+    "amss_plus": "teal",
+    "opm": "navy",
 }
 """Matplotlib colour of each method's curve (the demo's: MLB blue, OGM orange, AGM green,
 MSLR red)."""
