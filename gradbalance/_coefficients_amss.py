@@ -46,7 +46,9 @@ def amss_keep_rates(
     The more significant a modality, the fewer of its gradient units are kept:
     ``rate_m = clamp(1 - softmax(t)_m + bias, 0.1, 0.9)`` (with two modalities
     ``1 - softmax(t)_a = softmax(t)_v``, the official two-modality formula). A non-finite
-    rate, or any ``H_Y - L_m + offset <= 0``, gives every modality 0.5 (as the official code).
+    rate, or any ``H_Y - L_m + offset <= 0``, gives every modality 0.5 (as the official code);
+    the softmax is the stable one, so a large ``t`` gives the exact clamped rates where the
+    official float32 ``exp(t)`` overflows (``t > 88.7``) and falls back to 0.5.
 
     Args:
         losses: ``(M,)`` each head's mean cross-entropy.
