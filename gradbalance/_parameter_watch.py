@@ -56,6 +56,12 @@ def _note_registration(module: nn.Module, name: str, value: Any) -> None:
         watch.changed = True
 
 
+def _unwrapped(name: str) -> str:
+    """A parameter's name without the ``_orig_mod.`` segments of ``torch.compile``'s module
+    wrapper (an encoder compiled by assignment after the balancer keeps its parameters)."""
+    return name.replace("_orig_mod.", "")
+
+
 def parameter_names(model: nn.Module) -> dict[int, str]:
     """``id(parameter) -> name`` in ``model`` (a shared parameter keeps its first name)."""
     names: dict[int, str] = {}
@@ -128,6 +134,8 @@ class ParameterWatch:
         current = set(names.values())
         for key, old in self.names.items():
             new = names.get(key)
+            if new is not None and _unwrapped(new) == _unwrapped(old):
+                continue  # the same parameter under torch.compile's wrapper (``_orig_mod``)
             if new != old:
                 if new is None and old in current:
                     raise OrderError(REPLACED_PARAMETERS)  # a new object under the same name
