@@ -37,9 +37,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash_uniform(
-    seed: int, counter: torch.Tensor, stream: int, n: int, device: torch.device | None = None
+    seed: int,
+    counter: torch.Tensor,
+    stream: int,
+    n: int,
+    device: torch.device | None = None,
+    first: int = 0,
 ) -> torch.Tensor:
-    """``n`` float32 uniforms in ``[0, 1)`` determined by ``(seed, counter, stream)``.
+    """``n`` float32 uniforms in ``[0, 1)`` determined by ``(seed, counter, stream)``, those of
+    the sample indices ``first, ..., first + n - 1``.
 
     Args:
         seed: a non-negative int (the method's ``seed``).
@@ -47,12 +53,15 @@ def hash_uniform(
         stream: a non-negative int separating the draws of one counter (a modality index).
         n: how many numbers (one per sample).
         device: where to return them (default: the counter's device).
+        first: the index of the first sample (a rank's offset in the global batch).
 
     Example:
         >>> u = hash_uniform(0, torch.tensor(3), 1, 4)
         >>> u.shape, bool(((u >= 0) & (u < 1)).all())
         (torch.Size([4]), True)
         >>> torch.equal(u, hash_uniform(0, torch.tensor(3), 1, 4))
+        True
+        >>> torch.equal(u[2:], hash_uniform(0, torch.tensor(3), 1, 2, first=2))
         True
     """
     device = counter.device if device is None else device
@@ -61,7 +70,7 @@ def hash_uniform(
     key = _mix32(key ^ (c & MASK32))
     key = _mix32(key ^ ((c >> 32) & MASK32))
     key = _mix32(key ^ (stream & MASK32))
-    bits = _mix32(key ^ torch.arange(n, dtype=torch.int64, device=device))
+    bits = _mix32(key ^ torch.arange(first, first + n, dtype=torch.int64, device=device))
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -182,8 +183,14 @@ class OPM(SlicedScoresMethod):
         index = self.names.index(name)
         q = self.drop_probabilities[index] * self.drop_executes
 
+        rank = dist.get_rank(self.process_group) if self.world_size() > 1 else 0
+
         def keep(batch: int) -> torch.Tensor:
-            u = hash_uniform(self.seed, self.draws, index, batch, self.draws.device)
+            # each sample's own uniform, indexed in the global batch (rank r holds samples
+            # r*B, ..., r*B + B - 1 of equal local batches): the drops of one process on the
+            # concatenated batch, and no two ranks drawing the same numbers
+            first = rank * batch
+            u = hash_uniform(self.seed, self.draws, index, batch, self.draws.device, first)
             return (u >= q).to(self.fusion_scale) * self.fusion_scale
 
         return drop_samples(output, keep, watch, name), output

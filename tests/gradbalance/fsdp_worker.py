@@ -33,7 +33,7 @@ STEPS = 5
 PER_RANK = 8
 """Samples per rank and step: equal, so FSDP's mean of the ranks' gradients is the gradient
 of the concatenated batch."""
-METHODS = ("mlb", "multiloss", "ogm", "agm")
+METHODS = ("mlb", "multiloss", "ogm", "agm", "cggm", "opm")
 """The methods compared with one process (output scaling, heads, fused-head slices, AGM's
 masked fusion passes and clipping in ``after_backward()``)."""
 
@@ -134,6 +134,8 @@ def jobs(rank: int) -> list[tuple[str, object]]:
         ("ogm-reshard-root", lambda: refused(rank, "ogm", reshard, {}, True)),
         ("ogm-per-parameter", lambda: refused(rank, "ogm", {}, per_weight, True)),
         ("optimizer-without-heads", lambda: refused(rank, "mlb", {}, {}, False)),
+        ("amss-after-balancer", lambda: refused(rank, "amss", {}, {}, True)),
+        ("inforeg-after-balancer", lambda: refused(rank, "inforeg", {}, {}, True)),
     ]
     return found
 

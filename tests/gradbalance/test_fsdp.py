@@ -90,3 +90,12 @@ def test_optimizer_without_the_heads_is_refused(ranks):
     for rank in result(ranks, "optimizer-without-heads"):
         assert rank["type"] == "OrderError"
         assert "no optimizer updates the balancer's heads" in rank["message"]
+
+
+@pytest.mark.parametrize("name", ["amss", "inforeg"])
+def test_gradient_changing_methods_refuse_a_model_sharded_after_them(ranks, name):
+    """AMSS masks and InfoReg pulls the gradients of the parameters they chose; fully_shard
+    replaces those parameters: refused at the next training step, not worked on stale ones."""
+    for rank in result(ranks, f"{name}-after-balancer"):
+        assert rank["type"] == "OrderError"
+        assert "fully_shard" in rank["message"] or "new parameter objects" in rank["message"]
