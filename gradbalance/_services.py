@@ -19,7 +19,7 @@ from torch import nn
 
 from gradbalance._capture import CaptureStore
 from gradbalance._checks import check_choice, check_scaled_parameters
-from gradbalance._distributed import local_mean, reduce_mean, world_size
+from gradbalance._distributed import average_gradient, local_mean, reduce_mean, world_size
 from gradbalance._parameter_watch import Reselect
 from gradbalance._scaled_parameters import ScaledParameters
 from gradbalance._state import BalancerState
@@ -216,6 +216,15 @@ class MethodServices(BalancerState):
     def world_size(self) -> int:
         """Processes sharing the training in this balancer's group (1 without distributed)."""
         return world_size(self.process_group)
+
+    def replica_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` every replica must apply alike (factors a method applies to the final
+        gradients in ``after_backward()``): with ``sync="local"`` under torch.distributed each
+        rank computed its own from its local batch, so their mean over the ranks (one
+        all-reduce; every rank calls it); otherwise ``values`` as they are."""
+        if self.sync == "local" and self.world_size() > 1:
+            return average_gradient(values, self.process_group)
+        return values
 
     def reduce_mean(self, sums: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
         """``sums / count`` over all ranks with ``sync="global"`` under torch.distributed

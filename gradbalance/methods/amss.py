@@ -10,7 +10,6 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -216,14 +215,6 @@ class AMSS(SlicedScoresMethod):
                 stacklevel=4,
             )
 
-    def _rank_mean(self, rates: torch.Tensor) -> torch.Tensor:
-        """With ``sync="local"`` under DDP the ranks' rates differ: average them."""
-        if self.sync == "local" and self.world_size() > 1:
-            rates = rates.clone()
-            dist.all_reduce(rates, group=self.process_group)
-            rates /= dist.get_world_size(self.process_group)
-        return rates
-
     @torch.no_grad()
     def after_backward(self) -> None:
         """Mask the final gradients; call before ``opt.step()`` (see the class).
@@ -234,7 +225,7 @@ class AMSS(SlicedScoresMethod):
         if not self._mask_pending:
             return
         self._mask_pending = False
-        rates = self._rank_mean(self.last_coefficients)
+        rates = self.replica_mean(self.last_coefficients)
         groups: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
         for index, name in enumerate(self.names):
             for param in self.masked_parameters[name]:

@@ -9,7 +9,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gradbalance._checks import check_int, check_number, per_encoder
@@ -223,15 +222,6 @@ class InfoReg(Method):
         local = torch.full((1,), float(step.batch_size), device=self.last_scores.device)
         return step.mean(local, 1.0)[0] * self.world_size()  # sum over the ranks
 
-    def _rank_mean(self, betas: torch.Tensor) -> torch.Tensor:
-        """With ``sync="local"`` under DDP the ranks' betas differ: average them, so that
-        every replica adds the same term."""
-        if self.sync == "local" and self.world_size() > 1:
-            betas = betas.clone()
-            dist.all_reduce(betas, group=self.process_group)
-            betas /= dist.get_world_size(self.process_group)
-        return betas
-
     def _warn_without_after_backward(self) -> None:
         if not self._after_backward_calls and self.steps >= 50 and not self._warned:
             self._warned = True
@@ -261,7 +251,7 @@ class InfoReg(Method):
             self._take_epoch_start()
         # A modality absent from the step's global batch kept the beta of an earlier step:
         # the current window still decides (prime is 1 for the others' betas already).
-        betas = self._rank_mean(self.last_coefficients) * self.prime
+        betas = self.replica_mean(self.last_coefficients) * self.prime
         step_trace = torch.zeros((), device=self.epoch_trace.device)
         for index, name in enumerate(self.names):
             params, starts = self._parameters_by_encoder[name], self._starts[name]

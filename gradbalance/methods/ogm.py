@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,6 +20,7 @@ from gradbalance.methods._base import (
     WindowUnit,
     parameter_filter,
 )
+from gradbalance.methods._seeded import SeededGenerators
 
 NOISE_EPSILON = 1e-8
 """Added to each gradient's std before drawing OGM-GE's noise (as the official code)."""
@@ -197,29 +197,17 @@ class OGMGE(OGM):
     """
 
     def __init__(self, *args: Any, seed: int = 0, **options: Any) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.generators = SeededGenerators(seed)
         super().__init__(*args, **options)
-        self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
-        self._pending_generator_states: dict[str, torch.Tensor] = {}
         self._noise_pending = False
         self._after_backward_calls = 0
         self._warned = False
         self._lengths: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        generator = self._generators.get(key)
-        if generator is None:
-            generator = torch.Generator(device=device)
-            state = self._pending_generator_states.pop(key, None)
-            if state is not None:
-                generator.set_state(state)
-            else:
-                generator.manual_seed(self.seed)
-            self._generators[key] = generator
-        return generator
+    @property
+    def seed(self) -> int:
+        """The seed of the noise generator."""
+        return self.generators.seed
 
     def _modulated_step(self, step: Step, active: bool) -> None:
         if step.binding is not None:  # backward applies max(k, floor); after_backward the rest
@@ -235,14 +223,6 @@ class OGMGE(OGM):
                 stacklevel=4,
             )
 
-    def _rank_mean(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """With ``sync="local"`` under DDP, the ranks' factors differ: average them."""
-        if self.sync == "local" and self.world_size() > 1:
-            coefficients = coefficients.clone()
-            dist.all_reduce(coefficients, group=self.process_group)
-            coefficients /= dist.get_world_size(self.process_group)
-        return coefficients
-
     @torch.no_grad()
     def after_backward(self) -> None:
         """Add the noise to the final gradients; call before ``opt.step()`` (see the class).
@@ -254,7 +234,7 @@ class OGMGE(OGM):
             return
         self._noise_pending = False
         k = self.last_coefficients
-        factors = self._rank_mean(torch.stack([k, k.clamp_min(BACKWARD_FLOOR)]))
+        factors = self.replica_mean(torch.stack([k, k.clamp_min(BACKWARD_FLOOR)]))
         for index, name in enumerate(self.names):
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for param in self._modulated[name]:
@@ -295,23 +275,20 @@ class OGMGE(OGM):
         sigma = std + NOISE_EPSILON
         finite = torch.isfinite(sigma)  # a NaN/inf gradient element makes its std non-finite
         sigma = torch.where(finite, sigma, torch.zeros_like(sigma))
-        noise = torch.randn(total, generator=self._generator(device), device=device)
+        noise = torch.randn(total, generator=self.generators.get(device), device=device)
         noise = noise * torch.repeat_interleave(sigma, lengths, output_size=total)
         pieces = [n.view_as(g).to(g.dtype) for n, g in zip(noise.split(sizes), grads)]
         torch._foreach_mul_(grads, (k / applied).to(grads[0].dtype))
         torch._foreach_add_(grads, pieces)
 
     def get_extra_state(self) -> dict[str, Any]:
-        states = {key: g.get_state() for key, g in self._generators.items()}
-        states = {**self._pending_generator_states, **states}
         return {
             **super().get_extra_state(),
-            "generators": states,
+            "generators": self.generators.states(),
             "noise_pending": self._noise_pending,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self._generators = {}
-        self._pending_generator_states = dict(state.get("generators", {}))
+        self.generators.load(dict(state.get("generators", {})))
         self._noise_pending = bool(state.get("noise_pending", False))
