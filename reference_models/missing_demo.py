@@ -31,7 +31,8 @@ from reference_models.demo import (
     mean_of,
     train_all,
 )
-from reference_models.training.config import TrainConfig, parse_value
+from reference_models.training.config import TrainConfig
+from reference_models.training.overrides import parse_value
 
 __all__ = [
     "MISSING_DEMO_METHODS",

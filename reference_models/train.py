@@ -67,13 +67,11 @@ from reference_models.training.config import (
     CONFIG_DIR,
     FOLD_SEEDS,
     TrainConfig,
-    key_values,
     load_config,
-    nest_dotted,
-    parse_value,
     resolve_preset,
 )
 from reference_models.training.loop import Session, build_run, train
+from reference_models.training.overrides import key_values, nest_dotted, parse_value
 from reference_models.training.report import summary_text
 from reference_models.training.step import RunState, evaluate, train_step
 from reference_models.training.tensorboard import LOGGERS

@@ -15,8 +15,8 @@ from reference_models import missing_demo
 from reference_models.demo import main as demo_main
 from reference_models.models import build_model
 from reference_models.train import TrainConfig, build_run, config_from_args, train, train_step
-from reference_models.training.config import nest_dotted
 from reference_models.training.missing_metrics import masked_cross_entropy, presence_metrics
+from reference_models.training.overrides import nest_dotted
 
 TINY_DATA = {
     "train_size": 24,
