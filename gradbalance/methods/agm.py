@@ -23,6 +23,7 @@ from gradbalance._step import Step
 from gradbalance.coefficients import agm_coefficients, agm_losses
 from gradbalance.errors import ConfigurationError, CostWarning, MissingCallWarning
 from gradbalance.methods._base import Method, WindowUnit, eval_mode
+from gradbalance.methods._earlier_states import per_modality_running_counts
 from gradbalance.methods._fusion_call import (
     MISSING_FUSION,
     FusionCall,
@@ -209,9 +210,7 @@ class AGM(Method):
             min_coefficient = check_number("min_coefficient", min_coefficient, minimum=0.0)
         clip_threshold = check_number("clip_threshold", clip_threshold, minimum=0.0, strict=True)
         clip_max_norm = check_number("clip_max_norm", clip_max_norm, minimum=0.0, strict=True)
-        encoder_params = {
-            id(p) for module in _encoder_modules(model, encoders) for p in module.parameters()
-        }
+        encoder_params = {id(p) for m in _encoder_modules(encoders) for p in m.parameters()}
         if clip_watch is None:
             watch = [p for p in model.parameters() if id(p) not in encoder_params]
         else:
@@ -426,11 +425,7 @@ class AGM(Method):
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        key = f"{prefix}modality_counts"
-        count = state_dict.get(f"{prefix}running_count")
-        if key not in state_dict and isinstance(count, torch.Tensor):
-            # A state dict of a release without missing modalities: every step had them all.
-            state_dict = {**state_dict, key: count.expand(len(self.names)).clone()}
+        state_dict = per_modality_running_counts(state_dict, prefix, len(self.names))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -448,9 +443,7 @@ class AGM(Method):
         )
 
 
-def _encoder_modules(
-    model: nn.Module, encoders: Sequence[nn.Module] | Mapping[str, nn.Module]
-) -> list[nn.Module]:
+def _encoder_modules(encoders: Sequence[nn.Module] | Mapping[str, nn.Module]) -> list[nn.Module]:
     """The encoder modules as given (validated later by the balancer's constructor)."""
     values = encoders.values() if isinstance(encoders, Mapping) else encoders
     return [module for module in values if isinstance(module, nn.Module)]

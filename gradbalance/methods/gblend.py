@@ -13,6 +13,7 @@ from gradbalance._checks import check_int, check_number
 from gradbalance._step import Step
 from gradbalance.errors import ConfigurationError, InputError, OrderError
 from gradbalance.methods._base import Method
+from gradbalance.methods._earlier_states import per_component_counts
 from gradbalance.methods._loss_weights import (
     GBLEND_MIN_OVERFITTING,
     gblend_estimates,
@@ -319,19 +320,3 @@ class GBlend(Method):
             f"{super().extra_repr()}, every={self.every}, "
             f"min_overfitting={self.min_overfitting}, {self._window_repr()}"
         )
-
-
-def per_component_counts(
-    state_dict: Mapping[str, Any], prefix: str, components: int
-) -> Mapping[str, Any]:
-    """A GBlend state dict of a release without missing modalities (one sample count per
-    split, shared by the components; no ``referenced``) in the current layout."""
-    upgraded = dict(state_dict)
-    counts = state_dict.get(f"{prefix}counts")
-    if isinstance(counts, torch.Tensor) and counts.dim() == 1:
-        upgraded[f"{prefix}counts"] = counts.unsqueeze(1).expand(-1, components).clone()
-    extra = state_dict.get(f"{prefix}_extra_state")
-    if f"{prefix}referenced" not in state_dict and isinstance(extra, Mapping):
-        referenced = int(extra.get("checkpoints", 0)) > 0
-        upgraded[f"{prefix}referenced"] = torch.full((components,), referenced)
-    return upgraded

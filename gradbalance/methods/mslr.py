@@ -14,6 +14,7 @@ from gradbalance._step import Step
 from gradbalance.coefficients import mslr_coefficients
 from gradbalance.errors import InputError, OrderError
 from gradbalance.methods._base import SlicedScoresMethod
+from gradbalance.methods._earlier_states import per_modality_validation_counts
 from gradbalance.methods._presence import means_and_seen, present_counts
 
 Accuracies = torch.Tensor | Sequence[float] | Mapping[str, float]
@@ -239,12 +240,7 @@ class MSLR(SlicedScoresMethod):
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        key = f"{prefix}validation_counts"
-        extra = state_dict.get(f"{prefix}_extra_state")
-        if key not in state_dict and isinstance(extra, Mapping):
-            # A state dict of a release without missing modalities: every sample had them all.
-            seen = float(extra.get("validation_seen", 0))
-            state_dict = {**state_dict, key: torch.full((len(self.names),), seen)}
+        state_dict = per_modality_validation_counts(state_dict, prefix, len(self.names))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:

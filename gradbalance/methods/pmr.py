@@ -21,6 +21,7 @@ from gradbalance._step import Step
 from gradbalance.coefficients import pmr_weights
 from gradbalance.errors import ConfigurationError, InputError
 from gradbalance.methods._base import Method, WindowUnit
+from gradbalance.methods._earlier_states import per_modality_classes
 from gradbalance.methods._prototypes import (
     batch_standardise,
     mask_missing_prototypes,
@@ -387,16 +388,3 @@ class PMR(Method):
             f"prototypes={self.prototype_source!r}, first_blend_epoch={self.first_blend_epoch}, "
             f"{self._window_repr()}"
         )
-
-
-def per_modality_classes(
-    state_dict: Mapping[str, Any], prefix: str, num_modalities: int
-) -> Mapping[str, Any]:
-    """A PMR state dict of a release with one class count and validity per class (shared by
-    the modalities) in the current layout, one row per modality; others unchanged."""
-    upgraded = dict(state_dict)
-    for key in ("class_counts", "prototype_valid"):
-        value = state_dict.get(prefix + key)
-        if isinstance(value, torch.Tensor) and value.dim() == 1:
-            upgraded[prefix + key] = value.unsqueeze(0).expand(num_modalities, -1).clone()
-    return upgraded
