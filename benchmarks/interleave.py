@@ -7,10 +7,15 @@ drift hits all variants alike, and the result is the median (and min-max) of per
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
 
 
 @dataclass
@@ -57,3 +62,36 @@ def ratios(times: Mapping[str, list[float]], baseline: str) -> dict[str, Ratio]:
         per_round = [v / b for v, b in zip(values, times[baseline])]
         out[name] = Ratio(statistics.median(per_round), min(per_round), max(per_round))
     return out
+
+
+def ratio_table(times: Mapping[str, list[float]], baselines: Sequence[str]) -> dict[str, Ratio]:
+    """``{"<variant> / <baseline>": ratio}`` of every variant to each baseline in turn, leaving
+    out each baseline and the baselines before it (``Joint``, then ``MultiLoss``: Multi-Loss
+    appears over Joint, not Joint over Multi-Loss)."""
+    table = {}
+    for index, baseline in enumerate(baselines):
+        for name, ratio in ratios(times, baseline).items():
+            if name not in baselines[: index + 1]:
+                table[f"{name} / {baseline}"] = ratio
+    return table
+
+
+def write_results(
+    path: Path,
+    times: Mapping[str, list[float]],
+    table: Mapping[str, Ratio],
+    rounds: int,
+    **context: Any,
+) -> None:
+    """Write one interleaved measurement as JSON: the rounds, the torch version, ``context``
+    (threads, device, batch, ...), each variant's median seconds and the ratio ``table``."""
+    path.parent.mkdir(exist_ok=True)
+    seconds = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    record = {
+        "rounds": rounds,
+        "torch": torch.__version__,
+        **context,
+        "median_seconds": seconds,
+        "ratios": {name: vars(ratio) for name, ratio in table.items()},
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")

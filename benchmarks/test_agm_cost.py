@@ -11,7 +11,6 @@ another batch size.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 import gradbalance as gb
-from benchmarks.interleave import interleaved_times, ratios
+from benchmarks.interleave import interleaved_times, ratios, write_results
 from benchmarks.models import TwoCNN, two_cnn_batch
 
 ROUNDS = int(os.environ.get("GB_BENCH_ROUNDS", "15"))
@@ -127,20 +126,13 @@ def test_interleaved_cost_ratios():
         print(f"two_cnn: {name} = {ratio}")
         assert ratio.median > 0
     if ROUNDS > 1:
-        RESULTS.mkdir(exist_ok=True)
-        seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         suffix = "" if DEVICE == "cpu" and BATCH == 16 else f"_{DEVICE}_b{BATCH}"
-        (RESULTS / f"baseline_cost_two_cnn{suffix}.json").write_text(
-            json.dumps(
-                {
-                    "rounds": ROUNDS,
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu",
-                    "batch": BATCH,
-                    "median_seconds": seconds,
-                    "ratios": {k: vars(v) for k, v in table.items()},
-                },
-                indent=2,
-            )
+        write_results(
+            RESULTS / f"baseline_cost_two_cnn{suffix}.json",
+            times,
+            table,
+            ROUNDS,
+            threads=torch.get_num_threads(),
+            device=torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu",
+            batch=BATCH,
         )

@@ -8,13 +8,12 @@ gradient combination in ``backward()``. ``GB_BENCH_ROUNDS=1`` is a smoke run (no
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from benchmarks.interleave import interleaved_times, ratios
+from benchmarks.interleave import interleaved_times, ratio_table, write_results
 from benchmarks.test_agm_cost import make_step
 
 ROUNDS = int(os.environ.get("GB_BENCH_ROUNDS", "15"))
@@ -27,29 +26,17 @@ def test_interleaved_cost_ratios():
     times = interleaved_times(
         steps, rounds=ROUNDS, calls_per_round=2, warmup=2 if ROUNDS > 1 else 0
     )
-    table = {}
-    for baseline in ("Joint", "MultiLoss"):
-        for name, ratio in ratios(times, baseline).items():
-            if name not in ("Joint", baseline):
-                table[f"{name} / {baseline}"] = ratio
+    table = ratio_table(times, ("Joint", "MultiLoss"))
     for name, ratio in table.items():
         print(f"two_cnn: {name} = {ratio}")
         assert ratio.median > 0
     if ROUNDS > 1:
-        RESULTS.mkdir(exist_ok=True)
-        seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        (RESULTS / "gblend_mmpareto_cost_two_cnn.json").write_text(
-            json.dumps(
-                {
-                    "rounds": ROUNDS,
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "device": "cpu",
-                    "batch": 16,
-                    "median_seconds": seconds,
-                    "ratios": {k: vars(v) for k, v in table.items()},
-                },
-                indent=2,
-            )
-            + "\n"
+        write_results(
+            RESULTS / "gblend_mmpareto_cost_two_cnn.json",
+            times,
+            table,
+            ROUNDS,
+            threads=torch.get_num_threads(),
+            device="cpu",
+            batch=16,
         )

@@ -13,7 +13,6 @@ written); the target is each method within 1.10x of Multi-Loss.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 import gradbalance as gb
-from benchmarks.interleave import interleaved_times, ratios
+from benchmarks.interleave import interleaved_times, ratio_table, write_results
 from benchmarks.models import TwoCNN, two_cnn_batch
 
 ROUNDS = int(os.environ.get("GB_BENCH_ROUNDS", "15"))
@@ -69,29 +68,17 @@ def test_interleaved_cost_ratios():
     times = interleaved_times(
         steps, rounds=ROUNDS, calls_per_round=2, warmup=2 if ROUNDS > 1 else 0
     )
-    table = {}
-    for baseline in ("joint", "multiloss"):
-        for name, ratio in ratios(times, baseline).items():
-            if name not in ("joint", baseline):
-                table[f"{name} / {baseline}"] = ratio
+    table = ratio_table(times, ("joint", "multiloss"))
     for name, ratio in table.items():
         print(f"two_cnn: {name} = {ratio}")
         assert ratio.median > 0
     if ROUNDS > 1:
-        RESULTS.mkdir(exist_ok=True)
-        seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        (RESULTS / "newer_cost_two_cnn.json").write_text(
-            json.dumps(
-                {
-                    "rounds": ROUNDS,
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "device": "cpu",
-                    "batch": BATCH,
-                    "median_seconds": seconds,
-                    "ratios": {k: vars(v) for k, v in table.items()},
-                },
-                indent=2,
-            )
-            + "\n"
+        write_results(
+            RESULTS / "newer_cost_two_cnn.json",
+            times,
+            table,
+            ROUNDS,
+            threads=torch.get_num_threads(),
+            device="cpu",
+            batch=BATCH,
         )

@@ -7,14 +7,12 @@ as a smoke run (GB_BENCH_ROUNDS=1).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from benchmarks.interleave import interleaved_times, ratios
+from benchmarks.interleave import interleaved_times, ratios, write_results
 from benchmarks.steps import METHODS, method_steps
 
 ROUNDS = int(os.environ.get("GB_BENCH_ROUNDS", "15"))
@@ -47,17 +45,5 @@ def test_interleaved_step_ratios(model_name, masked):
         print(f"{model_name}{' (present=)' if masked else ''}: {name} = {ratio}")
         assert ratio.median > 0
     if ROUNDS > 1:
-        RESULTS.mkdir(exist_ok=True)
-        seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         suffix = "_present" if masked else ""
-        (RESULTS / f"step_overhead_{model_name}{suffix}.json").write_text(
-            json.dumps(
-                {
-                    "rounds": ROUNDS,
-                    "torch": torch.__version__,
-                    "median_seconds": seconds,
-                    "ratios": {k: vars(v) for k, v in table.items()},
-                },
-                indent=2,
-            )
-        )
+        write_results(RESULTS / f"step_overhead_{model_name}{suffix}.json", times, table, ROUNDS)
